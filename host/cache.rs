@@ -1,0 +1,505 @@
+//! The per-head paged KV cache (SPEC §2): one pool of blocks for all sequences, layers and
+//! heads, block tables and lengths per head slot, and the host allocator.
+//!
+//! The host owns the truth about which block belongs to which head slot: `block_tables`,
+//! `context_lens` and `last_position` live in host memory, and on the CUDA backend every
+//! change is sent to the device copy in the same launch that needs it (as patches, see
+//! `ops::append`). So the tables are valid by construction, and a table imported with
+//! [`PagedKvCache::from_snapshot`] is validated once, on import.
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaSlice;
+use kvc_abi::{CacheView, DType, Geometry};
+
+use crate::allocator::BlockAllocator;
+use crate::backend::Backend;
+use crate::error::Result;
+use crate::gpu::Gpu;
+use crate::ops;
+use crate::ops::append::{AppendMeta, Patch};
+use crate::reference::{self, HostCache, HostCacheMut};
+use crate::tensor::{Storage, Tensor};
+use crate::validate;
+
+/// Shape and element type of a cache (SPEC §1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Sequence rows: the batch slots an engine maps its requests to.
+    pub num_seqs: u32,
+    /// Layers `L`.
+    pub num_layers: u32,
+    /// KV heads per layer `H`.
+    pub num_kv_heads: u32,
+    /// Query heads per KV head `G` (1, 2, 4 or 8).
+    pub group_size: u32,
+    /// Head dimension `D` (64, 128 or 256).
+    pub head_dim: u32,
+    /// KVs per block `B` (8, 16 or 32).
+    pub block_size: u32,
+    /// Capacity of one head slot, in blocks.
+    pub max_blocks_per_head: u32,
+    /// Blocks in the shared pool.
+    pub num_blocks: u32,
+    /// Element type of K, V, queries and outputs.
+    pub dtype: DType,
+}
+
+impl CacheConfig {
+    /// The geometry the kernels see.
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            num_seqs: self.num_seqs,
+            num_layers: self.num_layers,
+            num_kv_heads: self.num_kv_heads,
+            group_size: self.group_size,
+            head_dim: self.head_dim,
+            block_size: self.block_size,
+            max_blocks_per_head: self.max_blocks_per_head,
+            num_blocks: self.num_blocks,
+        }
+    }
+}
+
+/// A host copy of every array of a cache, in the layouts of SPEC §2. Block-table entries past
+/// a head slot's live blocks are -1.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CacheSnapshot {
+    /// `[num_blocks, B, D]`, little-endian bytes of the cache dtype.
+    pub k_pool: Vec<u8>,
+    /// `[num_blocks, B, D]`, little-endian bytes of the cache dtype.
+    pub v_pool: Vec<u8>,
+    /// `[num_blocks, B]`.
+    pub metric: Vec<f32>,
+    /// `[num_blocks, B]`.
+    pub position: Vec<i32>,
+    /// `[num_seqs, L, H, max_blocks_per_head]`.
+    pub block_tables: Vec<i32>,
+    /// `[num_seqs, L, H]`.
+    pub context_lens: Vec<i32>,
+    /// `[num_seqs]`: the newest position appended to the sequence, -1 before the first.
+    pub last_position: Vec<i32>,
+}
+
+/// Device copies of the cache arrays.
+pub(crate) struct DeviceArrays {
+    pub(crate) gpu: Arc<Gpu>,
+    pub(crate) k_pool: CudaSlice<u8>,
+    pub(crate) v_pool: CudaSlice<u8>,
+    pub(crate) metric: CudaSlice<u8>,
+    pub(crate) position: CudaSlice<u8>,
+    pub(crate) block_tables: CudaSlice<u8>,
+    pub(crate) context_lens: CudaSlice<u8>,
+}
+
+impl DeviceArrays {
+    /// The cache as a kernel sees it.
+    pub(crate) fn view(&self, geometry: Geometry) -> CacheView {
+        let gpu = &self.gpu;
+        CacheView {
+            geometry,
+            k_pool: gpu.addr(&self.k_pool),
+            v_pool: gpu.addr(&self.v_pool),
+            metric: gpu.addr(&self.metric),
+            position: gpu.addr(&self.position),
+            block_tables: gpu.addr(&self.block_tables),
+            context_lens: gpu.addr(&self.context_lens),
+        }
+    }
+}
+
+/// Pools, metric and position: host vectors on the CPU backend, device buffers on CUDA.
+pub(crate) enum Arrays {
+    Host {
+        k_pool: Vec<u8>,
+        v_pool: Vec<u8>,
+        metric: Vec<f32>,
+        position: Vec<i32>,
+    },
+    Cuda(Box<DeviceArrays>),
+}
+
+/// The per-head paged KV cache of one model.
+pub struct PagedKvCache {
+    config: CacheConfig,
+    allocator: BlockAllocator,
+    block_tables: Vec<i32>,
+    context_lens: Vec<i32>,
+    last_position: Vec<i32>,
+    pub(crate) arrays: Arrays,
+}
+
+impl std::fmt::Debug for PagedKvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PagedKvCache")
+            .field("config", &self.config)
+            .field("backend", &self.backend().describe())
+            .field("free_blocks", &self.allocator.num_free())
+            .finish()
+    }
+}
+
+impl PagedKvCache {
+    /// An empty cache: every block free, every length 0, pools zeroed.
+    pub fn new(backend: &Backend, config: CacheConfig) -> Result<Self> {
+        validate::config(&config)?;
+        let g = config.geometry();
+        let pool_bytes = (g.pool_elems() * config.dtype.elem_bytes() as u64) as usize;
+        let snapshot = CacheSnapshot {
+            k_pool: vec![0; pool_bytes],
+            v_pool: vec![0; pool_bytes],
+            metric: vec![0.0; g.pool_slots() as usize],
+            position: vec![-1; g.pool_slots() as usize],
+            block_tables: vec![-1; g.block_table_len() as usize],
+            context_lens: vec![0; g.num_head_slots() as usize],
+            last_position: vec![-1; g.num_seqs as usize],
+        };
+        Self::from_snapshot(backend, config, snapshot)
+    }
+
+    /// A cache holding `snapshot`, validated (SPEC §8): sizes, live block ids inside the pool,
+    /// no block owned by two head slots, lengths within the block table. The blocks no head
+    /// slot owns are free.
+    pub fn from_snapshot(
+        backend: &Backend,
+        config: CacheConfig,
+        mut snapshot: CacheSnapshot,
+    ) -> Result<Self> {
+        validate::config(&config)?;
+        let g = config.geometry();
+        let owned = validate::snapshot(&g, config.dtype, &snapshot)?;
+        for head_slot in 0..g.num_head_slots() {
+            let live = g.blocks_for(snapshot.context_lens[head_slot as usize] as u32);
+            for logical_block in live..g.max_blocks_per_head {
+                snapshot.block_tables[g.block_table_at(head_slot, logical_block) as usize] = -1;
+            }
+        }
+        let arrays = match backend {
+            Backend::Cpu => Arrays::Host {
+                k_pool: snapshot.k_pool,
+                v_pool: snapshot.v_pool,
+                metric: snapshot.metric,
+                position: snapshot.position,
+            },
+            Backend::Cuda(gpu) => Arrays::Cuda(Box::new(DeviceArrays {
+                gpu: gpu.clone(),
+                k_pool: gpu.upload(&snapshot.k_pool)?,
+                v_pool: gpu.upload(&snapshot.v_pool)?,
+                metric: gpu.upload(bytemuck::cast_slice(&snapshot.metric))?,
+                position: gpu.upload(bytemuck::cast_slice(&snapshot.position))?,
+                block_tables: gpu.upload(bytemuck::cast_slice(&snapshot.block_tables))?,
+                context_lens: gpu.upload(bytemuck::cast_slice(&snapshot.context_lens))?,
+            })),
+        };
+        Ok(Self {
+            config,
+            allocator: BlockAllocator::from_in_use(owned),
+            block_tables: snapshot.block_tables,
+            context_lens: snapshot.context_lens,
+            last_position: snapshot.last_position,
+            arrays,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> CacheConfig {
+        self.config
+    }
+
+    /// The geometry the kernels see.
+    pub fn geometry(&self) -> Geometry {
+        self.config.geometry()
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.config.dtype
+    }
+
+    /// The backend holding the pools.
+    pub fn backend(&self) -> Backend {
+        match &self.arrays {
+            Arrays::Host { .. } => Backend::Cpu,
+            Arrays::Cuda(d) => Backend::Cuda(d.gpu.clone()),
+        }
+    }
+
+    /// The block allocator (read-only: blocks change hands through the cache's operations).
+    pub fn allocator(&self) -> &BlockAllocator {
+        &self.allocator
+    }
+
+    /// Randomises the order in which free blocks are handed out (see
+    /// [`BlockAllocator::shuffle_free`]).
+    pub fn shuffle_free_blocks<R: rand::Rng + ?Sized>(&mut self, rng: &mut R) {
+        self.allocator.shuffle_free(rng);
+    }
+
+    /// Live KVs of head slot `(seq, layer, kv_head)`; indices must be in range.
+    pub fn context_len(&self, seq: u32, layer: u32, kv_head: u32) -> u32 {
+        self.context_lens[self.geometry().head_slot(seq, layer, kv_head) as usize] as u32
+    }
+
+    /// The longest head slot of `layer`.
+    pub fn max_context_len(&self, layer: u32) -> u32 {
+        let g = self.geometry();
+        (0..g.num_seqs)
+            .flat_map(|seq| (0..g.num_kv_heads).map(move |h| (seq, h)))
+            .map(|(seq, h)| self.context_len(seq, layer, h))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The live blocks of head slot `(seq, layer, kv_head)`, in logical order.
+    pub fn blocks_of(&self, seq: u32, layer: u32, kv_head: u32) -> &[i32] {
+        let g = self.geometry();
+        let head_slot = g.head_slot(seq, layer, kv_head);
+        let start = g.block_table_at(head_slot, 0) as usize;
+        let live = g.blocks_for(self.context_lens[head_slot as usize] as u32) as usize;
+        &self.block_tables[start..start + live]
+    }
+
+    /// The newest position appended to `seq`, or -1.
+    pub fn last_position(&self, seq: u32) -> i32 {
+        self.last_position[seq as usize]
+    }
+
+    /// A host copy of every array. On CUDA the tables and lengths are read back from the
+    /// device, so the copy shows what the kernels see.
+    pub fn snapshot(&self) -> Result<CacheSnapshot> {
+        Ok(match &self.arrays {
+            Arrays::Host {
+                k_pool,
+                v_pool,
+                metric,
+                position,
+            } => CacheSnapshot {
+                k_pool: k_pool.clone(),
+                v_pool: v_pool.clone(),
+                metric: metric.clone(),
+                position: position.clone(),
+                block_tables: self.block_tables.clone(),
+                context_lens: self.context_lens.clone(),
+                last_position: self.last_position.clone(),
+            },
+            Arrays::Cuda(d) => CacheSnapshot {
+                k_pool: d.gpu.download(&d.k_pool)?,
+                v_pool: d.gpu.download(&d.v_pool)?,
+                metric: bytemuck::pod_collect_to_vec(&d.gpu.download(&d.metric)?),
+                position: bytemuck::pod_collect_to_vec(&d.gpu.download(&d.position)?),
+                block_tables: bytemuck::pod_collect_to_vec(&d.gpu.download(&d.block_tables)?),
+                context_lens: bytemuck::pod_collect_to_vec(&d.gpu.download(&d.context_lens)?),
+                last_position: self.last_position.clone(),
+            },
+        })
+    }
+
+    /// Appends the K/V of new tokens of `layer` (SPEC §2): `new_tokens[seq]` tokens for each
+    /// sequence row, in order, their rows of `k`/`v` `[num_tokens, H, D]` consecutive per
+    /// sequence, each written to the next logical slot of every head slot `(seq, layer, h)`.
+    /// Blocks are allocated as needed; `metric` starts at 0 and `position` is taken from
+    /// `positions` (one per token). All or nothing: on any error the cache is unchanged.
+    pub fn append_kv(
+        &mut self,
+        layer: u32,
+        k: &Tensor,
+        v: &Tensor,
+        positions: &[i32],
+        new_tokens: &[u32],
+    ) -> Result<()> {
+        let needed = validate::append(self, layer, k, v, positions, new_tokens)?;
+        let blocks = self.allocator.allocate(needed as u32)?;
+        let g = self.geometry();
+        let mut next_block = blocks.into_iter();
+        let mut patches = Vec::new();
+        for (seq, &n) in new_tokens.iter().enumerate() {
+            for kv_head in 0..g.num_kv_heads {
+                let head_slot = g.head_slot(seq as u32, layer, kv_head);
+                let len = self.context_lens[head_slot as usize] as u32;
+                for logical_block in g.blocks_for(len)..g.blocks_for(len + n) {
+                    let index = g.block_table_at(head_slot, logical_block);
+                    let block = next_block.next().map_or(-1, |b| b as i32);
+                    self.block_tables[index as usize] = block;
+                    patches.push(Patch::table(index, block));
+                }
+            }
+        }
+        let backend_error = || validate::backend_mismatch("k");
+        match &mut self.arrays {
+            Arrays::Host {
+                k_pool,
+                v_pool,
+                metric,
+                position,
+            } => {
+                let (Storage::Host(k_new), Storage::Host(v_new)) = (&k.storage, &v.storage) else {
+                    return Err(backend_error());
+                };
+                let cache = HostCacheMut {
+                    geometry: g,
+                    dtype: self.config.dtype,
+                    k_pool,
+                    v_pool,
+                    metric,
+                    position,
+                    block_tables: &self.block_tables,
+                    context_lens: &mut self.context_lens,
+                };
+                reference::append_kv(cache, layer, k_new, v_new, positions, new_tokens);
+            }
+            Arrays::Cuda(d) => {
+                let (Storage::Cuda { buf: k_new, .. }, Storage::Cuda { buf: v_new, .. }) =
+                    (&k.storage, &v.storage)
+                else {
+                    return Err(backend_error());
+                };
+                let mut dest_slots = Vec::with_capacity(k.elems() / g.head_dim as usize);
+                for (seq, &n) in new_tokens.iter().enumerate() {
+                    for within in 0..n {
+                        for kv_head in 0..g.num_kv_heads {
+                            let head_slot = g.head_slot(seq as u32, layer, kv_head);
+                            let logical = self.context_lens[head_slot as usize] as u32 + within;
+                            let index = g.block_table_at(head_slot, g.logical_block(logical));
+                            let block = self.block_tables[index as usize] as u32;
+                            dest_slots.push(g.pool_slot(block, g.slot_in_block(logical)) as u32);
+                        }
+                    }
+                }
+                for (seq, &n) in new_tokens.iter().enumerate() {
+                    for kv_head in 0..g.num_kv_heads {
+                        let head_slot = g.head_slot(seq as u32, layer, kv_head);
+                        self.context_lens[head_slot as usize] += n as i32;
+                        if n > 0 {
+                            patches.push(Patch::len(
+                                &g,
+                                head_slot,
+                                self.context_lens[head_slot as usize],
+                            ));
+                        }
+                    }
+                }
+                let meta = AppendMeta {
+                    dest_slots,
+                    positions,
+                    patches,
+                };
+                ops::append::append_kv(d, g, self.config.dtype, k_new, v_new, &meta)?;
+            }
+        }
+        let mut token = 0usize;
+        for (seq, &n) in new_tokens.iter().enumerate() {
+            for &p in &positions[token..token + n as usize] {
+                self.last_position[seq] = self.last_position[seq].max(p);
+            }
+            token += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Returns every block of sequence row `seq` to the allocator and empties its head slots
+    /// (SPEC §7: a sequence that finishes). Returns the number of blocks freed.
+    pub fn free_sequence(&mut self, seq: u32) -> Result<u32> {
+        let g = self.geometry();
+        validate::seq(&g, seq)?;
+        let mut blocks = Vec::new();
+        let mut patches = Vec::new();
+        for layer in 0..g.num_layers {
+            for kv_head in 0..g.num_kv_heads {
+                let head_slot = g.head_slot(seq, layer, kv_head);
+                for logical_block in 0..g.blocks_for(self.context_lens[head_slot as usize] as u32) {
+                    let index = g.block_table_at(head_slot, logical_block);
+                    blocks.push(self.block_tables[index as usize] as u32);
+                    patches.push(Patch::table(index, -1));
+                }
+                patches.push(Patch::len(&g, head_slot, 0));
+            }
+        }
+        self.allocator.free(&blocks)?;
+        for layer in 0..g.num_layers {
+            for kv_head in 0..g.num_kv_heads {
+                let head_slot = g.head_slot(seq, layer, kv_head);
+                let first = g.block_table_at(head_slot, 0) as usize;
+                self.block_tables[first..first + g.max_blocks_per_head as usize].fill(-1);
+                self.context_lens[head_slot as usize] = 0;
+            }
+        }
+        self.last_position[seq as usize] = -1;
+        if let Arrays::Cuda(d) = &self.arrays {
+            ops::append::apply_patches(d, g, self.config.dtype, patches)?;
+        }
+        Ok(blocks.len() as u32)
+    }
+
+    /// Paged decode attention of `layer` (SPEC §3): for every sequence row and query head,
+    /// softmax(`scale * q . K`) `V` over the live KVs of its head slot, written to `out`
+    /// `[num_seqs, Hq, D]` in the cache dtype. A head slot with no live KVs gives zeros.
+    pub fn decode(
+        &self,
+        layer: u32,
+        q: &Tensor,
+        out: &mut Tensor,
+        args: &DecodeArgs,
+    ) -> Result<()> {
+        validate::decode(self, layer, q, out, args)?;
+        let g = self.geometry();
+        match (&self.arrays, &q.storage, &mut out.storage) {
+            (
+                Arrays::Host {
+                    k_pool,
+                    v_pool,
+                    metric,
+                    position,
+                },
+                Storage::Host(q),
+                Storage::Host(out),
+            ) => {
+                let cache = HostCache {
+                    geometry: g,
+                    dtype: self.config.dtype,
+                    k_pool,
+                    v_pool,
+                    metric,
+                    position,
+                    block_tables: &self.block_tables,
+                    context_lens: &self.context_lens,
+                };
+                reference::decode(&cache, layer, q, args.scale, out);
+                Ok(())
+            }
+            (Arrays::Cuda(d), Storage::Cuda { buf: q, .. }, Storage::Cuda { buf: out, .. }) => {
+                ops::decode::decode(
+                    d,
+                    g,
+                    self.config.dtype,
+                    self.max_context_len(layer),
+                    layer,
+                    q,
+                    out,
+                    args,
+                )
+            }
+            _ => Err(validate::backend_mismatch("q")),
+        }
+    }
+}
+
+/// Options of [`PagedKvCache::decode`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecodeArgs {
+    /// Softmax scale applied to `q . k` (usually `1 / sqrt(D)`); must be finite.
+    pub scale: f32,
+    /// KVs per partition of the split (flash-decoding) path; `None` lets the planner choose
+    /// from the batch, the lengths and the SM count. Results agree up to float rounding
+    /// whatever the split. Ignored by the CPU backend.
+    pub partition_kvs: Option<u32>,
+}
+
+impl DecodeArgs {
+    /// The usual scale `1 / sqrt(head_dim)` and the planner's split.
+    pub fn for_head_dim(head_dim: u32) -> Self {
+        Self {
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            partition_kvs: None,
+        }
+    }
+}

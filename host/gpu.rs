@@ -1,0 +1,302 @@
+//! The CUDA backend: one context and stream, the embedded PTX module, the kernel entry table,
+//! and the one function that launches a kernel.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytemuck::Pod;
+use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PushKernelArg,
+};
+use kvc_abi::params::{AppendParams, DecodeParams};
+use kvc_abi::plan::{DeviceProps, LaunchDims};
+use kvc_abi::DType;
+
+use crate::error::{Error, Result};
+
+/// The kernels as PTX, built from `kernels-gpu/` by `build.rs` (or its committed copy).
+pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kvc.ptx"));
+
+/// `fresh` when `build.rs` compiled the PTX with the pinned nightly, `committed` when it fell
+/// back to `kernels-gpu/ptx/kvc.ptx`.
+pub const PTX_SOURCE: &str = env!("KVC_PTX_SOURCE");
+
+/// Head dimensions with kernel instantiations.
+pub const HEAD_DIMS: [u32; 3] = [64, 128, 256];
+/// Group sizes (query heads per KV head) with kernel instantiations.
+pub const GROUP_SIZES: [u32; 4] = [1, 2, 4, 8];
+/// Block sizes the cache accepts (any power of two works in the kernels; these are tested).
+pub const BLOCK_SIZES: [u32; 3] = [8, 16, 32];
+
+/// Entry point of the decode kernel for `dtype`, head dimension `head_dim` and group size `g`.
+pub fn decode_entry(dtype: DType, head_dim: u32, group_size: u32) -> String {
+    format!("paged_decode_{}_d{head_dim}_g{group_size}", dtype.name())
+}
+
+/// Entry point of the decode merge kernel for `dtype`.
+pub fn decode_merge_entry(dtype: DType) -> String {
+    format!("paged_decode_merge_{}", dtype.name())
+}
+
+/// Entry point of `append_kv` (one for every dtype: it copies bytes).
+pub const APPEND_ENTRY: &str = "append_kv";
+
+/// A params struct with an echo kernel: the kernel writes the bytes it received to the
+/// address in one of its fields (the ABI self-check of `tests/abi_roundtrip.rs`).
+pub trait EchoParams: Pod {
+    /// The echo kernel's entry point.
+    const ECHO_ENTRY: &'static str;
+    /// Points the field the echo kernel writes to at `addr`.
+    fn set_echo_dst(&mut self, addr: u64);
+}
+
+impl EchoParams for DecodeParams {
+    const ECHO_ENTRY: &'static str = "abi_echo_decode";
+    fn set_echo_dst(&mut self, addr: u64) {
+        self.out = addr;
+    }
+}
+
+impl EchoParams for AppendParams {
+    const ECHO_ENTRY: &'static str = "abi_echo_append";
+    fn set_echo_dst(&mut self, addr: u64) {
+        self.meta = addr;
+    }
+}
+
+/// Echo kernels of `tests/abi_roundtrip.rs`.
+pub const ECHO_ENTRIES: [&str; 2] = [DecodeParams::ECHO_ENTRY, AppendParams::ECHO_ENTRY];
+
+/// Every entry point the host may launch: the PTX must define exactly these.
+pub fn entry_points() -> Vec<String> {
+    let mut names = Vec::new();
+    for dtype in DType::ALL {
+        for d in HEAD_DIMS {
+            for g in GROUP_SIZES {
+                names.push(decode_entry(dtype, d, g));
+            }
+        }
+        names.push(decode_merge_entry(dtype));
+    }
+    names.push(APPEND_ENTRY.to_string());
+    names.extend(ECHO_ENTRIES.iter().map(|s| s.to_string()));
+    names
+}
+
+/// Bytes of the scratch buffer a new device starts with (decode partials, append metadata).
+const INITIAL_WORKSPACE_BYTES: usize = 1 << 20;
+
+/// A `*Params` struct as a kernel argument, passed by value (cudarc's `DeviceRepr` is foreign,
+/// so the abi types cannot implement it themselves).
+#[repr(transparent)]
+struct ByValue<P>(P);
+
+// SAFETY: P is Pod (plain bytes, no pointers into host memory) and `#[repr(C)]` in kvc-abi,
+// laid out as the kernel's `.param` aggregate (checked by tests/abi_roundtrip.rs).
+unsafe impl<P: Pod> DeviceRepr for ByValue<P> {}
+
+/// A CUDA device with the kvcompress kernels loaded.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    module: Arc<CudaModule>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+    workspace: Mutex<CudaSlice<u8>>,
+    props: DeviceProps,
+    l2_bytes: u64,
+    name: String,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("name", &self.name)
+            .field("props", &self.props)
+            .finish()
+    }
+}
+
+impl Gpu {
+    /// Opens device `ordinal` and loads the kernels. No driver library or no device gives
+    /// [`Error::CudaUnavailable`].
+    pub fn new(ordinal: usize) -> Result<Arc<Self>> {
+        // SAFETY: only probes for the driver library; loads nothing into the process state
+        // that cudarc relies on.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::CudaUnavailable { source: None });
+        }
+        let ctx =
+            CudaContext::new(ordinal).map_err(|e| Error::CudaUnavailable { source: Some(e) })?;
+        let stream = ctx.default_stream();
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(PTX))
+            .map_err(Error::driver("loading the PTX module"))?;
+        let num_sms = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(Error::driver("reading the SM count"))? as u32;
+        let l2_bytes = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+            .map_err(Error::driver("reading the L2 size"))? as u64;
+        let name = ctx
+            .name()
+            .map_err(Error::driver("reading the device name"))?;
+        let workspace = stream
+            .alloc_zeros::<u8>(INITIAL_WORKSPACE_BYTES)
+            .map_err(Error::driver("allocating device memory"))?;
+        Ok(Arc::new(Self {
+            ctx,
+            stream,
+            module,
+            functions: Mutex::new(HashMap::new()),
+            workspace: Mutex::new(workspace),
+            props: DeviceProps { num_sms },
+            l2_bytes,
+            name,
+        }))
+    }
+
+    /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// What the launch planners use.
+    pub fn props(&self) -> DeviceProps {
+        self.props
+    }
+
+    /// Bytes of L2 cache (benchmarks size their working sets from it).
+    pub fn l2_bytes(&self) -> u64 {
+        self.l2_bytes
+    }
+
+    /// The stream every kvcompress launch and copy runs on, in order.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The CUDA context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Waits for everything queued on the stream.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(Error::driver("synchronizing the stream"))
+    }
+
+    /// Device address of a buffer, for a `*Params` field.
+    pub(crate) fn addr(&self, buf: &CudaSlice<u8>) -> u64 {
+        buf.device_ptr(&self.stream).0
+    }
+
+    /// A zeroed device buffer of `bytes` bytes.
+    pub(crate) fn alloc(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        self.stream
+            .alloc_zeros::<u8>(bytes.max(1))
+            .map_err(Error::driver("allocating device memory"))
+    }
+
+    /// A device copy of `bytes`.
+    pub(crate) fn upload(&self, bytes: &[u8]) -> Result<CudaSlice<u8>> {
+        if bytes.is_empty() {
+            return self.alloc(0);
+        }
+        self.stream
+            .clone_htod(bytes)
+            .map_err(Error::driver("copying to the device"))
+    }
+
+    /// Overwrites the start of `dst` with `bytes`.
+    pub(crate) fn write(&self, bytes: &[u8], dst: &mut CudaSlice<u8>) -> Result<()> {
+        let mut view = dst.slice_mut(..bytes.len());
+        self.stream
+            .memcpy_htod(bytes, &mut view)
+            .map_err(Error::driver("copying to the device"))
+    }
+
+    /// A host copy of `buf` (waits for the stream).
+    pub(crate) fn download(&self, buf: &CudaSlice<u8>) -> Result<Vec<u8>> {
+        self.stream
+            .clone_dtoh(buf)
+            .map_err(Error::driver("copying from the device"))
+    }
+
+    /// The shared scratch buffer, grown to at least `bytes`. Launches are stream-ordered, so
+    /// one buffer serves every op; hold the guard across the launches that use it.
+    pub(crate) fn workspace(&self, bytes: u64) -> Result<MutexGuard<'_, CudaSlice<u8>>> {
+        let mut guard = self
+            .workspace
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if (guard.len() as u64) < bytes {
+            // The old buffer is freed stream-ordered, after the launches that use it.
+            *guard = self.alloc(bytes as usize)?;
+        }
+        Ok(guard)
+    }
+
+    /// Sends `params` to its echo kernel and returns them as sent (with the echo target set)
+    /// and the bytes the kernel received. Equal bytes mean host and device agree on the layout.
+    pub fn echo<P: EchoParams>(&self, mut params: P) -> Result<(P, Vec<u8>)> {
+        let dst = self.alloc(std::mem::size_of::<P>())?;
+        params.set_echo_dst(self.addr(&dst));
+        let dims = LaunchDims {
+            grid: [1, 1, 1],
+            block: [1, 1, 1],
+            smem_bytes: 0,
+        };
+        // SAFETY: the echo kernel writes size_of::<P>() bytes to the target, which `dst` holds;
+        // it reads nothing else.
+        unsafe { self.launch(P::ECHO_ENTRY, dims, &params)? };
+        Ok((params, self.download(&dst)?))
+    }
+
+    fn function(&self, entry: &str) -> Result<CudaFunction> {
+        let mut functions = self
+            .functions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(f) = functions.get(entry) {
+            return Ok(f.clone());
+        }
+        let f = self
+            .module
+            .load_function(entry)
+            .map_err(|_| Error::MissingEntry {
+                name: entry.to_string(),
+            })?;
+        functions.insert(entry.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// Launches `entry` with `params` by value. The only caller of cudarc's unsafe `launch`.
+    ///
+    /// # Safety
+    /// `params` must satisfy the kernel's contract (its module's header): the launchers in
+    /// `ops/` call this only after `validate` accepted the inputs and with `dims` from the
+    /// kernel's planner.
+    pub(crate) unsafe fn launch<P: Pod>(
+        &self,
+        entry: &str,
+        dims: LaunchDims,
+        params: &P,
+    ) -> Result<()> {
+        let f = self.function(entry)?;
+        let cfg = LaunchConfig {
+            grid_dim: (dims.grid[0], dims.grid[1], dims.grid[2]),
+            block_dim: (dims.block[0], dims.block[1], dims.block[2]),
+            shared_mem_bytes: dims.smem_bytes,
+        };
+        let arg = ByValue(*params);
+        let mut builder = self.stream.launch_builder(&f);
+        builder.arg(&arg);
+        // SAFETY: forwarded from the caller.
+        unsafe { builder.launch(cfg) }.map_err(Error::driver("launching a kernel"))?;
+        Ok(())
+    }
+}

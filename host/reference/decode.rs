@@ -1,0 +1,53 @@
+//! Reference paged decode attention (SPEC §3).
+
+use super::HostCache;
+use crate::dtype::{read_elem, write_elem};
+
+/// For every sequence row `seq` and query head `qh` of layer `layer`:
+///
+/// ```text
+/// s_j = scale * dot(q[seq, qh], K_j)       for the live KVs j of head slot (seq, layer, qh / G)
+/// a_j = exp(s_j - max s) / sum exp(s - max s)
+/// out[seq, qh] = sum_j a_j V_j             (rounded to the cache dtype; zeros if no KV is live)
+/// ```
+///
+/// `q` and `out` are bytes of the cache dtype, `[num_seqs, Hq, D]`; inputs are validated by
+/// the caller (`PagedKvCache::decode`). Accumulation is in f64.
+pub fn decode(cache: &HostCache, layer: u32, q: &[u8], scale: f32, out: &mut [u8]) {
+    let g = cache.geometry;
+    let d = g.head_dim as usize;
+    for seq in 0..g.num_seqs {
+        for kv_head in 0..g.num_kv_heads {
+            let head_slot = g.head_slot(seq, layer, kv_head);
+            let len = cache.len(head_slot);
+            let keys: Vec<Vec<f64>> = (0..len)
+                .map(|j| cache.row(cache.k_pool, head_slot, j))
+                .collect();
+            let values: Vec<Vec<f64>> = (0..len)
+                .map(|j| cache.row(cache.v_pool, head_slot, j))
+                .collect();
+            for qh in kv_head * g.group_size..(kv_head + 1) * g.group_size {
+                let q_first = (seq as usize * g.num_q_heads() as usize + qh as usize) * d;
+                let query: Vec<f64> = (0..d)
+                    .map(|i| read_elem(cache.dtype, q, q_first + i))
+                    .collect();
+                let scores: Vec<f64> = keys
+                    .iter()
+                    .map(|k| scale as f64 * query.iter().zip(k).map(|(a, b)| a * b).sum::<f64>())
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f64 = weights.iter().sum();
+                let mut acc = vec![0.0f64; d];
+                for (w, v) in weights.iter().zip(&values) {
+                    for (a, x) in acc.iter_mut().zip(v) {
+                        *a += w / sum * x;
+                    }
+                }
+                for (i, a) in acc.iter().enumerate() {
+                    write_elem(cache.dtype, out, q_first + i, *a);
+                }
+            }
+        }
+    }
+}

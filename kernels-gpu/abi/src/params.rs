@@ -1,0 +1,108 @@
+//! Launch parameters: one `#[repr(C)]` struct per kernel, passed by value as its only argument.
+//! Buffers are `u64` device addresses, so the struct is byte-identical on host and device
+//! (checked by `tests/abi_roundtrip.rs` with an echo kernel).
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::geometry::CacheView;
+
+/// Paged decode attention (SPEC §3) and its partition merge: one new query per query head of
+/// every sequence row, over the live KVs of head slot `(seq, layer_idx, q_head / G)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+pub struct DecodeParams {
+    pub cache: CacheView,
+    /// `[num_seqs, Hq, D]`, cache dtype.
+    pub q: u64,
+    /// `[num_seqs, Hq, D]`, cache dtype.
+    pub out: u64,
+    /// `[num_seqs, Hq, num_partitions, D]`, f32: each partition's output, weighted by
+    /// `exp2(score - partition max)` and not yet divided by the sum. Unused with one partition.
+    pub partial_acc: u64,
+    /// `[num_seqs, Hq, num_partitions, 2]`, f32: each partition's (max, sum) of
+    /// `exp2(score)` in the log2 domain. Unused with one partition.
+    pub partial_ml: u64,
+    /// Layer whose head slots are read.
+    pub layer_idx: u32,
+    /// KVs per partition; partition `p` covers logical KVs `[p * partition_kvs, (p + 1) * partition_kvs)`.
+    pub partition_kvs: u32,
+    /// Partitions per head slot in the grid (the longest head slot's count).
+    pub num_partitions: u32,
+    /// Softmax scale times log2(e): scores are `scale_log2 * dot(q, k)` in the log2 domain.
+    pub scale_log2: f32,
+}
+
+impl DecodeParams {
+    /// Row of `(seq, q_head, partition)` in `partial_acc` (times `D`) and `partial_ml` (times 2).
+    #[inline(always)]
+    pub const fn partial_row(&self, seq: u32, q_head: u32, partition: u32) -> u64 {
+        (seq as u64 * self.cache.geometry.num_q_heads() as u64 + q_head as u64)
+            * self.num_partitions as u64
+            + partition as u64
+    }
+
+    /// Element index of query head `q_head` of `seq` in `q` and `out` `[num_seqs, Hq, D]`.
+    #[inline(always)]
+    pub const fn query_elem(&self, seq: u32, q_head: u32) -> u64 {
+        (seq as u64 * self.cache.geometry.num_q_heads() as u64 + q_head as u64)
+            * self.cache.geometry.head_dim as u64
+    }
+}
+
+/// `append_kv` (SPEC §2): scatter new K/V rows to pool slots the host allocated, and apply the
+/// host's block-table and length changes, in one launch.
+///
+/// `meta` is one u32 array: `dest_slot [num_tokens, H]` (pool slots), `position [num_tokens]`,
+/// then `patch [num_patches, 2]` pairs `(index, value)`, where an index below
+/// `block_table_len()` addresses `block_tables` and the rest `context_lens`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+pub struct AppendParams {
+    pub cache: CacheView,
+    /// `[num_tokens, H, D]`, cache dtype.
+    pub k_new: u64,
+    /// `[num_tokens, H, D]`, cache dtype.
+    pub v_new: u64,
+    /// u32 words, laid out as above.
+    pub meta: u64,
+    /// New tokens in this call, over all sequences.
+    pub num_tokens: u32,
+    /// `(index, value)` pairs at the end of `meta`.
+    pub num_patches: u32,
+    /// Bytes of one K or V row, `D * elem_bytes` (a multiple of 16).
+    pub row_bytes: u32,
+    /// CTAs of the grid that scatter rows; the rest apply patches.
+    pub scatter_ctas: u32,
+}
+
+impl AppendParams {
+    /// Rows `(token, kv_head)` to scatter.
+    #[inline(always)]
+    pub const fn num_rows(&self) -> u64 {
+        self.num_tokens as u64 * self.cache.geometry.num_kv_heads as u64
+    }
+
+    /// Word of `meta` holding the pool slot of row `row = token * H + kv_head`.
+    #[inline(always)]
+    pub const fn dest_slot_word(&self, row: u64) -> u64 {
+        row
+    }
+
+    /// Word of `meta` holding the position of new token `token`.
+    #[inline(always)]
+    pub const fn position_word(&self, token: u32) -> u64 {
+        self.num_rows() + token as u64
+    }
+
+    /// First word of patch pair `i` in `meta`.
+    #[inline(always)]
+    pub const fn patch_word(&self, i: u32) -> u64 {
+        self.num_rows() + self.num_tokens as u64 + 2 * i as u64
+    }
+
+    /// Words of `meta` in all.
+    #[inline(always)]
+    pub const fn meta_words(&self) -> u64 {
+        self.patch_word(self.num_patches)
+    }
+}

@@ -1,0 +1,331 @@
+//! Launch plans: grid, block, shared memory and work split of every kernel, computed once from
+//! the geometry and the device. The device code carves its shared memory and walks its tiles
+//! with the same functions, so no constant is written twice.
+
+use crate::dtype::DType;
+use crate::geometry::Geometry;
+use crate::params::AppendParams;
+
+/// Threads in a warp.
+pub const WARP_SIZE: u32 = 32;
+/// Bytes of the widest vector load a thread issues.
+pub const VECTOR_BYTES: u32 = 16;
+
+/// Grid, block and dynamic shared memory of one launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchDims {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub smem_bytes: u32,
+}
+
+/// What the planner needs to know of the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceProps {
+    /// Streaming multiprocessors.
+    pub num_sms: u32,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paged decode attention (SPEC §3)
+
+/// Warps per decode CTA.
+pub const DECODE_WARPS: u32 = 4;
+/// Threads per merge CTA.
+pub const MERGE_THREADS: u32 = 128;
+/// CTAs per SM the split policy aims for; fewer head slots than `num_sms * this` are split.
+pub const DECODE_CTAS_PER_SM: u32 = 2;
+/// A partition is never shorter than this many KVs (a shorter one costs more to merge than it
+/// gains in parallelism).
+pub const MIN_PARTITION_KVS: u32 = 512;
+
+/// How one warp of the decode kernel covers K/V rows. A row (one KV's `D` values) is split over
+/// `lanes_per_row` lanes, each loading `chunks_per_lane` 16-byte chunks of it; the warp loads
+/// `32 / lanes_per_row` consecutive rows per load instruction and `tile_rows` rows per tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeTile {
+    /// Elements in one 16-byte chunk.
+    pub vec_elems: u32,
+    /// Lanes that share one row (a power of two, at most 32).
+    pub lanes_per_row: u32,
+    /// 16-byte chunks one lane loads of each row it covers.
+    pub chunks_per_lane: u32,
+    /// Rows one lane covers per tile.
+    pub rows_per_lane: u32,
+    /// Rows one warp covers per tile.
+    pub tile_rows: u32,
+}
+
+impl DecodeTile {
+    /// Elements of a row one lane holds, `chunks_per_lane * vec_elems` (4 or 8).
+    #[inline(always)]
+    pub const fn lane_elems(&self) -> u32 {
+        self.chunks_per_lane * self.vec_elems
+    }
+
+    /// Rows of different row groups one load instruction of the warp covers.
+    #[inline(always)]
+    pub const fn row_groups(&self) -> u32 {
+        WARP_SIZE / self.lanes_per_row
+    }
+
+    /// Element offset inside a row of chunk `chunk` of lane `lane`.
+    #[inline(always)]
+    pub const fn lane_elem(&self, lane: u32, chunk: u32) -> u32 {
+        ((lane % self.lanes_per_row) + chunk * self.lanes_per_row) * self.vec_elems
+    }
+
+    /// Row (relative to the tile) of the `i`-th row covered by `lane`.
+    #[inline(always)]
+    pub const fn lane_row(&self, lane: u32, i: u32) -> u32 {
+        i * self.row_groups() + lane / self.lanes_per_row
+    }
+}
+
+/// The decode tile for head dimension `head_dim`, element size `elem_bytes` and group size
+/// `group_size`. Each lane keeps 8 (4 with `G >= 8`, to bound registers) 16-byte loads of K and
+/// as many of V in flight per tile.
+pub const fn decode_tile(head_dim: u32, elem_bytes: u32, group_size: u32) -> DecodeTile {
+    let vec_elems = VECTOR_BYTES / elem_bytes;
+    let chunks_per_row = head_dim / vec_elems;
+    let lanes_per_row = if chunks_per_row < WARP_SIZE {
+        chunks_per_row
+    } else {
+        WARP_SIZE
+    };
+    let chunks_per_lane = chunks_per_row / lanes_per_row;
+    let loads = if group_size >= 8 { 4 } else { 8 };
+    let rows_per_lane = if loads > chunks_per_lane {
+        loads / chunks_per_lane
+    } else {
+        1
+    };
+    DecodeTile {
+        vec_elems,
+        lanes_per_row,
+        chunks_per_lane,
+        rows_per_lane,
+        tile_rows: (WARP_SIZE / lanes_per_row) * rows_per_lane,
+    }
+}
+
+/// Shared memory of one decode CTA: per warp and query head of the group, the warp's
+/// `(max, sum)` and its `D` accumulators, merged across warps at the end. Offsets in f32 words.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeSmem {
+    /// `[DECODE_WARPS, G, 2]` f32.
+    pub warp_ml: u32,
+    /// `[DECODE_WARPS, G, D]` f32.
+    pub warp_acc: u32,
+    /// Bytes in all.
+    pub bytes: u32,
+}
+
+impl DecodeSmem {
+    /// Word of `(warp, g)`'s max in `warp_ml`; its sum is the next word.
+    #[inline(always)]
+    pub const fn ml_word(&self, group_size: u32, warp: u32, g: u32) -> u32 {
+        self.warp_ml + (warp * group_size + g) * 2
+    }
+
+    /// Word of `(warp, g, d)` in `warp_acc`.
+    #[inline(always)]
+    pub const fn acc_word(&self, group_size: u32, head_dim: u32, warp: u32, g: u32, d: u32) -> u32 {
+        self.warp_acc + (warp * group_size + g) * head_dim + d
+    }
+}
+
+/// The decode shared-memory map for group size `group_size` and head dimension `head_dim`.
+pub const fn decode_smem(group_size: u32, head_dim: u32) -> DecodeSmem {
+    let warp_ml = 0;
+    let warp_acc = warp_ml + DECODE_WARPS * group_size * 2;
+    let words = warp_acc + DECODE_WARPS * group_size * head_dim;
+    DecodeSmem {
+        warp_ml,
+        warp_acc,
+        bytes: words * 4,
+    }
+}
+
+/// A planned decode: the attention launch, the merge launch when the KV range is split, and
+/// the f32 workspace the split needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodePlan {
+    /// Grid `(num_partitions, H, num_seqs)`, one CTA of `DECODE_WARPS` warps per partition of
+    /// a head slot.
+    pub decode: LaunchDims,
+    /// Grid `(Hq, num_seqs)`; `None` when every head slot fits one partition.
+    pub merge: Option<LaunchDims>,
+    pub partition_kvs: u32,
+    pub num_partitions: u32,
+    /// Rows `(seq, q_head, partition)` of the workspace (0 without a merge).
+    pub partial_rows: u64,
+}
+
+impl DecodePlan {
+    /// Byte offset of `partial_ml` in the workspace (`partial_acc` starts at 0).
+    pub const fn partial_ml_offset(&self, head_dim: u32) -> u64 {
+        self.partial_rows * head_dim as u64 * 4
+    }
+
+    /// Bytes of f32 workspace the plan needs.
+    pub const fn workspace_bytes(&self, head_dim: u32) -> u64 {
+        self.partial_rows * (head_dim as u64 + 2) * 4
+    }
+}
+
+/// Plans a decode over all sequence rows of `geometry` for one layer whose longest head slot
+/// holds `max_context_len` KVs.
+///
+/// Split policy: with fewer head slots than `DECODE_CTAS_PER_SM * num_sms`, each head slot's KV
+/// range is split into a power-of-two number of partitions (flash-decoding), none shorter than
+/// `MIN_PARTITION_KVS`, and a merge kernel combines them. `partition_kvs` overrides the policy
+/// (rounded up to whole CTA tiles).
+pub fn plan_decode(
+    geometry: &Geometry,
+    dtype: DType,
+    max_context_len: u32,
+    props: &DeviceProps,
+    partition_kvs: Option<u32>,
+) -> DecodePlan {
+    let tile = decode_tile(geometry.head_dim, dtype.elem_bytes(), geometry.group_size);
+    let cta_rows = tile.tile_rows * DECODE_WARPS;
+    let head_slots = geometry.num_seqs * geometry.num_kv_heads;
+    let target_ctas = DECODE_CTAS_PER_SM * props.num_sms;
+    let mut splits = 1u32;
+    while head_slots * splits < target_ctas
+        && max_context_len.div_ceil(splits * 2) >= MIN_PARTITION_KVS
+    {
+        splits *= 2;
+    }
+    let partition_kvs = partition_kvs
+        .unwrap_or(max_context_len.div_ceil(splits))
+        .next_multiple_of(cta_rows)
+        .max(cta_rows);
+    let num_partitions = max_context_len.div_ceil(partition_kvs).max(1);
+    let smem = decode_smem(geometry.group_size, geometry.head_dim);
+    let decode = LaunchDims {
+        grid: [num_partitions, geometry.num_kv_heads, geometry.num_seqs],
+        block: [DECODE_WARPS * WARP_SIZE, 1, 1],
+        smem_bytes: smem.bytes,
+    };
+    let (merge, partial_rows) = if num_partitions > 1 {
+        let dims = LaunchDims {
+            grid: [geometry.num_q_heads(), geometry.num_seqs, 1],
+            block: [MERGE_THREADS, 1, 1],
+            smem_bytes: 0,
+        };
+        let rows = geometry.num_seqs as u64 * geometry.num_q_heads() as u64 * num_partitions as u64;
+        (Some(dims), rows)
+    } else {
+        (None, 0)
+    };
+    DecodePlan {
+        decode,
+        merge,
+        partition_kvs,
+        num_partitions,
+        partial_rows,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// append_kv (SPEC §2)
+
+/// Warps per append CTA; each warp copies one `(token, kv_head)` row of K and of V.
+pub const APPEND_WARPS: u32 = 4;
+/// Threads per append CTA.
+pub const APPEND_THREADS: u32 = APPEND_WARPS * WARP_SIZE;
+
+/// The append launch: `scatter_ctas` CTAs copy rows, then enough CTAs for one patch pair per
+/// thread.
+pub fn plan_append(params: &AppendParams) -> LaunchDims {
+    let patch_ctas = params.num_patches.div_ceil(APPEND_THREADS);
+    LaunchDims {
+        grid: [params.scatter_ctas + patch_ctas, 1, 1],
+        block: [APPEND_THREADS, 1, 1],
+        smem_bytes: 0,
+    }
+}
+
+/// CTAs that scatter `rows` rows.
+pub const fn append_scatter_ctas(rows: u64) -> u32 {
+    rows.div_ceil(APPEND_WARPS as u64) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_cover_rows_with_16_byte_chunks() {
+        // f16, D=128: 16 chunks a row, 16 lanes a row, 2 rows a load, 8 loads a lane.
+        let t = decode_tile(128, 2, 4);
+        assert_eq!(
+            (
+                t.lanes_per_row,
+                t.chunks_per_lane,
+                t.rows_per_lane,
+                t.tile_rows
+            ),
+            (16, 1, 8, 16)
+        );
+        assert_eq!(t.lane_elems(), 8);
+        // f32, D=256: 64 chunks a row, a lane takes 2 chunks of each row.
+        let t = decode_tile(256, 4, 1);
+        assert_eq!(
+            (
+                t.lanes_per_row,
+                t.chunks_per_lane,
+                t.rows_per_lane,
+                t.tile_rows
+            ),
+            (32, 2, 4, 4)
+        );
+        assert_eq!(t.lane_elem(3, 1), (3 + 32) * 4);
+        // f16, D=64: 4 rows a load.
+        let t = decode_tile(64, 2, 8);
+        assert_eq!((t.lanes_per_row, t.rows_per_lane, t.tile_rows), (8, 4, 16));
+        assert_eq!(t.lane_row(9, 2), 2 * 4 + 1);
+        for d in [64, 128, 256] {
+            for bytes in [2, 4] {
+                for g in [1, 2, 4, 8] {
+                    let t = decode_tile(d, bytes, g);
+                    assert!(t.lane_elems() == 4 || t.lane_elems() == 8);
+                    assert_eq!(t.lanes_per_row * t.lane_elems(), d);
+                }
+            }
+        }
+    }
+
+    fn geometry(num_seqs: u32) -> Geometry {
+        Geometry {
+            num_seqs,
+            num_layers: 1,
+            num_kv_heads: 8,
+            group_size: 4,
+            head_dim: 128,
+            block_size: 16,
+            max_blocks_per_head: 4096,
+            num_blocks: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn decode_splits_only_small_batches() {
+        let props = DeviceProps { num_sms: 132 };
+        let p = plan_decode(&geometry(64), DType::F16, 4096, &props, None);
+        assert_eq!((p.num_partitions, p.merge), (1, None));
+        let p = plan_decode(&geometry(1), DType::F16, 32768, &props, None);
+        assert!(p.num_partitions >= 32);
+        assert!(p.partition_kvs * p.num_partitions >= 32768);
+        assert_eq!(p.partition_kvs % (16 * DECODE_WARPS), 0);
+        assert_eq!(p.partial_rows, 32 * p.num_partitions as u64);
+        let p = plan_decode(&geometry(1), DType::F16, 0, &props, None);
+        assert_eq!(p.num_partitions, 1);
+        let p = plan_decode(&geometry(1), DType::F16, 700, &props, None);
+        assert_eq!(p.num_partitions, 1);
+        let p = plan_decode(&geometry(64), DType::F16, 4096, &props, Some(1000));
+        assert_eq!((p.partition_kvs, p.num_partitions), (1024, 4));
+    }
+}

@@ -1,0 +1,311 @@
+//! Paged decode attention (SPEC §3): one query per query head against the live KVs of its head
+//! slot, flash-decoding style.
+//!
+//! Grid `(partition, kv_head, seq)`, `DECODE_WARPS` warps a CTA. A CTA takes logical KVs
+//! `[partition * partition_kvs, ..)` of head slot `(seq, layer_idx, kv_head)` and all `G` query
+//! heads of the group, so K and V are read once per KV head. Each warp walks tiles of
+//! `tile.tile_rows` consecutive rows (see [`kvc_abi::plan::decode_tile`]): a row is split over
+//! `lanes_per_row` lanes with 16-byte loads, and every lane issues all its K and V loads of a
+//! tile before using any. Scores are reduced over the lanes of a row, then each lane keeps its
+//! own online softmax `(max, sum, acc)` per query head in the log2 domain (the host folds
+//! log2(e) into `scale_log2`). Lanes that cover the same columns of different rows are merged by
+//! shuffles, warps through shared memory ([`kvc_abi::plan::decode_smem`]).
+//!
+//! With one partition the CTA writes the normalised output; otherwise it writes the partition's
+//! unnormalised accumulators and `(max, sum)` for `decode_merge`.
+//!
+//! Host-validated: the head slot's length is within its block table, the block ids it covers
+//! are in the pool, `q`/`out` hold `[num_seqs, Hq, D]` of this dtype, and `D`, `G` match the
+//! entry point. Rows past the live range are never read: they are clamped to the last live row
+//! and masked, so stale or poisoned slots cannot leak in.
+
+use kvc_abi::params::DecodeParams;
+use kvc_abi::plan::{decode_smem, decode_tile, DecodeTile, DECODE_WARPS};
+
+use crate::gpu::math::{exp2, fma, fmax, store_elem, CacheElem};
+use crate::gpu::mem::{load, load_chunk, load_chunk_nc, Chunk};
+use crate::gpu::smem::dynamic_f32;
+use crate::gpu::thread::{
+    block_idx_x, block_idx_y, block_idx_z, lane_id, sync_threads, thread_idx_x, warp_id,
+};
+use crate::gpu::warp::{shfl_xor, sum_within};
+
+/// Most rows one lane covers per tile, most 16-byte loads of one tensor it issues per tile, and
+/// most elements of a row it holds (bounds of `decode_tile`, checked in its tests).
+const MAX_LANE_ROWS: usize = 8;
+const MAX_LANE_LOADS: usize = 8;
+const MAX_LANE_ELEMS: usize = 8;
+
+/// Compile-time shape of one instantiation.
+struct Shape<T, const D: usize, const G: usize>(T);
+
+impl<T: CacheElem, const D: usize, const G: usize> Shape<T, D, G> {
+    const TILE: DecodeTile = decode_tile(D as u32, T::BYTES, G as u32);
+    const ROWS: usize = Self::TILE.rows_per_lane as usize;
+    const CHUNKS: usize = Self::TILE.chunks_per_lane as usize;
+    const ELEMS: usize = Self::TILE.lane_elems() as usize;
+}
+
+/// One lane's online-softmax state for the `G` query heads of the group: the running max of
+/// the log2-domain scores, the sum of `exp2(score - max)`, and the `exp2`-weighted sum of the
+/// lane's V columns.
+struct Softmax<const G: usize> {
+    max: [f32; G],
+    sum: [f32; G],
+    acc: [[f32; MAX_LANE_ELEMS]; G],
+}
+
+impl<const G: usize> Softmax<G> {
+    #[inline(always)]
+    fn new() -> Self {
+        Self {
+            max: [f32::NEG_INFINITY; G],
+            sum: [0.0; G],
+            acc: [[0.0; MAX_LANE_ELEMS]; G],
+        }
+    }
+
+    /// Raises head `g`'s running max to at least `max`, rescaling its sum and accumulators,
+    /// and returns the base that scores are taken relative to: the new max, or 0 while the
+    /// state is still empty (so `-inf - -inf` never happens).
+    #[inline(always)]
+    fn raise_max(&mut self, g: usize, max: f32, elems: usize) -> f32 {
+        let new_max = fmax(self.max[g], max);
+        let base = if new_max == f32::NEG_INFINITY {
+            0.0
+        } else {
+            new_max
+        };
+        let rescale = exp2(self.max[g] - base);
+        self.max[g] = new_max;
+        self.sum[g] *= rescale;
+        for e in 0..elems {
+            self.acc[g][e] *= rescale;
+        }
+        base
+    }
+
+    /// Folds in another state of the same columns: the `(max, sum, acc)` merge of flash
+    /// attention.
+    #[inline(always)]
+    fn merge(&mut self, g: usize, max: f32, sum: f32, acc: &[f32; MAX_LANE_ELEMS], elems: usize) {
+        let base = self.raise_max(g, max, elems);
+        let scale = exp2(max - base);
+        self.sum[g] = fma(sum, scale, self.sum[g]);
+        for e in 0..elems {
+            self.acc[g][e] = fma(acc[e], scale, self.acc[g][e]);
+        }
+    }
+}
+
+/// The decode kernel body for cache type `T`, head dimension `D` and group size `G`.
+///
+/// # Safety
+/// Launched with [`kvc_abi::plan::plan_decode`]'s dims for this `D`, `G` and dtype, and with
+/// params the host validated (module header).
+#[inline(always)]
+pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize>(p: &DecodeParams) {
+    let tile = Shape::<T, D, G>::TILE;
+    let rows = Shape::<T, D, G>::ROWS;
+    let chunks = Shape::<T, D, G>::CHUNKS;
+    let elems = Shape::<T, D, G>::ELEMS;
+    let geom = p.cache.geometry;
+    let elem_bytes = T::BYTES as u64;
+    let lane = lane_id();
+    let warp = warp_id();
+    let partition = block_idx_x();
+    let kv_head = block_idx_y();
+    let seq = block_idx_z();
+
+    let head_slot = geom.head_slot(seq, p.layer_idx, kv_head);
+    // SAFETY: head_slot < num_head_slots: the grid covers (num_seqs, H) and layer_idx < L.
+    let len = unsafe { load::<i32>(p.cache.context_lens, head_slot) } as u32;
+    let start = partition * p.partition_kvs;
+    let end = len.min(start + p.partition_kvs);
+
+    // This lane's columns of the G queries, pre-scaled into the log2 domain.
+    let mut q = [[0.0f32; MAX_LANE_ELEMS]; G];
+    for (g, q_g) in q.iter_mut().enumerate() {
+        let q_elem = p.query_elem(seq, kv_head * G as u32 + g as u32);
+        for c in 0..chunks {
+            let elem = q_elem + tile.lane_elem(lane, c as u32) as u64;
+            // SAFETY: q holds [num_seqs, Hq, D]; elem + PER_CHUNK <= its end, 16-byte aligned.
+            let chunk = unsafe { load_chunk(p.q + elem * elem_bytes) };
+            T::unpack(chunk, &mut q_g[c * T::PER_CHUNK..]);
+        }
+        for x in q_g.iter_mut().take(elems) {
+            *x *= p.scale_log2;
+        }
+    }
+
+    let mut state = Softmax::<G>::new();
+    let table = p.cache.block_tables + geom.block_table_at(head_slot, 0) * 4;
+    let mut tile_start = start + warp * tile.tile_rows;
+    while tile_start < end {
+        // Issue every K and V load of the tile before the first use.
+        let mut k = [[0u32; 4]; MAX_LANE_LOADS];
+        let mut v = [[0u32; 4]; MAX_LANE_LOADS];
+        let mut live = [false; MAX_LANE_ROWS];
+        for i in 0..rows {
+            let row = tile_start + tile.lane_row(lane, i as u32);
+            live[i] = row < end;
+            let row = if live[i] { row } else { end - 1 };
+            // SAFETY: row < len, so its logical block is within the head slot's table.
+            let block_id = unsafe { load::<i32>(table, geom.logical_block(row) as u64) } as u32;
+            let row_elem = geom.kv_elem(block_id, geom.slot_in_block(row));
+            for c in 0..chunks {
+                let byte = (row_elem + tile.lane_elem(lane, c as u32) as u64) * elem_bytes;
+                // SAFETY: block_id is a validated pool block; the chunk lies inside its row.
+                unsafe {
+                    k[i * chunks + c] = load_chunk_nc(p.cache.k_pool + byte);
+                    v[i * chunks + c] = load_chunk_nc(p.cache.v_pool + byte);
+                }
+            }
+        }
+
+        let mut score = [[0.0f32; G]; MAX_LANE_ROWS];
+        for i in 0..rows {
+            let k_row = unpack_row::<T>(&k, i, chunks);
+            for g in 0..G {
+                let mut dot = 0.0f32;
+                for e in 0..elems {
+                    dot = fma(q[g][e], k_row[e], dot);
+                }
+                // SAFETY: the whole warp runs this loop the same number of times.
+                score[i][g] = unsafe { sum_within(dot, tile.lanes_per_row) };
+            }
+        }
+
+        let mut base = [0.0f32; G];
+        for g in 0..G {
+            let mut tile_max = f32::NEG_INFINITY;
+            for i in 0..rows {
+                if live[i] {
+                    tile_max = fmax(tile_max, score[i][g]);
+                }
+            }
+            base[g] = state.raise_max(g, tile_max, elems);
+        }
+        for i in 0..rows {
+            let v_row = unpack_row::<T>(&v, i, chunks);
+            for g in 0..G {
+                let weight = if live[i] {
+                    exp2(score[i][g] - base[g])
+                } else {
+                    0.0
+                };
+                state.sum[g] += weight;
+                for e in 0..elems {
+                    state.acc[g][e] = fma(weight, v_row[e], state.acc[g][e]);
+                }
+            }
+        }
+        tile_start += DECODE_WARPS * tile.tile_rows;
+    }
+
+    // Merge lanes holding the same columns of different rows.
+    let mut mask = tile.lanes_per_row;
+    while mask < 32 {
+        for g in 0..G {
+            // SAFETY: every lane of the warp runs these shuffles.
+            unsafe {
+                let max = shfl_xor(state.max[g], mask);
+                let sum = shfl_xor(state.sum[g], mask);
+                let mut acc = [0.0f32; MAX_LANE_ELEMS];
+                for e in 0..elems {
+                    acc[e] = shfl_xor(state.acc[g][e], mask);
+                }
+                state.merge(g, max, sum, &acc, elems);
+            }
+        }
+        mask *= 2;
+    }
+
+    // Merge warps through shared memory.
+    let smem = decode_smem(G as u32, D as u32);
+    let words = dynamic_f32();
+    if lane < tile.lanes_per_row {
+        for g in 0..G {
+            // SAFETY: the offsets come from decode_smem, whose size the launch reserved.
+            unsafe {
+                if lane == 0 {
+                    *words.add(smem.ml_word(G as u32, warp, g as u32) as usize) = state.max[g];
+                    *words.add(smem.ml_word(G as u32, warp, g as u32) as usize + 1) = state.sum[g];
+                }
+                for c in 0..chunks {
+                    let col = tile.lane_elem(lane, c as u32);
+                    for e in 0..T::PER_CHUNK {
+                        let word =
+                            smem.acc_word(G as u32, D as u32, warp, g as u32, col + e as u32);
+                        *words.add(word as usize) = state.acc[g][c * T::PER_CHUNK + e];
+                    }
+                }
+            }
+        }
+    }
+    // SAFETY: every thread of the CTA reaches this barrier (no thread returned early).
+    unsafe { sync_threads() };
+
+    let mut item = thread_idx_x();
+    while item < (G * D) as u32 {
+        let g = item / D as u32;
+        let d = item % D as u32;
+        let mut max = f32::NEG_INFINITY;
+        for w in 0..DECODE_WARPS {
+            // SAFETY: inside the decode_smem map.
+            max = fmax(max, unsafe {
+                *words.add(smem.ml_word(G as u32, w, g) as usize)
+            });
+        }
+        let base = if max == f32::NEG_INFINITY { 0.0 } else { max };
+        let mut sum = 0.0f32;
+        let mut acc = 0.0f32;
+        for w in 0..DECODE_WARPS {
+            // SAFETY: inside the decode_smem map.
+            unsafe {
+                let scale = exp2(*words.add(smem.ml_word(G as u32, w, g) as usize) - base);
+                sum = fma(
+                    *words.add(smem.ml_word(G as u32, w, g) as usize + 1),
+                    scale,
+                    sum,
+                );
+                acc = fma(
+                    *words.add(smem.acc_word(G as u32, D as u32, w, g, d) as usize),
+                    scale,
+                    acc,
+                );
+            }
+        }
+        let q_head = kv_head * G as u32 + g;
+        if p.num_partitions == 1 {
+            let out = if sum > 0.0 { acc / sum } else { 0.0 };
+            // SAFETY: out holds [num_seqs, Hq, D] of T.
+            unsafe { store_elem::<T>(p.out, p.query_elem(seq, q_head) + d as u64, out) };
+        } else {
+            let row = p.partial_row(seq, q_head, partition);
+            // SAFETY: the host sized the workspace from the same plan (partial_rows rows).
+            unsafe {
+                crate::gpu::mem::store::<f32>(p.partial_acc, row * D as u64 + d as u64, acc);
+                if d == 0 {
+                    crate::gpu::mem::store::<f32>(p.partial_ml, row * 2, max);
+                    crate::gpu::mem::store::<f32>(p.partial_ml, row * 2 + 1, sum);
+                }
+            }
+        }
+        item += DECODE_WARPS * 32;
+    }
+}
+
+/// Widens this lane's part of row `i` of a tile's chunks.
+#[inline(always)]
+fn unpack_row<T: CacheElem>(
+    chunks_of: &[Chunk; MAX_LANE_LOADS],
+    i: usize,
+    chunks: usize,
+) -> [f32; MAX_LANE_ELEMS] {
+    let mut out = [0.0f32; MAX_LANE_ELEMS];
+    for c in 0..chunks {
+        T::unpack(chunks_of[i * chunks + c], &mut out[c * T::PER_CHUNK..]);
+    }
+    out
+}

@@ -1,0 +1,92 @@
+//! Global memory access through `u64` device addresses (the form every `*Params` carries).
+
+use core::arch::asm;
+
+/// A 16-byte chunk as four 32-bit words.
+pub type Chunk = [u32; 4];
+
+/// Loads 16 bytes of read-only data through the non-coherent cache.
+///
+/// # Safety
+/// `addr` is a 16-byte-aligned global address of 16 readable bytes that no thread writes
+/// during the kernel.
+#[inline(always)]
+pub unsafe fn load_chunk_nc(addr: u64) -> Chunk {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    // SAFETY: the caller guarantees the address is valid, aligned and read-only.
+    unsafe {
+        asm!(
+            "ld.global.nc.v4.u32 {{{a}, {b}, {c}, {d}}}, [{addr}];",
+            a = out(reg32) a,
+            b = out(reg32) b,
+            c = out(reg32) c,
+            d = out(reg32) d,
+            addr = in(reg64) addr,
+            options(pure, readonly, nostack),
+        );
+    }
+    [a, b, c, d]
+}
+
+/// Loads 16 bytes.
+///
+/// # Safety
+/// `addr` is a 16-byte-aligned global address of 16 readable bytes.
+#[inline(always)]
+pub unsafe fn load_chunk(addr: u64) -> Chunk {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    // SAFETY: the caller guarantees the address is valid and aligned.
+    unsafe {
+        asm!(
+            "ld.global.v4.u32 {{{a}, {b}, {c}, {d}}}, [{addr}];",
+            a = out(reg32) a,
+            b = out(reg32) b,
+            c = out(reg32) c,
+            d = out(reg32) d,
+            addr = in(reg64) addr,
+            options(readonly, nostack),
+        );
+    }
+    [a, b, c, d]
+}
+
+/// Stores 16 bytes.
+///
+/// # Safety
+/// `addr` is a 16-byte-aligned global address of 16 writable bytes no other thread accesses.
+#[inline(always)]
+pub unsafe fn store_chunk(addr: u64, value: Chunk) {
+    // SAFETY: the caller guarantees the address is valid, aligned and ours alone.
+    unsafe {
+        asm!(
+            "st.global.v4.u32 [{addr}], {{{a}, {b}, {c}, {d}}};",
+            addr = in(reg64) addr,
+            a = in(reg32) value[0],
+            b = in(reg32) value[1],
+            c = in(reg32) value[2],
+            d = in(reg32) value[3],
+            options(nostack),
+        );
+    }
+}
+
+/// Loads element `index` of an array of `T` at `base`.
+///
+/// # Safety
+/// `base + index * size_of::<T>()` is a valid, aligned global address of a `T`.
+#[inline(always)]
+pub unsafe fn load<T: Copy>(base: u64, index: u64) -> T {
+    // SAFETY: forwarded from the caller.
+    unsafe { (base as *const T).add(index as usize).read() }
+}
+
+/// Stores element `index` of an array of `T` at `base`.
+///
+/// # Safety
+/// `base + index * size_of::<T>()` is a valid, aligned global address of a `T` that no other
+/// thread accesses.
+#[inline(always)]
+pub unsafe fn store<T: Copy>(base: u64, index: u64, value: T) {
+    // SAFETY: forwarded from the caller.
+    unsafe { (base as *mut T).add(index as usize).write(value) }
+}

@@ -1,0 +1,8 @@
+//! The only code that touches `core::arch::nvptx`, inline PTX and LLVM's NVVM intrinsics:
+//! small wrappers every kernel uses.
+
+pub mod math;
+pub mod mem;
+pub mod smem;
+pub mod thread;
+pub mod warp;

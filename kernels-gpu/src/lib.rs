@@ -1,0 +1,91 @@
+//! kvcompress device code: `no_std` Rust compiled to PTX by rustc's nvptx64 backend
+//! (see TOOLCHAIN.md). Each kernel is a generic `*_body` in its own module; this file lists the
+//! instantiations, one `extern "ptx-kernel"` entry each, named `<op>_<dtype>_d<D>_g<G>`.
+//! The host's entry table (`host/gpu.rs`) must name exactly these; `tests/ptx_entries.rs`
+//! checks it.
+#![no_std]
+#![feature(abi_ptx, stdarch_nvptx, asm_experimental_arch, f16, core_intrinsics)]
+#![feature(gpu_launch_sized_workgroup_mem, gpu_intrinsics, link_llvm_intrinsics)]
+#![allow(internal_features)]
+// Per-lane loops index several parallel register arrays by the same row/head/column index,
+// as the math is written; LLVM unrolls them fully.
+#![allow(clippy::needless_range_loop)]
+
+mod append;
+mod decode;
+mod decode_merge;
+mod echo;
+mod gpu;
+
+use kvc_abi::params::{AppendParams, DecodeParams};
+
+use gpu::math::{Bf16, F16, F32};
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    // SAFETY: `trap` aborts the kernel; the host sees a launch error.
+    unsafe { core::arch::nvptx::trap() }
+}
+
+/// Emits `#[no_mangle] extern "ptx-kernel"` shims; the body is the generic function.
+macro_rules! entries {
+    ($params:ty => $($name:ident = $body:expr;)*) => {$(
+        /// Kernel entry point; see the module of its body.
+        ///
+        /// # Safety
+        /// Launched by the host with the plan and validated params of its op.
+        #[no_mangle]
+        pub unsafe extern "ptx-kernel" fn $name(p: $params) {
+            // SAFETY: forwarded from the host's launch contract.
+            unsafe { $body(&p) }
+        }
+    )*};
+}
+
+entries! { DecodeParams =>
+    paged_decode_f16_d64_g1 = decode::decode_body::<F16, 64, 1>;
+    paged_decode_f16_d64_g2 = decode::decode_body::<F16, 64, 2>;
+    paged_decode_f16_d64_g4 = decode::decode_body::<F16, 64, 4>;
+    paged_decode_f16_d64_g8 = decode::decode_body::<F16, 64, 8>;
+    paged_decode_f16_d128_g1 = decode::decode_body::<F16, 128, 1>;
+    paged_decode_f16_d128_g2 = decode::decode_body::<F16, 128, 2>;
+    paged_decode_f16_d128_g4 = decode::decode_body::<F16, 128, 4>;
+    paged_decode_f16_d128_g8 = decode::decode_body::<F16, 128, 8>;
+    paged_decode_f16_d256_g1 = decode::decode_body::<F16, 256, 1>;
+    paged_decode_f16_d256_g2 = decode::decode_body::<F16, 256, 2>;
+    paged_decode_f16_d256_g4 = decode::decode_body::<F16, 256, 4>;
+    paged_decode_f16_d256_g8 = decode::decode_body::<F16, 256, 8>;
+    paged_decode_bf16_d64_g1 = decode::decode_body::<Bf16, 64, 1>;
+    paged_decode_bf16_d64_g2 = decode::decode_body::<Bf16, 64, 2>;
+    paged_decode_bf16_d64_g4 = decode::decode_body::<Bf16, 64, 4>;
+    paged_decode_bf16_d64_g8 = decode::decode_body::<Bf16, 64, 8>;
+    paged_decode_bf16_d128_g1 = decode::decode_body::<Bf16, 128, 1>;
+    paged_decode_bf16_d128_g2 = decode::decode_body::<Bf16, 128, 2>;
+    paged_decode_bf16_d128_g4 = decode::decode_body::<Bf16, 128, 4>;
+    paged_decode_bf16_d128_g8 = decode::decode_body::<Bf16, 128, 8>;
+    paged_decode_bf16_d256_g1 = decode::decode_body::<Bf16, 256, 1>;
+    paged_decode_bf16_d256_g2 = decode::decode_body::<Bf16, 256, 2>;
+    paged_decode_bf16_d256_g4 = decode::decode_body::<Bf16, 256, 4>;
+    paged_decode_bf16_d256_g8 = decode::decode_body::<Bf16, 256, 8>;
+    paged_decode_f32_d64_g1 = decode::decode_body::<F32, 64, 1>;
+    paged_decode_f32_d64_g2 = decode::decode_body::<F32, 64, 2>;
+    paged_decode_f32_d64_g4 = decode::decode_body::<F32, 64, 4>;
+    paged_decode_f32_d64_g8 = decode::decode_body::<F32, 64, 8>;
+    paged_decode_f32_d128_g1 = decode::decode_body::<F32, 128, 1>;
+    paged_decode_f32_d128_g2 = decode::decode_body::<F32, 128, 2>;
+    paged_decode_f32_d128_g4 = decode::decode_body::<F32, 128, 4>;
+    paged_decode_f32_d128_g8 = decode::decode_body::<F32, 128, 8>;
+    paged_decode_f32_d256_g1 = decode::decode_body::<F32, 256, 1>;
+    paged_decode_f32_d256_g2 = decode::decode_body::<F32, 256, 2>;
+    paged_decode_f32_d256_g4 = decode::decode_body::<F32, 256, 4>;
+    paged_decode_f32_d256_g8 = decode::decode_body::<F32, 256, 8>;
+    paged_decode_merge_f16 = decode_merge::decode_merge_body::<F16>;
+    paged_decode_merge_bf16 = decode_merge::decode_merge_body::<Bf16>;
+    paged_decode_merge_f32 = decode_merge::decode_merge_body::<F32>;
+    abi_echo_decode = echo::echo_body::<DecodeParams>;
+}
+
+entries! { AppendParams =>
+    append_kv = append::append_body;
+    abi_echo_append = echo::echo_body::<AppendParams>;
+}

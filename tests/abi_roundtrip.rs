@@ -1,0 +1,74 @@
+//! The by-value params ABI (rustc's unstable `extern "ptx-kernel"` aggregate passing): an echo
+//! kernel writes back the bytes it received, which must equal what the host pushed. Every
+//! field gets a distinct value so a swapped or shifted field shows.
+
+mod common;
+
+use common::gpu_or_skip;
+use kvcompress::abi::params::{AppendParams, DecodeParams};
+use kvcompress::abi::{CacheView, Geometry};
+
+fn distinct_view() -> CacheView {
+    CacheView {
+        geometry: Geometry {
+            num_seqs: 0x1111_0001,
+            num_layers: 0x1111_0002,
+            num_kv_heads: 0x1111_0003,
+            group_size: 0x1111_0004,
+            head_dim: 0x1111_0005,
+            block_size: 0x1111_0006,
+            max_blocks_per_head: 0x1111_0007,
+            num_blocks: 0x1111_0008,
+        },
+        k_pool: 0x2222_0000_0000_0001,
+        v_pool: 0x2222_0000_0000_0002,
+        metric: 0x2222_0000_0000_0003,
+        position: 0x2222_0000_0000_0004,
+        block_tables: 0x2222_0000_0000_0005,
+        context_lens: 0x2222_0000_0000_0006,
+    }
+}
+
+#[test]
+fn params_arrive_byte_for_byte() {
+    let Some(backend) = gpu_or_skip("params_arrive_byte_for_byte") else {
+        return;
+    };
+    let kvcompress::Backend::Cuda(gpu) = backend else {
+        unreachable!("gpu_or_skip returns CUDA")
+    };
+    let decode = DecodeParams {
+        cache: distinct_view(),
+        q: 0x3333_0000_0000_0001,
+        out: 0,
+        partial_acc: 0x3333_0000_0000_0003,
+        partial_ml: 0x3333_0000_0000_0004,
+        layer_idx: 0x4444_0001,
+        partition_kvs: 0x4444_0002,
+        num_partitions: 0x4444_0003,
+        scale_log2: -1.234_567_9,
+    };
+    let (sent, received) = gpu.echo(decode).unwrap();
+    assert_eq!(
+        bytemuck::bytes_of(&sent),
+        received.as_slice(),
+        "DecodeParams"
+    );
+
+    let append = AppendParams {
+        cache: distinct_view(),
+        k_new: 0x5555_0000_0000_0001,
+        v_new: 0x5555_0000_0000_0002,
+        meta: 0,
+        num_tokens: 0x6666_0001,
+        num_patches: 0x6666_0002,
+        row_bytes: 0x6666_0003,
+        scatter_ctas: 0x6666_0004,
+    };
+    let (sent, received) = gpu.echo(append).unwrap();
+    assert_eq!(
+        bytemuck::bytes_of(&sent),
+        received.as_slice(),
+        "AppendParams"
+    );
+}
