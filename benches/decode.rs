@@ -71,7 +71,7 @@ fn cuda(c: &mut Criterion) {
     for (batch, context) in [(1u32, 32768u32), (16, 8192), (64, 4096), (256, 1024)] {
         let layer_bytes = 2 * batch as u64 * 8 * context as u64 * 128 * 2;
         let layers = rotation_layers(&gpu, layer_bytes, 8);
-        let cache = filled_cache(&gpu, config(batch, context, layers), context, 1).unwrap();
+        let mut cache = filled_cache(&gpu, config(batch, context, layers), context, 1).unwrap();
         let backend = cache.backend();
         let q = Tensor::full(&backend, DType::F16, &[batch as usize, 32, 128], 0.25).unwrap();
         let mut out = Tensor::full(&backend, DType::F16, &[batch as usize, 32, 128], 0.0).unwrap();

@@ -18,7 +18,7 @@ use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::ops;
 use crate::ops::append::{AppendMeta, Patch};
-use crate::reference::{self, HostCache, HostCacheMut};
+use crate::reference::{self, HostCache, HostCacheMut, RecordArgs};
 use crate::tensor::{Storage, Tensor};
 use crate::validate;
 
@@ -433,8 +433,9 @@ impl PagedKvCache {
     /// Paged decode attention of `layer` (SPEC §3): for every sequence row and query head,
     /// softmax(`scale * q . K`) `V` over the live KVs of its head slot, written to `out`
     /// `[num_seqs, Hq, D]` in the cache dtype. A head slot with no live KVs gives zeros.
+    /// With `args.record`, the attention each KV got is added to its `metric` in the same pass.
     pub fn decode(
-        &self,
+        &mut self,
         layer: u32,
         q: &Tensor,
         out: &mut Tensor,
@@ -442,7 +443,8 @@ impl PagedKvCache {
     ) -> Result<()> {
         validate::decode(self, layer, q, out, args)?;
         let g = self.geometry();
-        match (&self.arrays, &q.storage, &mut out.storage) {
+        let max_context_len = self.max_context_len(layer);
+        match (&mut self.arrays, &q.storage, &mut out.storage) {
             (
                 Arrays::Host {
                     k_pool,
@@ -458,48 +460,89 @@ impl PagedKvCache {
                     dtype: self.config.dtype,
                     k_pool,
                     v_pool,
-                    metric,
                     position,
                     block_tables: &self.block_tables,
                     context_lens: &self.context_lens,
                 };
-                reference::decode(&cache, layer, q, args.scale, out);
+                let record = args.record.map(|r| RecordArgs {
+                    metric: r.metric,
+                    last_position: &self.last_position,
+                    metric_skip: r.metric_skip,
+                });
+                reference::decode(&cache, layer, q, args.scale, out, metric, record.as_ref());
                 Ok(())
             }
             (Arrays::Cuda(d), Storage::Cuda { buf: q, .. }, Storage::Cuda { buf: out, .. }) => {
-                ops::decode::decode(
-                    d,
-                    g,
-                    self.config.dtype,
-                    self.max_context_len(layer),
+                let thresholds: Option<Vec<i32>> = args.record.map(|r| {
+                    self.last_position
+                        .iter()
+                        .zip(r.metric_skip)
+                        .map(|(&last, &skip)| last.saturating_sub(skip))
+                        .collect()
+                });
+                let job = ops::decode::DecodeJob {
                     layer,
+                    max_context_len,
                     q,
                     out,
                     args,
-                )
+                    thresholds: thresholds.as_deref(),
+                };
+                ops::decode::decode(d, g, self.config.dtype, job)
             }
             _ => Err(validate::backend_mismatch("q")),
         }
     }
 }
 
+/// What attention statistic accumulates into `metric` (SPEC §3, §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    /// Squared attention probability, summed over the query heads of a group (the paper's).
+    L2,
+    /// Attention probability, summed over the query heads of a group.
+    L1,
+}
+
+impl Metric {
+    /// The kernels' code for it.
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            Metric::L2 => kvc_abi::params::record::L2,
+            Metric::L1 => kvc_abi::params::record::L1,
+        }
+    }
+}
+
+/// Metric recording of one decode step (SPEC §3).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Recording<'a> {
+    pub metric: Metric,
+    /// `[num_seqs]`, each `>= 0`: the KVs of a sequence with position `> last_position -
+    /// metric_skip` are not recorded (the newest tokens, which no later query has seen yet).
+    pub metric_skip: &'a [i32],
+}
+
 /// Options of [`PagedKvCache::decode`].
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct DecodeArgs {
+pub struct DecodeArgs<'a> {
     /// Softmax scale applied to `q . k` (usually `1 / sqrt(D)`); must be finite.
     pub scale: f32,
     /// KVs per partition of the split (flash-decoding) path; `None` lets the planner choose
     /// from the batch, the lengths and the SM count. Results agree up to float rounding
     /// whatever the split. Ignored by the CPU backend.
     pub partition_kvs: Option<u32>,
+    /// Metric recording in the same pass, or `None`.
+    pub record: Option<Recording<'a>>,
 }
 
-impl DecodeArgs {
-    /// The usual scale `1 / sqrt(head_dim)` and the planner's split.
+impl DecodeArgs<'static> {
+    /// The usual scale `1 / sqrt(head_dim)`, the planner's split, no recording.
     pub fn for_head_dim(head_dim: u32) -> Self {
         Self {
             scale: 1.0 / (head_dim as f32).sqrt(),
             partition_kvs: None,
+            record: None,
         }
     }
 }

@@ -5,13 +5,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytemuck::Pod;
-use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
     LaunchConfig, PushKernelArg,
 };
 use kvc_abi::params::{AppendParams, DecodeParams};
-use kvc_abi::plan::{DeviceProps, LaunchDims};
+use kvc_abi::plan::{DeviceProps, KernelProps, LaunchDims};
 use kvc_abi::DType;
 
 use crate::error::{Error, Result};
@@ -103,9 +103,11 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     module: Arc<CudaModule>,
     functions: Mutex<HashMap<String, CudaFunction>>,
+    occupancy: Mutex<HashMap<(String, u32, u32), KernelProps>>,
     workspace: Mutex<CudaSlice<u8>>,
     props: DeviceProps,
     l2_bytes: u64,
+    max_smem_bytes: u32,
     name: String,
 }
 
@@ -139,6 +141,10 @@ impl Gpu {
         let l2_bytes = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
             .map_err(Error::driver("reading the L2 size"))? as u64;
+        let max_smem_bytes = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(Error::driver("reading the shared-memory limit"))?
+            as u32;
         let name = ctx
             .name()
             .map_err(Error::driver("reading the device name"))?;
@@ -150,9 +156,11 @@ impl Gpu {
             stream,
             module,
             functions: Mutex::new(HashMap::new()),
+            occupancy: Mutex::new(HashMap::new()),
             workspace: Mutex::new(workspace),
             props: DeviceProps { num_sms },
             l2_bytes,
+            max_smem_bytes,
             name,
         }))
     }
@@ -211,9 +219,15 @@ impl Gpu {
             .map_err(Error::driver("copying to the device"))
     }
 
-    /// Overwrites the start of `dst` with `bytes`.
-    pub(crate) fn write(&self, bytes: &[u8], dst: &mut CudaSlice<u8>) -> Result<()> {
-        let mut view = dst.slice_mut(..bytes.len());
+    /// Overwrites `bytes.len()` bytes of `dst` from byte `offset` (stream-ordered).
+    pub(crate) fn write_at(
+        &self,
+        bytes: &[u8],
+        dst: &mut CudaSlice<u8>,
+        offset: u64,
+    ) -> Result<()> {
+        let start = offset as usize;
+        let mut view = dst.slice_mut(start..start + bytes.len());
         self.stream
             .memcpy_htod(bytes, &mut view)
             .map_err(Error::driver("copying to the device"))
@@ -238,6 +252,26 @@ impl Gpu {
             *guard = self.alloc(bytes as usize)?;
         }
         Ok(guard)
+    }
+
+    /// How many CTAs of `entry` with `threads` threads and `smem_bytes` of dynamic shared
+    /// memory one SM holds at once (the driver's occupancy calculator, cached).
+    pub fn kernel_props(&self, entry: &str, threads: u32, smem_bytes: u32) -> Result<KernelProps> {
+        let key = (entry.to_string(), threads, smem_bytes);
+        let mut cache = self
+            .occupancy
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(props) = cache.get(&key) {
+            return Ok(*props);
+        }
+        let ctas_per_sm = self
+            .function(entry)?
+            .occupancy_max_active_blocks_per_multiprocessor(threads, smem_bytes as usize, None)
+            .map_err(Error::driver("computing occupancy"))?;
+        let props = KernelProps { ctas_per_sm };
+        cache.insert(key, props);
+        Ok(props)
     }
 
     /// Sends `params` to its echo kernel and returns them as sent (with the echo target set)
@@ -270,6 +304,12 @@ impl Gpu {
             .map_err(|_| Error::MissingEntry {
                 name: entry.to_string(),
             })?;
+        // Let launches use all the shared memory a block may opt in to (`launch` checks it).
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            self.max_smem_bytes as i32,
+        )
+        .map_err(Error::driver("raising a kernel's shared-memory limit"))?;
         functions.insert(entry.to_string(), f.clone());
         Ok(f)
     }

@@ -218,6 +218,28 @@ pub(crate) fn decode(
             "at least 1 KV per partition",
         ));
     }
+    if let Some(r) = &args.record {
+        metric_skip(&g, r.metric_skip)?;
+    }
+    Ok(())
+}
+
+/// One `metric_skip >= 0` per sequence row.
+pub(crate) fn metric_skip(g: &Geometry, metric_skip: &[i32]) -> Result<()> {
+    if metric_skip.len() != g.num_seqs as usize {
+        return Err(Error::invalid(
+            "metric_skip",
+            format!("{} values", metric_skip.len()),
+            format!("one per sequence row ({})", g.num_seqs),
+        ));
+    }
+    if let Some((seq, skip)) = metric_skip.iter().enumerate().find(|(_, &s)| s < 0) {
+        return Err(Error::invalid(
+            "metric_skip",
+            format!("{skip} at seq {seq}"),
+            "a count >= 0",
+        ));
+    }
     Ok(())
 }
 

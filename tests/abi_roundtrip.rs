@@ -47,6 +47,10 @@ fn params_arrive_byte_for_byte() {
         partition_kvs: 0x4444_0002,
         num_partitions: 0x4444_0003,
         scale_log2: -1.234_567_9,
+        record: 0x4444_0004,
+        reserved: 0x4444_0005,
+        thresholds: 0x3333_0000_0000_0006,
+        counters: 0x3333_0000_0000_0007,
     };
     let (sent, received) = gpu.echo(decode).unwrap();
     assert_eq!(

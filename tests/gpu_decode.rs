@@ -1,15 +1,18 @@
 //! Paged decode attention on the GPU against the CPU reference (SPEC §3): every dtype, head
 //! dimension, block size and group size; ragged and long head slots; scattered blocks in a
-//! NaN-poisoned pool; outputs poisoned before launch; split and single-pass paths.
+//! NaN-poisoned pool; outputs poisoned before launch; split and single-pass paths; metric
+//! recording (L2, L1, `metric_skip`) compared slot by slot, deterministic, and without effect
+//! on the output bits.
 
 mod common;
 
 use common::{
-    assert_close, config_for, fresh_seed, gpu_or_skip, out_label, random_snapshot, random_values,
-    rng,
+    assert_close, assert_metric_close, config_for, fresh_seed, gpu_or_skip, out_label,
+    random_snapshot, random_values, rng, zero_live_metrics,
 };
 use kvcompress::gpu::{BLOCK_SIZES, GROUP_SIZES, HEAD_DIMS};
-use kvcompress::{Backend, DType, DecodeArgs, PagedKvCache, Tensor};
+use kvcompress::{Backend, DType, DecodeArgs, Metric, PagedKvCache, Recording, Tensor};
+use rand::Rng;
 
 /// One decode case: caches on both backends from one random snapshot, one random query.
 struct Case {
@@ -22,10 +25,7 @@ struct Case {
     q_values: Vec<f32>,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn case(
-    gpu: &Backend,
-    name: String,
+struct Shape {
     dtype: DType,
     head_dim: u32,
     block_size: u32,
@@ -33,58 +33,93 @@ fn case(
     num_seqs: u32,
     num_layers: u32,
     num_kv_heads: u32,
-    lens: &[u32],
-    q_amplitude: f32,
-) -> Case {
-    let seed = fresh_seed();
-    let mut rng = rng(seed);
-    let config = config_for(
-        dtype,
-        head_dim,
-        block_size,
-        group_size,
-        num_seqs,
-        num_layers,
-        num_kv_heads,
-        lens,
-        7,
-    );
-    let snapshot = random_snapshot(&config, lens, &mut rng);
-    let q_shape = [
-        num_seqs as usize,
-        (num_kv_heads * group_size) as usize,
-        head_dim as usize,
-    ];
-    let q_values = random_values(dtype, q_shape.iter().product(), q_amplitude, &mut rng);
-    Case {
-        name,
-        seed,
-        gpu_cache: PagedKvCache::from_snapshot(gpu, config, snapshot.clone()).unwrap(),
-        cpu_cache: PagedKvCache::from_snapshot(&Backend::Cpu, config, snapshot).unwrap(),
-        dtype,
-        q_shape,
-        q_values,
-    }
 }
 
 impl Case {
+    fn new(gpu: &Backend, s: Shape, lens: &[u32], q_amplitude: f32) -> Case {
+        let seed = fresh_seed();
+        let mut rng = rng(seed);
+        let name = format!(
+            "{} d{} b{} g{} seqs {} layers {} heads {} lens {:?}",
+            s.dtype.name(),
+            s.head_dim,
+            s.block_size,
+            s.group_size,
+            s.num_seqs,
+            s.num_layers,
+            s.num_kv_heads,
+            if lens.len() > 16 { &lens[..16] } else { lens }
+        );
+        let config = config_for(
+            s.dtype,
+            s.head_dim,
+            s.block_size,
+            s.group_size,
+            s.num_seqs,
+            s.num_layers,
+            s.num_kv_heads,
+            lens,
+            7,
+        );
+        let mut snapshot = random_snapshot(&config, lens, &mut rng);
+        zero_live_metrics(&mut snapshot);
+        let q_shape = [
+            s.num_seqs as usize,
+            (s.num_kv_heads * s.group_size) as usize,
+            s.head_dim as usize,
+        ];
+        let q_values = random_values(s.dtype, q_shape.iter().product(), q_amplitude, &mut rng);
+        Case {
+            name,
+            seed,
+            gpu_cache: PagedKvCache::from_snapshot(gpu, config, snapshot.clone()).unwrap(),
+            cpu_cache: PagedKvCache::from_snapshot(&Backend::Cpu, config, snapshot).unwrap(),
+            dtype: s.dtype,
+            q_shape,
+            q_values,
+        }
+    }
+
+    fn run(
+        cache: &mut PagedKvCache,
+        dtype: DType,
+        q_shape: [usize; 3],
+        q: &[f32],
+        layer: u32,
+        args: &DecodeArgs,
+    ) -> Vec<f32> {
+        let backend = cache.backend();
+        let q = Tensor::from_f32(&backend, dtype, &q_shape, q).unwrap();
+        let mut out = Tensor::full(&backend, dtype, &q_shape, f32::NAN).unwrap();
+        cache.decode(layer, &q, &mut out, args).unwrap();
+        out.to_f32().unwrap()
+    }
+
     /// Runs the GPU decode of `layer` into a NaN-poisoned output.
-    fn gpu(&self, layer: u32, args: &DecodeArgs) -> Vec<f32> {
-        let backend = self.gpu_cache.backend();
-        let q = Tensor::from_f32(&backend, self.dtype, &self.q_shape, &self.q_values).unwrap();
-        let mut out = Tensor::full(&backend, self.dtype, &self.q_shape, f32::NAN).unwrap();
-        self.gpu_cache.decode(layer, &q, &mut out, args).unwrap();
-        out.to_f32().unwrap()
+    fn gpu(&mut self, layer: u32, args: &DecodeArgs) -> Vec<f32> {
+        Self::run(
+            &mut self.gpu_cache,
+            self.dtype,
+            self.q_shape,
+            &self.q_values,
+            layer,
+            args,
+        )
     }
 
-    fn cpu(&self, layer: u32, args: &DecodeArgs) -> Vec<f32> {
-        let q = Tensor::from_f32(&Backend::Cpu, self.dtype, &self.q_shape, &self.q_values).unwrap();
-        let mut out = Tensor::full(&Backend::Cpu, self.dtype, &self.q_shape, f32::NAN).unwrap();
-        self.cpu_cache.decode(layer, &q, &mut out, args).unwrap();
-        out.to_f32().unwrap()
+    fn cpu(&mut self, layer: u32, args: &DecodeArgs) -> Vec<f32> {
+        Self::run(
+            &mut self.cpu_cache,
+            self.dtype,
+            self.q_shape,
+            &self.q_values,
+            layer,
+            args,
+        )
     }
 
-    fn check(&self, layer: u32, args: &DecodeArgs, what: &str) {
+    /// Runs both backends and compares the outputs and (when recording) every metric.
+    fn check(&mut self, layer: u32, args: &DecodeArgs, what: &str) {
         let actual = self.gpu(layer, args);
         let expected = self.cpu(layer, args);
         let context = format!("{} layer {layer} {what} (seed {})", self.name, self.seed);
@@ -95,6 +130,26 @@ impl Case {
             &context,
             out_label(self.q_shape),
         );
+        let gpu_metric = self.gpu_cache.snapshot().unwrap().metric;
+        let cpu_metric = self.cpu_cache.snapshot().unwrap().metric;
+        assert_metric_close(&gpu_metric, &cpu_metric, &context);
+    }
+}
+
+fn recording(metric: Metric, metric_skip: &[i32]) -> DecodeArgs<'_> {
+    DecodeArgs {
+        record: Some(Recording {
+            metric,
+            metric_skip,
+        }),
+        ..DecodeArgs::for_head_dim(0)
+    }
+}
+
+fn with_scale(args: DecodeArgs<'_>, head_dim: u32) -> DecodeArgs<'_> {
+    DecodeArgs {
+        scale: 1.0 / (head_dim as f32).sqrt(),
+        ..args
     }
 }
 
@@ -113,12 +168,28 @@ fn decode_matches_reference_for_every_dtype_head_dim_block_and_group_size() {
                     // 3 seqs x 2 layers x 2 heads; layer 1 holds the hostile lengths.
                     let lens: Vec<u32> =
                         [3, 40, 0, 1, b - 1, b, b + 1, 97, 700, 2 * b + 3, 1, 0].to_vec();
-                    let name = format!("{} d{head_dim} b{block_size} g{group_size}", dtype.name());
-                    let c = case(
-                        &gpu, name, dtype, head_dim, block_size, group_size, 3, 2, 2, &lens, 4.0,
+                    let shape = Shape {
+                        dtype,
+                        head_dim,
+                        block_size,
+                        group_size,
+                        num_seqs: 3,
+                        num_layers: 2,
+                        num_kv_heads: 2,
+                    };
+                    let mut c = Case::new(&gpu, shape, &lens, 4.0);
+                    c.check(1, &DecodeArgs::for_head_dim(head_dim), "no recording");
+                    let skip = [0, 3, 1];
+                    c.check(
+                        1,
+                        &with_scale(recording(Metric::L2, &skip), head_dim),
+                        "L2, metric_skip [0, 3, 1]",
                     );
-                    c.check(1, &DecodeArgs::for_head_dim(head_dim), "auto split");
-                    c.check(0, &DecodeArgs::for_head_dim(head_dim), "auto split");
+                    c.check(
+                        0,
+                        &with_scale(recording(Metric::L1, &[0, 0, 0]), head_dim),
+                        "L1",
+                    );
                 }
             }
         }
@@ -137,25 +208,23 @@ fn decode_matches_reference_on_long_contexts() {
         (DType::F16, 128, 16, 4, vec![131072]),
     ];
     for (dtype, head_dim, block_size, group_size, lens) in cases {
-        let name = format!(
-            "{} d{head_dim} b{block_size} g{group_size} lens {:?}",
-            dtype.name(),
-            lens
-        );
-        let c = case(
-            &gpu,
-            name,
+        let shape = Shape {
             dtype,
             head_dim,
             block_size,
             group_size,
-            1,
-            1,
-            lens.len() as u32,
-            &lens,
-            8.0,
+            num_seqs: 1,
+            num_layers: 1,
+            num_kv_heads: lens.len() as u32,
+        };
+        let mut c = Case::new(&gpu, shape, &lens, 8.0);
+        c.check(0, &DecodeArgs::for_head_dim(head_dim), "no recording");
+        let skip = [rand::rng().random_range(0..100)];
+        c.check(
+            0,
+            &with_scale(recording(Metric::L2, &skip), head_dim),
+            &format!("L2, metric_skip {skip:?}"),
         );
-        c.check(0, &DecodeArgs::for_head_dim(head_dim), "auto split");
     }
 }
 
@@ -165,36 +234,170 @@ fn split_and_single_pass_agree() {
         return;
     };
     let lens = [5000u32, 1, 0, 2048, 777, 4096];
-    let c = case(
-        &gpu,
-        "f16 d128 b16 g4".into(),
-        DType::F16,
-        128,
-        16,
-        4,
-        2,
-        1,
-        3,
-        &lens,
-        6.0,
-    );
-    let args = |partition_kvs| DecodeArgs {
+    let shape = Shape {
+        dtype: DType::F16,
+        head_dim: 128,
+        block_size: 16,
+        group_size: 4,
+        num_seqs: 2,
+        num_layers: 1,
+        num_kv_heads: 3,
+    };
+    let mut c = Case::new(&gpu, shape, &lens, 6.0);
+    let args = |partition_kvs, record| DecodeArgs {
         partition_kvs,
+        record,
         ..DecodeArgs::for_head_dim(128)
     };
+    let skip = [2, 0];
+    let l2 = Some(Recording {
+        metric: Metric::L2,
+        metric_skip: &skip,
+    });
     for partition_kvs in [None, Some(1 << 20), Some(256), Some(1000)] {
         c.check(
             0,
-            &args(partition_kvs),
+            &args(partition_kvs, None),
             &format!("partition_kvs {partition_kvs:?}"),
         );
+        c.check(
+            0,
+            &args(partition_kvs, l2),
+            &format!("partition_kvs {partition_kvs:?}, L2"),
+        );
     }
-    let single = c.gpu(0, &args(Some(1 << 20)));
-    let split = c.gpu(0, &args(Some(256)));
+    let single = c.gpu(0, &args(Some(1 << 20), None));
+    let split = c.gpu(0, &args(Some(256), None));
     let context = format!("{} single vs split (seed {})", c.name, c.seed);
-    assert_close(DType::F16, &split, &single, &context, |i| {
-        format!("element {i}")
-    });
+    assert_close(DType::F16, &split, &single, &context, out_label(c.q_shape));
+}
+
+#[test]
+fn recording_is_deterministic_and_leaves_the_output_bits_alone() {
+    let Some(gpu) = gpu_or_skip("recording_is_deterministic_and_leaves_the_output_bits_alone")
+    else {
+        return;
+    };
+    let lens = [9000u32, 3000, 1, 0, 6000, 4096, 17, 2500];
+    for partition_kvs in [None, Some(512)] {
+        let shape = Shape {
+            dtype: DType::Bf16,
+            head_dim: 128,
+            block_size: 16,
+            group_size: 8,
+            num_seqs: 2,
+            num_layers: 1,
+            num_kv_heads: 4,
+        };
+        let c = Case::new(&gpu, shape, &lens, 6.0);
+        let snapshot = c.gpu_cache.snapshot().unwrap();
+        let config = c.gpu_cache.config();
+        let context = format!(
+            "{} partition_kvs {partition_kvs:?} (seed {})",
+            c.name, c.seed
+        );
+        let skip = [1, 0];
+        let mut runs = Vec::new();
+        for record in [
+            None,
+            Some(Recording {
+                metric: Metric::L2,
+                metric_skip: &skip,
+            }),
+        ] {
+            for _ in 0..2 {
+                let mut cache =
+                    PagedKvCache::from_snapshot(&gpu, config, snapshot.clone()).unwrap();
+                let args = DecodeArgs {
+                    partition_kvs,
+                    record,
+                    ..DecodeArgs::for_head_dim(128)
+                };
+                let out = Case::run(&mut cache, c.dtype, c.q_shape, &c.q_values, 0, &args);
+                let metric: Vec<u32> = cache
+                    .snapshot()
+                    .unwrap()
+                    .metric
+                    .iter()
+                    .map(|m| m.to_bits())
+                    .collect();
+                runs.push((out.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), metric));
+            }
+        }
+        assert!(
+            runs.iter().all(|(out, _)| *out == runs[0].0),
+            "{context}: output bits depend on recording or on the run"
+        );
+        assert!(
+            runs[0].1 == runs[1].1,
+            "{context}: metric changed without recording"
+        );
+        assert!(
+            runs[2].1 == runs[3].1,
+            "{context}: recorded metric bits differ between two runs"
+        );
+        assert!(
+            runs[2].1 != runs[0].1,
+            "{context}: recording recorded nothing"
+        );
+    }
+}
+
+#[test]
+fn continual_decode_with_recording_matches_reference() {
+    let Some(gpu) = gpu_or_skip("continual_decode_with_recording_matches_reference") else {
+        return;
+    };
+    let seed = fresh_seed();
+    let mut rng = rng(seed);
+    let lens = [300u32, 0, 45, 1000];
+    let mut config = config_for(DType::F16, 64, 16, 4, 2, 1, 2, &lens, 50);
+    config.max_blocks_per_head += 10;
+    let mut snapshot = random_snapshot(&config, &lens, &mut rng);
+    zero_live_metrics(&mut snapshot);
+    let mut caches = [
+        PagedKvCache::from_snapshot(&gpu, config, snapshot.clone()).unwrap(),
+        PagedKvCache::from_snapshot(&Backend::Cpu, config, snapshot).unwrap(),
+    ];
+    let skip = [1, 2];
+    for step in 0..40 {
+        let kv = random_values(DType::F16, 2 * 2 * 64, 1.0, &mut rng);
+        let q = random_values(DType::F16, 2 * 8 * 64, 5.0, &mut rng);
+        let positions: Vec<i32> = (0..2).map(|seq| caches[1].last_position(seq) + 1).collect();
+        let metric = if step % 2 == 0 {
+            Metric::L2
+        } else {
+            Metric::L1
+        };
+        let args = DecodeArgs {
+            record: Some(Recording {
+                metric,
+                metric_skip: &skip,
+            }),
+            ..DecodeArgs::for_head_dim(64)
+        };
+        let mut outs = Vec::new();
+        for cache in caches.iter_mut() {
+            let b = cache.backend();
+            let kv = Tensor::from_f32(&b, DType::F16, &[2, 2, 64], &kv).unwrap();
+            cache.append_kv(0, &kv, &kv, &positions, &[1, 1]).unwrap();
+            outs.push(Case::run(cache, DType::F16, [2, 8, 64], &q, 0, &args));
+        }
+        let context = format!("continual step {step} (seed {seed})");
+        assert_close(
+            DType::F16,
+            &outs[0],
+            &outs[1],
+            &context,
+            out_label([2, 8, 64]),
+        );
+    }
+    let context = format!("continual, 40 steps (seed {seed})");
+    assert_metric_close(
+        &caches[0].snapshot().unwrap().metric,
+        &caches[1].snapshot().unwrap().metric,
+        &context,
+    );
 }
 
 #[test]
@@ -205,33 +408,18 @@ fn decode_reads_nothing_outside_the_live_range_and_writes_nothing_but_out() {
         return;
     };
     let lens = [33u32, 0, 16, 100];
-    let c = case(
-        &gpu,
-        "bf16 d64 b16 g2".into(),
-        DType::Bf16,
-        64,
-        16,
-        2,
-        2,
-        1,
-        2,
-        &lens,
-        4.0,
-    );
+    let shape = Shape {
+        dtype: DType::Bf16,
+        head_dim: 64,
+        block_size: 16,
+        group_size: 2,
+        num_seqs: 2,
+        num_layers: 1,
+        num_kv_heads: 2,
+    };
+    let mut c = Case::new(&gpu, shape, &lens, 4.0);
     let before = c.gpu_cache.snapshot().unwrap();
     c.check(0, &DecodeArgs::for_head_dim(64), "poisoned tails");
     let after = c.gpu_cache.snapshot().unwrap();
-    assert!(
-        before.k_pool == after.k_pool && before.v_pool == after.v_pool,
-        "decode wrote the pools"
-    );
-    let bits = |m: &[f32]| m.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    assert_eq!(
-        bits(&before.metric),
-        bits(&after.metric),
-        "decode wrote metric"
-    );
-    assert_eq!(before.position, after.position, "decode wrote position");
-    assert_eq!(before.block_tables, after.block_tables);
-    assert_eq!(before.context_lens, after.context_lens);
+    common::assert_same_snapshot(&after, &before, "decode without recording");
 }

@@ -6,16 +6,21 @@ mod common;
 use common::{
     assert_close, config_for, fresh_seed, out_label, random_snapshot, random_values, rng,
 };
-use kvcompress::{Backend, CacheConfig, CacheSnapshot, DType, DecodeArgs, PagedKvCache, Tensor};
+use kvcompress::{
+    Backend, CacheConfig, CacheSnapshot, DType, DecodeArgs, Metric, PagedKvCache, Recording, Tensor,
+};
 
-/// Dense attention over the live KVs of every head slot of `layer`, gathered by hand.
+/// Dense attention over the live KVs of every head slot of `layer`, gathered by hand; also the
+/// squared attention summed over each group, per pool slot, for KVs with position <=
+/// `thresholds[seq]` (SPEC §3 recording, L2).
 fn naive_decode(
     config: &CacheConfig,
     s: &CacheSnapshot,
     layer: usize,
     q: &[f32],
     scale: f64,
-) -> Vec<f64> {
+    thresholds: &[i32],
+) -> (Vec<f64>, Vec<f64>) {
     let (l, h, g, d, b) = (
         config.num_layers as usize,
         config.num_kv_heads as usize,
@@ -27,6 +32,7 @@ fn naive_decode(
     let k: Vec<f32> = kvcompress::dtype::decode(config.dtype, &s.k_pool);
     let v: Vec<f32> = kvcompress::dtype::decode(config.dtype, &s.v_pool);
     let mut out = vec![0.0f64; config.num_seqs as usize * h * g * d];
+    let mut recorded = vec![0.0f64; s.metric.len()];
     for seq in 0..config.num_seqs as usize {
         for qh in 0..h * g {
             let hs = (seq * l + layer) * h + qh / g;
@@ -45,13 +51,17 @@ fn naive_decode(
             let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
             for j in 0..len {
                 let a = (scores[j] - m).exp() / z;
+                let slot = row(j) / d;
+                if s.position[slot] <= thresholds[seq] {
+                    recorded[slot] += a * a;
+                }
                 for x in 0..d {
                     out[(seq * h * g + qh) * d + x] += a * v[row(j) + x] as f64;
                 }
             }
         }
     }
-    out
+    (out, recorded)
 }
 
 #[test]
@@ -84,7 +94,8 @@ fn reference_decode_matches_naive_dense_attention() {
             5,
         );
         let snapshot = random_snapshot(&config, &lens, &mut rng);
-        let cache = PagedKvCache::from_snapshot(&Backend::Cpu, config, snapshot.clone()).unwrap();
+        let mut cache =
+            PagedKvCache::from_snapshot(&Backend::Cpu, config, snapshot.clone()).unwrap();
         let q_shape = [
             num_seqs as usize,
             (num_kv_heads * group_size) as usize,
@@ -96,12 +107,14 @@ fn reference_decode_matches_naive_dense_attention() {
             let mut out = Tensor::full(&Backend::Cpu, dtype, &q_shape, f32::NAN).unwrap();
             let args = DecodeArgs::for_head_dim(head_dim);
             cache.decode(layer, &q, &mut out, &args).unwrap();
-            let expected = naive_decode(
+            let no_record = vec![-1; num_seqs as usize];
+            let (expected, _) = naive_decode(
                 &config,
                 &snapshot,
                 layer as usize,
                 &q_values,
                 args.scale as f64,
+                &no_record,
             );
             let expected: Vec<f32> = kvcompress::dtype::decode(
                 dtype,
@@ -127,7 +140,7 @@ fn empty_head_slot_gives_zeros() {
     let lens = [0u32, 5];
     let config = config_for(DType::F16, 64, 16, 2, 1, 1, 2, &lens, 1);
     let mut rng = rng(fresh_seed());
-    let cache = PagedKvCache::from_snapshot(
+    let mut cache = PagedKvCache::from_snapshot(
         &Backend::Cpu,
         config,
         random_snapshot(&config, &lens, &mut rng),
@@ -144,4 +157,63 @@ fn empty_head_slot_gives_zeros() {
         "head slot of length 0 must give zeros"
     );
     assert!(out[2 * 64..].iter().all(|x| x.is_finite()));
+}
+
+#[test]
+fn reference_recording_matches_naive_squared_attention() {
+    let seed = fresh_seed();
+    let mut rng = rng(seed);
+    let lens = [0u32, 1, 15, 16, 17, 97, 300, 40];
+    let config = config_for(DType::F32, 64, 16, 4, 2, 1, 4, &lens, 3);
+    let snapshot = random_snapshot(&config, &lens, &mut rng);
+    let mut cache = PagedKvCache::from_snapshot(&Backend::Cpu, config, snapshot.clone()).unwrap();
+    let q_shape = [2, 16, 64];
+    let q_values = random_values(DType::F32, 2 * 16 * 64, 4.0, &mut rng);
+    let q = Tensor::from_f32(&Backend::Cpu, DType::F32, &q_shape, &q_values).unwrap();
+    let mut out = Tensor::full(&Backend::Cpu, DType::F32, &q_shape, f32::NAN).unwrap();
+    let metric_skip = [3, 0];
+    let args = DecodeArgs {
+        record: Some(Recording {
+            metric: Metric::L2,
+            metric_skip: &metric_skip,
+        }),
+        ..DecodeArgs::for_head_dim(64)
+    };
+    cache.decode(0, &q, &mut out, &args).unwrap();
+    let thresholds: Vec<i32> = (0..2)
+        .map(|seq| snapshot.last_position[seq] - metric_skip[seq])
+        .collect();
+    let (_, recorded) = naive_decode(
+        &config,
+        &snapshot,
+        0,
+        &q_values,
+        args.scale as f64,
+        &thresholds,
+    );
+    let after = cache.snapshot().unwrap();
+    let mut touched = 0;
+    for (slot, ((&now, &before), &rec)) in after
+        .metric
+        .iter()
+        .zip(&snapshot.metric)
+        .zip(&recorded)
+        .enumerate()
+    {
+        if before.is_nan() {
+            assert!(
+                now.is_nan(),
+                "slot {slot}: a dead slot was recorded (seed {seed})"
+            );
+            continue;
+        }
+        let expected = before as f64 + rec;
+        let diff = (now as f64 - expected).abs();
+        assert!(
+            diff <= 1e-6 * expected.abs() + 1e-12,
+            "slot {slot}: metric {now} expected {expected} (seed {seed})"
+        );
+        touched += (rec > 0.0) as usize;
+    }
+    assert!(touched > 300, "only {touched} slots recorded (seed {seed})");
 }

@@ -6,7 +6,8 @@ mod common;
 
 use common::{assert_same_snapshot, config_for, fresh_seed, gpu_or_skip, random_snapshot, rng};
 use kvcompress::{
-    Backend, CacheConfig, CacheSnapshot, DType, DecodeArgs, Error, PagedKvCache, Tensor,
+    Backend, CacheConfig, CacheSnapshot, DType, DecodeArgs, Error, Metric, PagedKvCache, Recording,
+    Tensor,
 };
 
 fn base() -> (CacheConfig, CacheSnapshot) {
@@ -157,7 +158,7 @@ fn snapshots_are_checked(backend: &Backend) {
 
 fn decode_inputs_are_checked(backend: &Backend) {
     let (config, snapshot) = base();
-    let cache = PagedKvCache::from_snapshot(backend, config, snapshot).unwrap();
+    let mut cache = PagedKvCache::from_snapshot(backend, config, snapshot).unwrap();
     let before = cache.snapshot().unwrap();
     let free = cache.allocator().num_free();
     let shape = [2, 4, 64];
@@ -182,6 +183,16 @@ fn decode_inputs_are_checked(backend: &Backend) {
         ..args
     };
     assert_invalid(cache.decode(0, &q, &mut out, &zero_split), "partition_kvs");
+    for metric_skip in [&[0][..], &[0, 0, 0], &[0, -1]] {
+        let record = DecodeArgs {
+            record: Some(Recording {
+                metric: Metric::L2,
+                metric_skip,
+            }),
+            ..args
+        };
+        assert_invalid(cache.decode(0, &q, &mut out, &record), "metric_skip");
+    }
     assert!(
         out.to_f32().unwrap().iter().all(|x| x.is_nan()),
         "a rejected decode wrote out"
@@ -242,7 +253,7 @@ fn out_of_blocks_leaves_cache_untouched(backend: &Backend) {
 
 fn tensors_on_another_backend_are_rejected(gpu: &Backend) {
     let (config, snapshot) = base();
-    let cache = PagedKvCache::from_snapshot(gpu, config, snapshot).unwrap();
+    let mut cache = PagedKvCache::from_snapshot(gpu, config, snapshot).unwrap();
     let q = Tensor::full(&Backend::Cpu, DType::F16, &[2, 4, 64], 1.0).unwrap();
     let mut out = Tensor::full(gpu, DType::F16, &[2, 4, 64], 1.0).unwrap();
     assert_invalid(

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use kvcompress::bench::{copy_bandwidth, decode_kv_bytes, filled_cache, rotation_layers, time_gpu};
-use kvcompress::{Backend, CacheConfig, DType, DecodeArgs, PagedKvCache, Tensor};
+use kvcompress::{
+    Backend, CacheConfig, DType, DecodeArgs, Metric, PagedKvCache, Recording, Tensor,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -277,7 +279,7 @@ fn bench_decode(
             num_blocks: batch * layers * kv_heads * blocks_per_head,
             dtype,
         };
-        let cache = filled_cache(&gpu, config, context, 1)?;
+        let mut cache = filled_cache(&gpu, config, context, 1)?;
         let backend = cache.backend();
         let q_shape = [
             batch as usize,
@@ -293,6 +295,17 @@ fn bench_decode(
         let timing = time_gpu(&gpu, 5, reps, |i| {
             cache.decode(i as u32 % layers, &q, &mut out, &args)
         })?;
+        let metric_skip = vec![0; batch as usize];
+        let record = DecodeArgs {
+            record: Some(Recording {
+                metric: Metric::L2,
+                metric_skip: &metric_skip,
+            }),
+            ..args
+        };
+        let recorded = time_gpu(&gpu, 5, reps, |i| {
+            cache.decode(i as u32 % layers, &q, &mut out, &record)
+        })?;
         let bytes = decode_kv_bytes(&cache, 0);
         let ms = timing.median_ms();
         let gbps = bytes as f64 / (ms * 1e6);
@@ -300,6 +313,8 @@ fn bench_decode(
             "shape": shape, "batch": batch, "context": context, "layers_rotated": layers,
             "median_ms": ms, "min_ms": timing.min_ms(), "kv_bytes": bytes,
             "gbps": gbps, "fraction_of_copy": gbps / copy_gbps,
+            "l2_record_median_ms": recorded.median_ms(),
+            "l2_record_over_off": recorded.median_ms() / ms,
         }));
     }
     let report = json!({
@@ -318,16 +333,19 @@ fn bench_decode(
             "decode {} D={head_dim} H={kv_heads} G={group_size} B={block_size}",
             dtype.name()
         );
-        println!("| batch x context | median ms | min ms | GB/s (K+V) | of copy |");
-        println!("|---|---|---|---|---|");
+        println!("| batch x context | median ms | min ms | GB/s (K+V) | of copy | L2 recording ms | recording / off |");
+        println!("|---|---|---|---|---|---|---|");
         for r in &rows {
+            let f = |key: &str| r[key].as_f64().unwrap_or(f64::NAN);
             println!(
-                "| {} | {:.4} | {:.4} | {:.0} | {:.2} |",
+                "| {} | {:.4} | {:.4} | {:.0} | {:.2} | {:.4} | {:.3} |",
                 r["shape"].as_str().unwrap_or(""),
-                r["median_ms"].as_f64().unwrap_or(f64::NAN),
-                r["min_ms"].as_f64().unwrap_or(f64::NAN),
-                r["gbps"].as_f64().unwrap_or(f64::NAN),
-                r["fraction_of_copy"].as_f64().unwrap_or(f64::NAN)
+                f("median_ms"),
+                f("min_ms"),
+                f("gbps"),
+                f("fraction_of_copy"),
+                f("l2_record_median_ms"),
+                f("l2_record_over_off")
             );
         }
     }

@@ -95,7 +95,7 @@ fn launch(
     let bytes: &[u8] = bytemuck::cast_slice(&words);
     let mut meta_buf = gpu.workspace(bytes.len() as u64)?;
     // Stream-ordered after every earlier launch that used the workspace.
-    gpu.write(bytes, &mut meta_buf)?;
+    gpu.write_at(bytes, &mut meta_buf, 0)?;
     let (k_new, v_new) = rows.map_or((0, 0), |(k, v)| (gpu.addr(k), gpu.addr(v)));
     let mut params = AppendParams {
         cache: d.view(g),

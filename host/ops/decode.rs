@@ -1,51 +1,88 @@
-//! Launcher of paged decode attention (SPEC §3): the attention launch, then the merge launch
-//! when the plan splits the KV range.
+//! Launcher of paged decode attention (SPEC §3): the attention launch (with metric recording
+//! when asked), then the merge launch when the plan splits the KV range.
 
 use cudarc::driver::CudaSlice;
-use kvc_abi::params::DecodeParams;
-use kvc_abi::plan::plan_decode;
+use kvc_abi::params::{record, DecodeParams};
+use kvc_abi::plan::{decode_smem, plan_decode, DECODE_WARPS, WARP_SIZE};
 use kvc_abi::{DType, Geometry};
 
 use crate::cache::{DecodeArgs, DeviceArrays};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{decode_entry, decode_merge_entry};
 
-/// Runs decode attention of `layer` over every sequence row. `max_context_len` is the longest
-/// head slot of the layer (it sizes the grid).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn decode(
-    d: &DeviceArrays,
-    g: Geometry,
-    dtype: DType,
-    max_context_len: u32,
-    layer: u32,
-    q: &CudaSlice<u8>,
-    out: &mut CudaSlice<u8>,
-    args: &DecodeArgs,
-) -> Result<()> {
+/// One validated decode call.
+pub(crate) struct DecodeJob<'a> {
+    pub(crate) layer: u32,
+    /// The longest head slot of the layer (it sizes the grid).
+    pub(crate) max_context_len: u32,
+    pub(crate) q: &'a CudaSlice<u8>,
+    pub(crate) out: &'a mut CudaSlice<u8>,
+    pub(crate) args: &'a DecodeArgs<'a>,
+    /// `[num_seqs]` `last_position - metric_skip`, when recording.
+    pub(crate) thresholds: Option<&'a [i32]>,
+}
+
+/// Runs decode attention of one layer over every sequence row.
+pub(crate) fn decode(d: &DeviceArrays, g: Geometry, dtype: DType, job: DecodeJob) -> Result<()> {
     let gpu = &d.gpu;
-    let plan = plan_decode(&g, dtype, max_context_len, &gpu.props(), args.partition_kvs);
-    let workspace = gpu.workspace(plan.workspace_bytes(g.head_dim))?;
+    let recording = job.args.record.is_some();
+    let entry = decode_entry(dtype, g.head_dim, g.group_size);
+    let smem = decode_smem(g.group_size, g.head_dim, 0).bytes;
+    let kernel = gpu.kernel_props(&entry, DECODE_WARPS * WARP_SIZE, smem)?;
+    let plan = plan_decode(
+        &g,
+        dtype,
+        job.max_context_len,
+        &gpu.props(),
+        &kernel,
+        job.args.partition_kvs,
+        recording,
+    );
+    if recording && !plan.can_record(&gpu.props()) {
+        return Err(Error::Unsupported {
+            what: "decode metric recording at this context length",
+            value: format!(
+                "{} KVs need {} partitions, more than the {} SMs that must hold them at once",
+                job.max_context_len,
+                plan.num_partitions,
+                gpu.props().num_sms
+            ),
+        });
+    }
+    let mut workspace = gpu.workspace(plan.workspace_bytes(g.head_dim))?;
+    if let Some(thresholds) = job.thresholds {
+        // One copy clears the counters of the cross-partition handshake and sets the
+        // thresholds behind them (the plan lays the two out back to back).
+        let mut words = vec![0u32; plan.counters_bytes() as usize / 4];
+        words.extend(thresholds.iter().map(|&t| t as u32));
+        gpu.write_at(
+            bytemuck::cast_slice(&words),
+            &mut workspace,
+            plan.counters_offset(g.head_dim),
+        )?;
+    }
     let base = gpu.addr(&workspace);
     let params = DecodeParams {
         cache: d.view(g),
-        q: gpu.addr(q),
-        out: gpu.addr(out),
+        q: gpu.addr(job.q),
+        out: gpu.addr(job.out),
         partial_acc: base,
         partial_ml: base + plan.partial_ml_offset(g.head_dim),
-        layer_idx: layer,
+        layer_idx: job.layer,
         partition_kvs: plan.partition_kvs,
         num_partitions: plan.num_partitions,
-        scale_log2: args.scale * std::f32::consts::LOG2_E,
+        scale_log2: job.args.scale * std::f32::consts::LOG2_E,
+        record: job.args.record.map_or(record::OFF, |r| r.metric.code()),
+        reserved: 0,
+        thresholds: base + plan.thresholds_offset(g.head_dim),
+        counters: base + plan.counters_offset(g.head_dim),
     };
-    // SAFETY: validate::decode checked q, out, layer and scale; the cache's tables are valid
-    // by construction (PagedKvCache); the workspace holds plan.partial_rows rows.
+    // SAFETY: validate::decode checked q, out, layer, scale and metric_skip; the cache's
+    // tables are valid by construction (PagedKvCache); the workspace holds the plan's
+    // partials and, when recording, zeroed counters and the thresholds; can_record bounds a
+    // head slot's partitions by the SM count.
     unsafe {
-        gpu.launch(
-            &decode_entry(dtype, g.head_dim, g.group_size),
-            plan.decode,
-            &params,
-        )?;
+        gpu.launch(&entry, plan.decode, &params)?;
         if let Some(merge) = plan.merge {
             gpu.launch(&decode_merge_entry(dtype), merge, &params)?;
         }

@@ -1,7 +1,17 @@
 //! Reference paged decode attention (SPEC §3).
 
 use super::HostCache;
+use crate::cache::Metric;
 use crate::dtype::{read_elem, write_elem};
+
+/// Metric recording of one reference decode (SPEC §3).
+pub struct RecordArgs<'a> {
+    pub metric: Metric,
+    /// `[num_seqs]`: the newest position of each sequence.
+    pub last_position: &'a [i32],
+    /// `[num_seqs]`: KVs with position `> last_position - metric_skip` are not recorded.
+    pub metric_skip: &'a [i32],
+}
 
 /// For every sequence row `seq` and query head `qh` of layer `layer`:
 ///
@@ -11,9 +21,21 @@ use crate::dtype::{read_elem, write_elem};
 /// out[seq, qh] = sum_j a_j V_j             (rounded to the cache dtype; zeros if no KV is live)
 /// ```
 ///
+/// With `record`, for every live KV `j` with `position(j) <= last_position[seq] -
+/// metric_skip[seq]`, `metric[slot(j)] += sum over the G query heads of a_j^2` (L2) or `a_j`
+/// (L1), the sum taken in f64 and added to the f32 metric once.
+///
 /// `q` and `out` are bytes of the cache dtype, `[num_seqs, Hq, D]`; inputs are validated by
 /// the caller (`PagedKvCache::decode`). Accumulation is in f64.
-pub fn decode(cache: &HostCache, layer: u32, q: &[u8], scale: f32, out: &mut [u8]) {
+pub fn decode(
+    cache: &HostCache,
+    layer: u32,
+    q: &[u8],
+    scale: f32,
+    out: &mut [u8],
+    metric: &mut [f32],
+    record: Option<&RecordArgs>,
+) {
     let g = cache.geometry;
     let d = g.head_dim as usize;
     for seq in 0..g.num_seqs {
@@ -26,6 +48,7 @@ pub fn decode(cache: &HostCache, layer: u32, q: &[u8], scale: f32, out: &mut [u8
             let values: Vec<Vec<f64>> = (0..len)
                 .map(|j| cache.row(cache.v_pool, head_slot, j))
                 .collect();
+            let mut recorded = vec![0.0f64; len as usize];
             for qh in kv_head * g.group_size..(kv_head + 1) * g.group_size {
                 let q_first = (seq as usize * g.num_q_heads() as usize + qh as usize) * d;
                 let query: Vec<f64> = (0..d)
@@ -39,13 +62,31 @@ pub fn decode(cache: &HostCache, layer: u32, q: &[u8], scale: f32, out: &mut [u8
                 let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                 let sum: f64 = weights.iter().sum();
                 let mut acc = vec![0.0f64; d];
-                for (w, v) in weights.iter().zip(&values) {
+                for (j, (w, v)) in weights.iter().zip(&values).enumerate() {
                     for (a, x) in acc.iter_mut().zip(v) {
                         *a += w / sum * x;
+                    }
+                    if let Some(r) = record {
+                        let a = w / sum;
+                        recorded[j] += match r.metric {
+                            Metric::L2 => a * a,
+                            Metric::L1 => a,
+                        };
                     }
                 }
                 for (i, a) in acc.iter().enumerate() {
                     write_elem(cache.dtype, out, q_first + i, *a);
+                }
+            }
+            if let Some(r) = record {
+                let threshold =
+                    r.last_position[seq as usize] as i64 - r.metric_skip[seq as usize] as i64;
+                for (j, value) in recorded.iter().enumerate() {
+                    let (block, slot) = cache.locate(head_slot, j as u32);
+                    let pool_slot = g.pool_slot(block, slot) as usize;
+                    if cache.position[pool_slot] as i64 <= threshold {
+                        metric[pool_slot] = (metric[pool_slot] as f64 + value) as f32;
+                    }
                 }
             }
         }

@@ -6,19 +6,18 @@ mod append;
 mod decode;
 
 pub use append::append_kv;
-pub use decode::decode;
+pub use decode::{decode, RecordArgs};
 
 use kvc_abi::{DType, Geometry};
 
 use crate::dtype::read_elem;
 
-/// The cache arrays on the host, read-only.
+/// The cache arrays on the host that attention reads (`metric` is passed apart, to be written).
 pub struct HostCache<'a> {
     pub geometry: Geometry,
     pub dtype: DType,
     pub k_pool: &'a [u8],
     pub v_pool: &'a [u8],
-    pub metric: &'a [f32],
     pub position: &'a [i32],
     pub block_tables: &'a [i32],
     pub context_lens: &'a [i32],

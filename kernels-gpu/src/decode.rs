@@ -14,17 +14,28 @@
 //! With one partition the CTA writes the normalised output; otherwise it writes the partition's
 //! unnormalised accumulators and `(max, sum)` for `decode_merge`.
 //!
+//! Metric recording (`record` L2 or L1): every lane stashes the scores of its rows in shared
+//! memory; at the end the CTA normalises them with the head slot's global max and sum and adds
+//! `sum over g of a^2` (or `a`) to the metric of each recorded KV, one thread per KV (a
+//! deterministic order, no float atomics). With a split, the global max and sum need every
+//! partition: a CTA publishes its `(max, sum)`, counts itself in (release), and waits until all
+//! live partitions of its head slot have (acquire). So that waiting cannot deadlock, CTAs take
+//! their work in the order they start (a ticket from an atomic counter), partitions of a head
+//! slot get consecutive tickets, and the planner keeps a head slot's partitions within one CTA
+//! per SM: whenever a CTA waits, its siblings are running or next in line.
+//!
 //! Host-validated: the head slot's length is within its block table, the block ids it covers
 //! are in the pool, `q`/`out` hold `[num_seqs, Hq, D]` of this dtype, and `D`, `G` match the
 //! entry point. Rows past the live range are never read: they are clamped to the last live row
 //! and masked, so stale or poisoned slots cannot leak in.
 
-use kvc_abi::params::DecodeParams;
-use kvc_abi::plan::{decode_smem, decode_tile, DecodeTile, DECODE_WARPS};
+use kvc_abi::params::{record, DecodeParams};
+use kvc_abi::plan::{decode_smem, decode_tile, DecodeTile, DECODE_WARPS, WARP_SIZE};
 
 use crate::gpu::math::{exp2, fma, fmax, store_elem, CacheElem};
-use crate::gpu::mem::{load, load_chunk, load_chunk_nc, Chunk};
+use crate::gpu::mem::{load, load_chunk, load_chunk_nc, load_nc, Chunk};
 use crate::gpu::smem::dynamic_f32;
+use crate::gpu::sync::{atomic_add_relaxed, fence_gpu, load_acquire, nanosleep, red_add_release};
 use crate::gpu::thread::{
     block_idx_x, block_idx_y, block_idx_z, lane_id, sync_threads, thread_idx_x, warp_id,
 };
@@ -35,6 +46,9 @@ use crate::gpu::warp::{shfl_xor, sum_within};
 const MAX_LANE_ROWS: usize = 8;
 const MAX_LANE_LOADS: usize = 8;
 const MAX_LANE_ELEMS: usize = 8;
+
+/// Rows each thread records at once (see `record_metrics`).
+const RECORD_BATCH: usize = 8;
 
 /// Compile-time shape of one instantiation.
 struct Shape<T, const D: usize, const G: usize>(T);
@@ -113,9 +127,11 @@ pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize>(p: &Deco
     let elem_bytes = T::BYTES as u64;
     let lane = lane_id();
     let warp = warp_id();
-    let partition = block_idx_x();
-    let kv_head = block_idx_y();
-    let seq = block_idx_z();
+    let recording = p.record != record::OFF;
+    let smem = decode_smem(G as u32, D as u32, 0);
+    let words = dynamic_f32();
+    // SAFETY: every thread of the CTA calls this, before any early exit.
+    let (partition, kv_head, seq) = unsafe { work_item(p, words.add(smem.ticket as usize)) };
 
     let head_slot = geom.head_slot(seq, p.layer_idx, kv_head);
     // SAFETY: head_slot < num_head_slots: the grid covers (num_seqs, H) and layer_idx < L.
@@ -153,6 +169,12 @@ pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize>(p: &Deco
             // SAFETY: row < len, so its logical block is within the head slot's table.
             let block_id = unsafe { load::<i32>(table, geom.logical_block(row) as u64) } as u32;
             let row_elem = geom.kv_elem(block_id, geom.slot_in_block(row));
+            if recording && live[i] && lane.is_multiple_of(tile.lanes_per_row) {
+                let slot = geom.pool_slot(block_id, geom.slot_in_block(row)) as u32;
+                let word = smem.stash_word(G as u32, row - start, G as u32);
+                // SAFETY: row - start < partition_kvs, the stash's rows.
+                unsafe { *(words.add(word as usize) as *mut u32) = slot };
+            }
             for c in 0..chunks {
                 let byte = (row_elem + tile.lane_elem(lane, c as u32) as u64) * elem_bytes;
                 // SAFETY: block_id is a validated pool block; the chunk lies inside its row.
@@ -173,6 +195,14 @@ pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize>(p: &Deco
                 }
                 // SAFETY: the whole warp runs this loop the same number of times.
                 score[i][g] = unsafe { sum_within(dot, tile.lanes_per_row) };
+            }
+            if recording && live[i] && lane.is_multiple_of(tile.lanes_per_row) {
+                let row = tile_start + tile.lane_row(lane, i as u32) - start;
+                for g in 0..G {
+                    let word = smem.stash_word(G as u32, row, g as u32);
+                    // SAFETY: row < partition_kvs, the stash's rows (the launch reserved them).
+                    unsafe { *words.add(word as usize) = score[i][g] };
+                }
             }
         }
 
@@ -222,8 +252,6 @@ pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize>(p: &Deco
     }
 
     // Merge warps through shared memory.
-    let smem = decode_smem(G as u32, D as u32);
-    let words = dynamic_f32();
     if lane < tile.lanes_per_row {
         for g in 0..G {
             // SAFETY: the offsets come from decode_smem, whose size the launch reserved.
@@ -245,11 +273,9 @@ pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize>(p: &Deco
     }
     // SAFETY: every thread of the CTA reaches this barrier (no thread returned early).
     unsafe { sync_threads() };
-
-    let mut item = thread_idx_x();
-    while item < (G * D) as u32 {
-        let g = item / D as u32;
-        let d = item % D as u32;
+    let thread = thread_idx_x();
+    if (thread as usize) < G {
+        let g = thread;
         let mut max = f32::NEG_INFINITY;
         for w in 0..DECODE_WARPS {
             // SAFETY: inside the decode_smem map.
@@ -259,16 +285,47 @@ pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize>(p: &Deco
         }
         let base = if max == f32::NEG_INFINITY { 0.0 } else { max };
         let mut sum = 0.0f32;
+        for w in 0..DECODE_WARPS {
+            // SAFETY: inside the decode_smem map.
+            unsafe {
+                let word = smem.ml_word(G as u32, w, g) as usize;
+                sum = fma(*words.add(word + 1), exp2(*words.add(word) - base), sum);
+            }
+        }
+        // SAFETY: inside the decode_smem map.
+        unsafe {
+            *words.add((smem.cta_ml + 2 * g) as usize) = max;
+            *words.add((smem.cta_ml + 2 * g + 1) as usize) = sum;
+        }
+        if p.num_partitions > 1 {
+            let row = p.partial_row(seq, kv_head * G as u32 + g, partition);
+            // SAFETY: the host sized the workspace from the same plan (partial_rows rows).
+            unsafe {
+                crate::gpu::mem::store::<f32>(p.partial_ml, row * 2, max);
+                crate::gpu::mem::store::<f32>(p.partial_ml, row * 2 + 1, sum);
+            }
+        }
+    }
+    // SAFETY: as above.
+    unsafe { sync_threads() };
+
+    let mut item = thread;
+    while item < (G * D) as u32 {
+        let g = item / D as u32;
+        let d = item % D as u32;
+        // SAFETY: inside the decode_smem map.
+        let (max, sum) = unsafe {
+            (
+                *words.add((smem.cta_ml + 2 * g) as usize),
+                *words.add((smem.cta_ml + 2 * g + 1) as usize),
+            )
+        };
+        let base = if max == f32::NEG_INFINITY { 0.0 } else { max };
         let mut acc = 0.0f32;
         for w in 0..DECODE_WARPS {
             // SAFETY: inside the decode_smem map.
             unsafe {
                 let scale = exp2(*words.add(smem.ml_word(G as u32, w, g) as usize) - base);
-                sum = fma(
-                    *words.add(smem.ml_word(G as u32, w, g) as usize + 1),
-                    scale,
-                    sum,
-                );
                 acc = fma(
                     *words.add(smem.acc_word(G as u32, D as u32, w, g, d) as usize),
                     scale,
@@ -284,15 +341,164 @@ pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize>(p: &Deco
         } else {
             let row = p.partial_row(seq, q_head, partition);
             // SAFETY: the host sized the workspace from the same plan (partial_rows rows).
+            unsafe { crate::gpu::mem::store::<f32>(p.partial_acc, row * D as u64 + d as u64, acc) };
+        }
+        item += DECODE_WARPS * WARP_SIZE;
+    }
+
+    if recording && start < end {
+        // SAFETY: every thread of the CTA takes this uniform branch.
+        unsafe { record_metrics::<G>(p, seq, kv_head, start, end, len) };
+    }
+}
+
+/// The CTA's work `(partition, kv_head, seq)`: its block index, or, when partitions wait for
+/// each other, the next ticket in start order (module header). Ends with a CTA barrier.
+///
+/// # Safety
+/// Every thread of the CTA calls it once; `ticket_word` is the smem ticket word.
+#[inline(always)]
+unsafe fn work_item(p: &DecodeParams, ticket_word: *mut f32) -> (u32, u32, u32) {
+    if !p.cross_partition() {
+        return (block_idx_x(), block_idx_y(), block_idx_z());
+    }
+    let slot = ticket_word as *mut u32;
+    // SAFETY: counters holds zeroed u32 words (the host cleared them before the launch); the
+    // smem word is ours; the barrier is reached by all threads.
+    let ticket = unsafe {
+        if thread_idx_x() == 0 {
+            *slot = atomic_add_relaxed(p.counters, 1);
+        }
+        sync_threads();
+        *slot
+    };
+    let partition = ticket % p.num_partitions;
+    let rest = ticket / p.num_partitions;
+    let kv_heads = p.cache.geometry.num_kv_heads.max(1);
+    (partition, rest % kv_heads, rest / kv_heads)
+}
+
+/// Adds the recorded metric of rows `[start, end)` of the head slot (module header).
+///
+/// # Safety
+/// Called by every thread of the CTA after the output phase, with the stash filled.
+#[inline(always)]
+unsafe fn record_metrics<const G: usize>(
+    p: &DecodeParams,
+    seq: u32,
+    kv_head: u32,
+    start: u32,
+    end: u32,
+    len: u32,
+) {
+    let geom = p.cache.geometry;
+    let smem = decode_smem(G as u32, geom.head_dim, 0);
+    let words = dynamic_f32();
+    let thread = thread_idx_x();
+    if p.num_partitions > 1 {
+        // Publish this partition's (max, sum) rows, written above, before counting in.
+        fence_gpu();
+        // SAFETY: all threads arrive; counters hold zeroed words.
+        unsafe {
+            sync_threads();
+            if thread == 0 {
+                let arrivals = p.counters + p.arrival_word(seq, kv_head) * 4;
+                red_add_release(arrivals, 1);
+                let live_partitions = len.div_ceil(p.partition_kvs.max(1));
+                while load_acquire(arrivals) < live_partitions {
+                    nanosleep(64);
+                }
+            }
+            sync_threads();
+        }
+    }
+    if (thread as usize) < G {
+        let g = thread;
+        let (max, sum) = if p.num_partitions > 1 {
+            let live_partitions = len.div_ceil(p.partition_kvs.max(1));
+            let first = p.partial_row(seq, kv_head * G as u32 + g, 0);
+            let mut max = f32::NEG_INFINITY;
+            for part in 0..live_partitions {
+                // SAFETY: every live partition published its row before counting itself in.
+                max = fmax(max, unsafe {
+                    load::<f32>(p.partial_ml, (first + part as u64) * 2)
+                });
+            }
+            let mut sum = 0.0f32;
+            for part in 0..live_partitions {
+                let row = first + part as u64;
+                // SAFETY: as above.
+                unsafe {
+                    let scale = exp2(load::<f32>(p.partial_ml, row * 2) - max);
+                    sum = fma(load::<f32>(p.partial_ml, row * 2 + 1), scale, sum);
+                }
+            }
+            (max, sum)
+        } else {
+            // SAFETY: written by this CTA before the last barrier.
             unsafe {
-                crate::gpu::mem::store::<f32>(p.partial_acc, row * D as u64 + d as u64, acc);
-                if d == 0 {
-                    crate::gpu::mem::store::<f32>(p.partial_ml, row * 2, max);
-                    crate::gpu::mem::store::<f32>(p.partial_ml, row * 2 + 1, sum);
+                (
+                    *words.add((smem.cta_ml + 2 * g) as usize),
+                    *words.add((smem.cta_ml + 2 * g + 1) as usize),
+                )
+            }
+        };
+        // SAFETY: inside the decode_smem map.
+        unsafe {
+            *words.add((smem.record_ml + 2 * g) as usize) = max;
+            *words.add((smem.record_ml + 2 * g + 1) as usize) = 1.0 / sum;
+        }
+    }
+    // SAFETY: every thread reaches it.
+    unsafe { sync_threads() };
+
+    // SAFETY: thresholds holds [num_seqs] i32.
+    let threshold = unsafe { load::<i32>(p.thresholds, seq as u64) };
+    let threads = DECODE_WARPS * WARP_SIZE;
+    let mut first = start + thread;
+    while first < end {
+        // RECORD_BATCH rows per thread at once, so that their loads overlap; the pool slot of
+        // each row was stashed by the main loop, so position and metric load together.
+        let mut slot = [0u64; RECORD_BATCH];
+        let mut position = [0i32; RECORD_BATCH];
+        let mut metric = [0.0f32; RECORD_BATCH];
+        for k in 0..RECORD_BATCH {
+            let row = first + k as u32 * threads;
+            if row < end {
+                let word = smem.stash_word(G as u32, row - start, G as u32);
+                // SAFETY: the stash holds the pool slot of every live row of the partition;
+                // slot < num_blocks * B; positions are not written during decode, and only
+                // this thread touches this KV's metric.
+                unsafe {
+                    slot[k] = *(words.add(word as usize) as *const u32) as u64;
+                    position[k] = load_nc::<i32>(p.cache.position, slot[k]);
+                    metric[k] = load::<f32>(p.cache.metric, slot[k]);
                 }
             }
         }
-        item += DECODE_WARPS * 32;
+        for k in 0..RECORD_BATCH {
+            let row = first + k as u32 * threads;
+            if row < end && position[k] <= threshold {
+                let mut value = 0.0f32;
+                for g in 0..G as u32 {
+                    // SAFETY: inside the decode_smem map (row - start < partition_kvs).
+                    let (score, max, inv_sum) = unsafe {
+                        (
+                            *words.add(smem.stash_word(G as u32, row - start, g) as usize),
+                            *words.add((smem.record_ml + 2 * g) as usize),
+                            *words.add((smem.record_ml + 2 * g + 1) as usize),
+                        )
+                    };
+                    let a = exp2(score - max) * inv_sum;
+                    value += if p.record == record::L2 { a * a } else { a };
+                }
+                // SAFETY: as the loads above.
+                unsafe {
+                    crate::gpu::mem::store::<f32>(p.cache.metric, slot[k], metric[k] + value)
+                };
+            }
+        }
+        first += RECORD_BATCH as u32 * threads;
     }
 }
 

@@ -284,3 +284,34 @@ pub fn out_label(q_shape: [usize; 3]) -> impl Fn(usize) -> String {
     let [_, hq, d] = q_shape;
     move |i| format!("(seq {}, q_head {}, d {})", i / (hq * d), i / d % hq, i % d)
 }
+
+/// Sets the metric of every live slot to 0, so that recorded values are all there is.
+pub fn zero_live_metrics(snapshot: &mut CacheSnapshot) {
+    for (m, &p) in snapshot.metric.iter_mut().zip(&snapshot.position) {
+        if p != POSITION_POISON {
+            *m = 0.0;
+        }
+    }
+}
+
+/// Compares metrics: NaN poison bit for bit, recorded values to a relative 1e-4 (the GPU
+/// normalises with f32 `ex2.approx`; see docs/tolerances.md) plus 1e-10 absolute.
+pub fn assert_metric_close(actual: &[f32], expected: &[f32], context: &str) {
+    assert_eq!(actual.len(), expected.len(), "{context}: metric length");
+    for (slot, (&a, &e)) in actual.iter().zip(expected).enumerate() {
+        if e.is_nan() {
+            assert_eq!(
+                a.to_bits(),
+                e.to_bits(),
+                "{context}: poisoned metric of slot {slot} changed"
+            );
+            continue;
+        }
+        let diff = (a as f64 - e as f64).abs();
+        let allowed = 1e-4 * (e as f64).abs() + 1e-10;
+        assert!(
+            diff <= allowed,
+            "{context}: metric of slot {slot} = {a:e}, expected {e:e}, diff {diff:e} > {allowed:e}"
+        );
+    }
+}

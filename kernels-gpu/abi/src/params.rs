@@ -30,6 +30,26 @@ pub struct DecodeParams {
     pub num_partitions: u32,
     /// Softmax scale times log2(e): scores are `scale_log2 * dot(q, k)` in the log2 domain.
     pub scale_log2: f32,
+    /// Metric recording (SPEC §3): [`record::OFF`], [`record::L2`] or [`record::L1`].
+    pub record: u32,
+    /// Padding (keeps the struct free of implicit padding).
+    pub reserved: u32,
+    /// `[num_seqs]` i32: a KV is recorded iff its position `<= thresholds[seq]`
+    /// (`last_position - metric_skip`). Read only when recording.
+    pub thresholds: u64,
+    /// u32 words, zero at launch: the ticket counter, then one arrival count per
+    /// `(seq, kv_head)`. Used only when recording with more than one partition.
+    pub counters: u64,
+}
+
+/// Values of [`DecodeParams::record`] (and of the window aggregation's metric).
+pub mod record {
+    /// No recording.
+    pub const OFF: u32 = 0;
+    /// Add the squared attention probability, summed over the group (the paper's metric).
+    pub const L2: u32 = 1;
+    /// Add the attention probability, summed over the group.
+    pub const L1: u32 = 2;
 }
 
 impl DecodeParams {
@@ -39,6 +59,18 @@ impl DecodeParams {
         (seq as u64 * self.cache.geometry.num_q_heads() as u64 + q_head as u64)
             * self.num_partitions as u64
             + partition as u64
+    }
+
+    /// Word of `counters` counting the partitions of head slot `(seq, kv_head)` that finished.
+    #[inline(always)]
+    pub const fn arrival_word(&self, seq: u32, kv_head: u32) -> u64 {
+        1 + seq as u64 * self.cache.geometry.num_kv_heads as u64 + kv_head as u64
+    }
+
+    /// Whether CTAs wait for their head slot's other partitions (recording with a split).
+    #[inline(always)]
+    pub const fn cross_partition(&self) -> bool {
+        self.record != record::OFF && self.num_partitions > 1
     }
 
     /// Element index of query head `q_head` of `seq` in `q` and `out` `[num_seqs, Hq, D]`.

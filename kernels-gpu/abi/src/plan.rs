@@ -26,6 +26,14 @@ pub struct DeviceProps {
     pub num_sms: u32,
 }
 
+/// What the planner needs to know of one kernel on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelProps {
+    /// CTAs of the kernel one SM holds at once (the driver's occupancy for the launch's block
+    /// and shared memory).
+    pub ctas_per_sm: u32,
+}
+
 // ---------------------------------------------------------------------------------------------
 // Paged decode attention (SPEC §3)
 
@@ -33,8 +41,6 @@ pub struct DeviceProps {
 pub const DECODE_WARPS: u32 = 4;
 /// Threads per merge CTA.
 pub const MERGE_THREADS: u32 = 128;
-/// CTAs per SM the split policy aims for; fewer head slots than `num_sms * this` are split.
-pub const DECODE_CTAS_PER_SM: u32 = 2;
 /// A partition is never shorter than this many KVs (a shorter one costs more to merge than it
 /// gains in parallelism).
 pub const MIN_PARTITION_KVS: u32 = 512;
@@ -109,14 +115,40 @@ pub const fn decode_tile(head_dim: u32, elem_bytes: u32, group_size: u32) -> Dec
     }
 }
 
-/// Shared memory of one decode CTA: per warp and query head of the group, the warp's
-/// `(max, sum)` and its `D` accumulators, merged across warps at the end. Offsets in f32 words.
+/// Words a decode CTA keeps in shared memory per partition when it records metrics: `G`
+/// scores and the pool slot of each row, `partition_kvs * (G + 1)` words at most (40 KiB).
+/// Partitions are never longer than this allows, recording or not, so that recording never
+/// changes the split (and the output bits).
+pub const STASH_WORDS: u32 = 10240;
+
+/// Longest partition for group size `group_size`: the stash bound, in whole 64-row tiles.
+pub const fn max_partition_kvs(group_size: u32) -> u32 {
+    STASH_WORDS / (group_size + 1) / 64 * 64
+}
+
+/// A split policy must keep at least this fraction of the device's resident CTA slots busy
+/// over all waves (`ctas / (waves * resident)`) before it takes fewer partitions.
+pub const WAVE_EFFICIENCY: f32 = 0.95;
+
+/// Shared memory of one decode CTA, in 4-byte words: per warp and query head of the group the
+/// warp's `(max, sum)` and `D` accumulators (merged across warps at the end), the CTA's
+/// `(max, sum)` per head, the `(max, 1 / sum)` recording normalises with, a ticket word, and
+/// when recording the stash of the partition's scores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodeSmem {
     /// `[DECODE_WARPS, G, 2]` f32.
     pub warp_ml: u32,
     /// `[DECODE_WARPS, G, D]` f32.
     pub warp_acc: u32,
+    /// `[G, 2]` f32: the CTA's (max, sum) of `exp2(score - max)` per query head.
+    pub cta_ml: u32,
+    /// `[G, 2]` f32: the head slot's global (max, 1 / sum), what recorded probabilities use.
+    pub record_ml: u32,
+    /// One u32: the CTA's ticket (work index) when the grid is ticketed.
+    pub ticket: u32,
+    /// `[partition_kvs, G + 1]` words (only when recording): the `G` log2-domain scores of
+    /// each row of the partition, then its pool slot (as u32 bits).
+    pub stash: u32,
     /// Bytes in all.
     pub bytes: u32,
 }
@@ -133,22 +165,39 @@ impl DecodeSmem {
     pub const fn acc_word(&self, group_size: u32, head_dim: u32, warp: u32, g: u32, d: u32) -> u32 {
         self.warp_acc + (warp * group_size + g) * head_dim + d
     }
+
+    /// Word of row `row` (relative to the partition start), head `g`, in `stash`; `g = G`
+    /// is the row's pool slot.
+    #[inline(always)]
+    pub const fn stash_word(&self, group_size: u32, row: u32, g: u32) -> u32 {
+        self.stash + row * (group_size + 1) + g
+    }
 }
 
-/// The decode shared-memory map for group size `group_size` and head dimension `head_dim`.
-pub const fn decode_smem(group_size: u32, head_dim: u32) -> DecodeSmem {
+/// The decode shared-memory map for group size `group_size` and head dimension `head_dim`,
+/// with room for `stash_kvs` rows of scores (0 when not recording).
+pub const fn decode_smem(group_size: u32, head_dim: u32, stash_kvs: u32) -> DecodeSmem {
     let warp_ml = 0;
     let warp_acc = warp_ml + DECODE_WARPS * group_size * 2;
-    let words = warp_acc + DECODE_WARPS * group_size * head_dim;
+    let cta_ml = warp_acc + DECODE_WARPS * group_size * head_dim;
+    let record_ml = cta_ml + group_size * 2;
+    let ticket = record_ml + group_size * 2;
+    let stash = ticket + 1;
+    let words = stash + stash_kvs * (group_size + 1);
     DecodeSmem {
         warp_ml,
         warp_acc,
+        cta_ml,
+        record_ml,
+        ticket,
+        stash,
         bytes: words * 4,
     }
 }
 
 /// A planned decode: the attention launch, the merge launch when the KV range is split, and
-/// the f32 workspace the split needs.
+/// the workspace: f32 partials of the split, u32 counters of the recording handshake, and i32
+/// recording thresholds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodePlan {
     /// Grid `(num_partitions, H, num_seqs)`, one CTA of `DECODE_WARPS` warps per partition of
@@ -158,8 +207,12 @@ pub struct DecodePlan {
     pub merge: Option<LaunchDims>,
     pub partition_kvs: u32,
     pub num_partitions: u32,
-    /// Rows `(seq, q_head, partition)` of the workspace (0 without a merge).
+    /// Rows `(seq, q_head, partition)` of the partials (0 without a merge).
     pub partial_rows: u64,
+    /// Sequence rows (for the counters and thresholds).
+    pub num_seqs: u32,
+    /// KV heads (for the counters).
+    pub num_kv_heads: u32,
 }
 
 impl DecodePlan {
@@ -168,46 +221,70 @@ impl DecodePlan {
         self.partial_rows * head_dim as u64 * 4
     }
 
-    /// Bytes of f32 workspace the plan needs.
-    pub const fn workspace_bytes(&self, head_dim: u32) -> u64 {
+    /// Byte offset of the counters: one ticket word, then one arrival count per
+    /// `(seq, kv_head)` (see [`crate::params::DecodeParams::arrival_word`]).
+    pub const fn counters_offset(&self, head_dim: u32) -> u64 {
         self.partial_rows * (head_dim as u64 + 2) * 4
+    }
+
+    /// Bytes of the counters, which must be zero when the decode launch starts.
+    pub const fn counters_bytes(&self) -> u64 {
+        (1 + self.num_seqs as u64 * self.num_kv_heads as u64) * 4
+    }
+
+    /// Byte offset of the per-sequence recording thresholds (right after the counters).
+    pub const fn thresholds_offset(&self, head_dim: u32) -> u64 {
+        self.counters_offset(head_dim) + self.counters_bytes()
+    }
+
+    /// Bytes of workspace the plan needs.
+    pub const fn workspace_bytes(&self, head_dim: u32) -> u64 {
+        self.thresholds_offset(head_dim) + self.num_seqs as u64 * 4
+    }
+
+    /// Whether recording is possible: with a split, every partition of a head slot must be
+    /// resident at once (they wait for each other), which one CTA per SM guarantees.
+    pub const fn can_record(&self, props: &DeviceProps) -> bool {
+        self.num_partitions <= props.num_sms
     }
 }
 
 /// Plans a decode over all sequence rows of `geometry` for one layer whose longest head slot
-/// holds `max_context_len` KVs.
+/// holds `max_context_len` KVs; `record` reserves the score stash.
 ///
-/// Split policy: with fewer head slots than `DECODE_CTAS_PER_SM * num_sms`, each head slot's KV
-/// range is split into a power-of-two number of partitions (flash-decoding), none shorter than
-/// `MIN_PARTITION_KVS`, and a merge kernel combines them. `partition_kvs` overrides the policy
-/// (rounded up to whole CTA tiles).
+/// Split policy (flash-decoding): each head slot's KV range is split into the fewest
+/// partitions that keep [`WAVE_EFFICIENCY`] of the device's resident CTA slots
+/// (`num_sms * ctas_per_sm`) busy over all waves (or the best split if none does), no
+/// partition shorter than `MIN_PARTITION_KVS`; a merge kernel combines them.
+/// `partition_kvs` overrides the policy. Either way a partition is whole CTA tiles, at most
+/// [`max_partition_kvs`], and long enough that a head slot has at most `num_sms` partitions
+/// where that bound allows.
 pub fn plan_decode(
     geometry: &Geometry,
     dtype: DType,
     max_context_len: u32,
     props: &DeviceProps,
+    kernel: &KernelProps,
     partition_kvs: Option<u32>,
+    record: bool,
 ) -> DecodePlan {
     let tile = decode_tile(geometry.head_dim, dtype.elem_bytes(), geometry.group_size);
     let cta_rows = tile.tile_rows * DECODE_WARPS;
-    let head_slots = geometry.num_seqs * geometry.num_kv_heads;
-    let target_ctas = DECODE_CTAS_PER_SM * props.num_sms;
-    let mut splits = 1u32;
-    while head_slots * splits < target_ctas
-        && max_context_len.div_ceil(splits * 2) >= MIN_PARTITION_KVS
-    {
-        splits *= 2;
-    }
+    let head_slots = (geometry.num_seqs * geometry.num_kv_heads).max(1);
+    let resident = props.num_sms * kernel.ctas_per_sm.max(1);
+    let longest = max_partition_kvs(geometry.group_size) / cta_rows * cta_rows;
+    let policy = split_policy(head_slots, max_context_len, resident, cta_rows, longest);
     let partition_kvs = partition_kvs
-        .unwrap_or(max_context_len.div_ceil(splits))
+        .unwrap_or(policy)
+        .max(max_context_len.div_ceil(props.num_sms.max(1)))
         .next_multiple_of(cta_rows)
-        .max(cta_rows);
+        .clamp(cta_rows, longest);
     let num_partitions = max_context_len.div_ceil(partition_kvs).max(1);
-    let smem = decode_smem(geometry.group_size, geometry.head_dim);
+    let stash_kvs = if record { partition_kvs } else { 0 };
     let decode = LaunchDims {
         grid: [num_partitions, geometry.num_kv_heads, geometry.num_seqs],
         block: [DECODE_WARPS * WARP_SIZE, 1, 1],
-        smem_bytes: smem.bytes,
+        smem_bytes: decode_smem(geometry.group_size, geometry.head_dim, stash_kvs).bytes,
     };
     let (merge, partial_rows) = if num_partitions > 1 {
         let dims = LaunchDims {
@@ -226,7 +303,38 @@ pub fn plan_decode(
         partition_kvs,
         num_partitions,
         partial_rows,
+        num_seqs: geometry.num_seqs,
+        num_kv_heads: geometry.num_kv_heads,
     }
+}
+
+/// The policy's partition length (see [`plan_decode`]).
+fn split_policy(
+    head_slots: u32,
+    max_context_len: u32,
+    resident: u32,
+    cta_rows: u32,
+    longest: u32,
+) -> u32 {
+    if max_context_len == 0 {
+        return cta_rows;
+    }
+    let most = (max_context_len / MIN_PARTITION_KVS).max(1);
+    let mut splits = max_context_len.div_ceil(longest.max(1)).min(most);
+    let mut best = (0.0f32, max_context_len.div_ceil(splits));
+    while splits <= most {
+        let partition_kvs = max_context_len.div_ceil(splits).next_multiple_of(cta_rows);
+        let ctas = head_slots * max_context_len.div_ceil(partition_kvs.max(1));
+        let efficiency = ctas as f32 / (ctas.div_ceil(resident) * resident) as f32;
+        if efficiency >= WAVE_EFFICIENCY {
+            return partition_kvs;
+        }
+        if efficiency > best.0 {
+            best = (efficiency, partition_kvs);
+        }
+        splits += 1;
+    }
+    best.1
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -312,20 +420,64 @@ mod tests {
     }
 
     #[test]
-    fn decode_splits_only_small_batches() {
+    fn decode_split_fills_the_device_in_whole_waves() {
         let props = DeviceProps { num_sms: 132 };
-        let p = plan_decode(&geometry(64), DType::F16, 4096, &props, None);
-        assert_eq!((p.num_partitions, p.merge), (1, None));
-        let p = plan_decode(&geometry(1), DType::F16, 32768, &props, None);
-        assert!(p.num_partitions >= 32);
-        assert!(p.partition_kvs * p.num_partitions >= 32768);
-        assert_eq!(p.partition_kvs % (16 * DECODE_WARPS), 0);
-        assert_eq!(p.partial_rows, 32 * p.num_partitions as u64);
-        let p = plan_decode(&geometry(1), DType::F16, 0, &props, None);
+        let k = KernelProps { ctas_per_sm: 3 };
+        let resident = 396;
+        for (batch, context) in [(1, 32768), (16, 8192), (64, 4096), (256, 1024)] {
+            let p = plan_decode(
+                &geometry(batch),
+                DType::F16,
+                context,
+                &props,
+                &k,
+                None,
+                false,
+            );
+            let ctas = batch * 8 * p.num_partitions;
+            let efficiency = ctas as f32 / (ctas.div_ceil(resident) * resident) as f32;
+            assert!(
+                efficiency >= 0.85,
+                "{batch}x{context}: {p:?}, efficiency {efficiency}"
+            );
+            assert!(p.partition_kvs * p.num_partitions >= context);
+            assert!(p.partition_kvs >= MIN_PARTITION_KVS.min(context));
+            assert_eq!(p.partition_kvs % (16 * DECODE_WARPS), 0);
+            assert_eq!(
+                p.partial_rows,
+                if p.num_partitions > 1 {
+                    batch as u64 * 32 * p.num_partitions as u64
+                } else {
+                    0
+                }
+            );
+            assert_eq!(p.merge.is_some(), p.num_partitions > 1);
+        }
+        let p = plan_decode(&geometry(1), DType::F16, 0, &props, &k, None, false);
         assert_eq!(p.num_partitions, 1);
-        let p = plan_decode(&geometry(1), DType::F16, 700, &props, None);
-        assert_eq!(p.num_partitions, 1);
-        let p = plan_decode(&geometry(64), DType::F16, 4096, &props, Some(1000));
+        let p = plan_decode(&geometry(1), DType::F16, 700, &props, &k, None, false);
+        assert!(p.partition_kvs >= MIN_PARTITION_KVS);
+        let p = plan_decode(
+            &geometry(64),
+            DType::F16,
+            4096,
+            &props,
+            &k,
+            Some(1000),
+            false,
+        );
         assert_eq!((p.partition_kvs, p.num_partitions), (1024, 4));
+        // Partitions never exceed the score stash, recording or not.
+        let p = plan_decode(&geometry(64), DType::F16, 16384, &props, &k, None, false);
+        assert!(p.partition_kvs <= max_partition_kvs(4));
+        let r = plan_decode(&geometry(64), DType::F16, 16384, &props, &k, None, true);
+        assert_eq!(
+            (r.partition_kvs, r.num_partitions),
+            (p.partition_kvs, p.num_partitions)
+        );
+        assert!(r.decode.smem_bytes > p.decode.smem_bytes);
+        // At most one partition per SM, so that recording CTAs can wait for each other.
+        let p = plan_decode(&geometry(1), DType::F16, 131072, &props, &k, Some(64), true);
+        assert!(p.num_partitions <= 132 && p.can_record(&props));
     }
 }

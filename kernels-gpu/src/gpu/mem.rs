@@ -80,6 +80,26 @@ pub unsafe fn load<T: Copy>(base: u64, index: u64) -> T {
     unsafe { (base as *const T).add(index as usize).read() }
 }
 
+/// Loads element `index` of an array of 4-byte `T` at `base` through the non-coherent cache.
+///
+/// # Safety
+/// As [`load`], and no thread writes the element during the kernel.
+#[inline(always)]
+pub unsafe fn load_nc<T: Copy>(base: u64, index: u64) -> T {
+    const { assert!(core::mem::size_of::<T>() == 4) };
+    let bits: u32;
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        asm!(
+            "ld.global.nc.u32 {bits}, [{addr}];",
+            bits = out(reg32) bits,
+            addr = in(reg64) base + index * 4,
+            options(pure, readonly, nostack),
+        );
+        core::mem::transmute_copy(&bits)
+    }
+}
+
 /// Stores element `index` of an array of `T` at `base`.
 ///
 /// # Safety

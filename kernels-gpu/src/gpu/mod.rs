@@ -4,5 +4,6 @@
 pub mod math;
 pub mod mem;
 pub mod smem;
+pub mod sync;
 pub mod thread;
 pub mod warp;

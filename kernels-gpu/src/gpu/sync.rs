@@ -1,0 +1,82 @@
+//! Atomics and memory ordering at GPU scope, for CTAs that hand results to each other within
+//! one launch.
+
+use core::arch::asm;
+
+/// `atomicAdd(addr, value)` without ordering; returns the old value.
+///
+/// # Safety
+/// `addr` is a 4-byte-aligned global address of a u32 that other threads access only
+/// atomically during the kernel.
+#[inline(always)]
+pub unsafe fn atomic_add_relaxed(addr: u64, value: u32) -> u32 {
+    let old: u32;
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        asm!(
+            "atom.relaxed.gpu.global.add.u32 {old}, [{addr}], {value};",
+            old = out(reg32) old,
+            addr = in(reg64) addr,
+            value = in(reg32) value,
+            options(nostack),
+        );
+    }
+    old
+}
+
+/// Adds `value` with release semantics at GPU scope: every write this thread has observed
+/// (including, through a preceding CTA barrier, its CTA's writes) is visible to a thread
+/// that acquires the new value.
+///
+/// # Safety
+/// As [`atomic_add_relaxed`].
+#[inline(always)]
+pub unsafe fn red_add_release(addr: u64, value: u32) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        asm!(
+            "red.release.gpu.global.add.u32 [{addr}], {value};",
+            addr = in(reg64) addr,
+            value = in(reg32) value,
+            options(nostack),
+        );
+    }
+}
+
+/// Loads with acquire semantics at GPU scope (pairs with [`red_add_release`]).
+///
+/// # Safety
+/// As [`atomic_add_relaxed`].
+#[inline(always)]
+pub unsafe fn load_acquire(addr: u64) -> u32 {
+    let value: u32;
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        asm!(
+            "ld.acquire.gpu.global.u32 {value}, [{addr}];",
+            value = out(reg32) value,
+            addr = in(reg64) addr,
+            options(nostack),
+        );
+    }
+    value
+}
+
+/// Sleeps about `ns` nanoseconds (a polite spin-wait).
+#[inline(always)]
+pub fn nanosleep(ns: u32) {
+    // SAFETY: only delays the calling thread.
+    unsafe {
+        asm!("nanosleep.u32 {ns};", ns = in(reg32) ns, options(nomem, nostack));
+    }
+}
+
+/// `__threadfence()`: orders this thread's earlier writes before its later ones for every
+/// thread of the GPU.
+#[inline(always)]
+pub fn fence_gpu() {
+    // SAFETY: a fence has no operands and no effect besides ordering.
+    unsafe {
+        asm!("fence.acq_rel.gpu;", options(nostack));
+    }
+}
