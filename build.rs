@@ -86,7 +86,7 @@ fn build_ptx(root: &Path, out_dir: &Path) -> Result<String, String> {
             // Fully unroll the per-lane loops over rows, heads and columns, so that the
             // per-lane arrays stay in registers (no `.local` memory).
             "-C",
-            "llvm-args=-unroll-threshold=1000",
+            "llvm-args=-unroll-threshold=3000",
         ]);
     let output = cmd
         .output()

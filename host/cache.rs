@@ -18,7 +18,7 @@ use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::ops;
 use crate::ops::append::{AppendMeta, Patch};
-use crate::reference::{self, HostCache, HostCacheMut, RecordArgs};
+use crate::reference::{self, AggregateRef, HostCache, HostCacheMut, RecordArgs};
 use crate::tensor::{Storage, Tensor};
 use crate::validate;
 
@@ -430,6 +430,72 @@ impl PagedKvCache {
         Ok(blocks.len() as u32)
     }
 
+    /// Observation-window score aggregation after a prefill of `layer` (SPEC §4): the window
+    /// queries `q` `[num_seqs, w, Hq, D]` of each sequence row score every key of its head
+    /// slots, causally by position, and each key's metric grows by the group sum of its
+    /// (max-pooled) squared attention (or attention). Works in memory linear in the window
+    /// and the prompt, also for `w` equal to the prompt length.
+    pub fn aggregate(&mut self, layer: u32, q: &Tensor, args: &AggregateArgs) -> Result<()> {
+        validate::aggregate(self, layer, q, args)?;
+        let g = self.geometry();
+        let max_context_len = self.max_context_len(layer);
+        let window = q.shape()[1] as u32;
+        match (&mut self.arrays, &q.storage) {
+            (
+                Arrays::Host {
+                    k_pool,
+                    v_pool,
+                    metric,
+                    position,
+                },
+                Storage::Host(q),
+            ) => {
+                let cache = HostCache {
+                    geometry: g,
+                    dtype: self.config.dtype,
+                    k_pool,
+                    v_pool,
+                    position,
+                    block_tables: &self.block_tables,
+                    context_lens: &self.context_lens,
+                };
+                let reference_args = AggregateRef {
+                    q,
+                    window,
+                    window_lens: args.window_lens,
+                    scale: args.scale,
+                    metric: args.metric,
+                    metric_skip: args.metric_skip,
+                    last_position: &self.last_position,
+                    pool_kernel: args.pool_kernel,
+                };
+                reference::aggregate(&cache, layer, &reference_args, metric);
+                Ok(())
+            }
+            (Arrays::Cuda(d), Storage::Cuda { buf: q, .. }) => {
+                let seq_info = (0..g.num_seqs as usize)
+                    .flat_map(|s| {
+                        [
+                            args.window_lens[s] as i32,
+                            self.last_position[s],
+                            args.metric_skip[s],
+                        ]
+                    })
+                    .collect();
+                let job = ops::aggregate::AggregateJob {
+                    layer,
+                    max_context_len,
+                    q,
+                    window,
+                    args,
+                    seq_info,
+                };
+                ops::aggregate::aggregate(d, g, self.config.dtype, job)
+            }
+            _ => Err(validate::backend_mismatch("q")),
+        }
+    }
+
     /// Paged decode attention of `layer` (SPEC §3): for every sequence row and query head,
     /// softmax(`scale * q . K`) `V` over the live KVs of its head slot, written to `out`
     /// `[num_seqs, Hq, D]` in the cache dtype. A head slot with no live KVs gives zeros.
@@ -493,6 +559,29 @@ impl PagedKvCache {
             _ => Err(validate::backend_mismatch("q")),
         }
     }
+}
+
+/// Options of [`PagedKvCache::aggregate`] (SPEC §4).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AggregateArgs<'a> {
+    /// Softmax scale applied to `q . k`; must be finite.
+    pub scale: f32,
+    pub metric: Metric,
+    /// `[num_seqs]`, each `>= 0`: a query at position `p` counts only keys with position
+    /// `<= p - metric_skip`.
+    pub metric_skip: &'a [i32],
+    /// `[num_seqs]`: how many queries of each sequence row's window are given (the first
+    /// `window_lens[seq]` rows of `q[seq]`, its last prompt tokens in order); 0 skips the row.
+    /// At most the window extent of `q` and the tokens written (`last_position + 1`).
+    pub window_lens: &'a [u32],
+    /// Odd max-pool width over neighbouring logical keys, 1 (no pooling) to
+    /// [`kvc_abi::plan::MAX_POOL_KERNEL`]; [`AggregateArgs::DEFAULT_POOL_KERNEL`] is 7.
+    pub pool_kernel: u32,
+}
+
+impl AggregateArgs<'_> {
+    /// The pooling width of SPEC §4's default.
+    pub const DEFAULT_POOL_KERNEL: u32 = 7;
 }
 
 /// What attention statistic accumulates into `metric` (SPEC §3, §4).

@@ -32,6 +32,15 @@ pub enum Error {
         during: &'static str,
         source: DriverError,
     },
+    /// A kernel launch was refused.
+    #[error("launching {entry} (grid {grid:?}, block {block:?}, {smem_bytes} B shared memory) failed: {source}")]
+    Launch {
+        entry: String,
+        grid: [u32; 3],
+        block: [u32; 3],
+        smem_bytes: u32,
+        source: DriverError,
+    },
     /// The loaded PTX lacks a kernel the host table names.
     #[error("PTX module has no entry point `{name}`")]
     MissingEntry { name: String },

@@ -10,7 +10,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
     LaunchConfig, PushKernelArg,
 };
-use kvc_abi::params::{AppendParams, DecodeParams};
+use kvc_abi::params::{AggregateParams, AppendParams, DecodeParams};
 use kvc_abi::plan::{DeviceProps, KernelProps, LaunchDims};
 use kvc_abi::DType;
 
@@ -40,6 +40,19 @@ pub fn decode_merge_entry(dtype: DType) -> String {
     format!("paged_decode_merge_{}", dtype.name())
 }
 
+/// Entry point of window aggregation pass 1 for `dtype` and head dimension `head_dim`.
+pub fn window_stats_entry(dtype: DType, head_dim: u32) -> String {
+    format!("window_stats_{}_d{head_dim}", dtype.name())
+}
+
+/// Entry point of window aggregation pass 2 for `dtype` and head dimension `head_dim`.
+pub fn window_scores_entry(dtype: DType, head_dim: u32) -> String {
+    format!("window_scores_{}_d{head_dim}", dtype.name())
+}
+
+/// Entry point of the merge of pass 1's key splits (dtype-agnostic).
+pub const WINDOW_STATS_MERGE_ENTRY: &str = "window_stats_merge";
+
 /// Entry point of `append_kv` (one for every dtype: it copies bytes).
 pub const APPEND_ENTRY: &str = "append_kv";
 
@@ -59,6 +72,13 @@ impl EchoParams for DecodeParams {
     }
 }
 
+impl EchoParams for AggregateParams {
+    const ECHO_ENTRY: &'static str = "abi_echo_aggregate";
+    fn set_echo_dst(&mut self, addr: u64) {
+        self.stats = addr;
+    }
+}
+
 impl EchoParams for AppendParams {
     const ECHO_ENTRY: &'static str = "abi_echo_append";
     fn set_echo_dst(&mut self, addr: u64) {
@@ -67,7 +87,11 @@ impl EchoParams for AppendParams {
 }
 
 /// Echo kernels of `tests/abi_roundtrip.rs`.
-pub const ECHO_ENTRIES: [&str; 2] = [DecodeParams::ECHO_ENTRY, AppendParams::ECHO_ENTRY];
+pub const ECHO_ENTRIES: [&str; 3] = [
+    DecodeParams::ECHO_ENTRY,
+    AppendParams::ECHO_ENTRY,
+    AggregateParams::ECHO_ENTRY,
+];
 
 /// Every entry point the host may launch: the PTX must define exactly these.
 pub fn entry_points() -> Vec<String> {
@@ -79,7 +103,12 @@ pub fn entry_points() -> Vec<String> {
             }
         }
         names.push(decode_merge_entry(dtype));
+        for d in HEAD_DIMS {
+            names.push(window_stats_entry(dtype, d));
+            names.push(window_scores_entry(dtype, d));
+        }
     }
+    names.push(WINDOW_STATS_MERGE_ENTRY.to_string());
     names.push(APPEND_ENTRY.to_string());
     names.extend(ECHO_ENTRIES.iter().map(|s| s.to_string()));
     names
@@ -336,7 +365,13 @@ impl Gpu {
         let mut builder = self.stream.launch_builder(&f);
         builder.arg(&arg);
         // SAFETY: forwarded from the caller.
-        unsafe { builder.launch(cfg) }.map_err(Error::driver("launching a kernel"))?;
+        unsafe { builder.launch(cfg) }.map_err(|source| Error::Launch {
+            entry: entry.to_string(),
+            grid: dims.grid,
+            block: dims.block,
+            smem_bytes: dims.smem_bytes,
+            source,
+        })?;
         Ok(())
     }
 }

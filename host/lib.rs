@@ -48,7 +48,9 @@ mod validate;
 
 pub use allocator::BlockAllocator;
 pub use backend::Backend;
-pub use cache::{CacheConfig, CacheSnapshot, DecodeArgs, Metric, PagedKvCache, Recording};
+pub use cache::{
+    AggregateArgs, CacheConfig, CacheSnapshot, DecodeArgs, Metric, PagedKvCache, Recording,
+};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use kvc_abi as abi;

@@ -4,7 +4,7 @@
 use kvc_abi::{DType, Geometry};
 
 use crate::backend::Backend;
-use crate::cache::{CacheConfig, CacheSnapshot, DecodeArgs, PagedKvCache};
+use crate::cache::{AggregateArgs, CacheConfig, CacheSnapshot, DecodeArgs, PagedKvCache};
 use crate::error::{Error, Result};
 use crate::gpu::{BLOCK_SIZES, GROUP_SIZES, HEAD_DIMS};
 use crate::tensor::Tensor;
@@ -304,4 +304,79 @@ pub(crate) fn append(
         }
     }
     Ok(blocks)
+}
+
+/// Window aggregation inputs (SPEC §4): `q` `[num_seqs, w, Hq, D]`, window lengths within `w`
+/// and within what each sequence has written, an odd pool width the kernels support,
+/// `metric_skip`, a finite scale.
+pub(crate) fn aggregate(
+    cache: &PagedKvCache,
+    layer_idx: u32,
+    q: &Tensor,
+    args: &AggregateArgs,
+) -> Result<()> {
+    let g = cache.geometry();
+    layer(&g, layer_idx)?;
+    let window = match q.shape() {
+        [_, w, _, _] if *w > 0 => *w,
+        _ => {
+            return Err(Error::invalid(
+                "q",
+                format!("shape {:?}", q.shape()),
+                "[num_seqs, w, Hq, D] with w >= 1",
+            ))
+        }
+    };
+    let shape = [
+        g.num_seqs as usize,
+        window,
+        g.num_q_heads() as usize,
+        g.head_dim as usize,
+    ];
+    tensor("q", q, cache.dtype(), &shape, &cache.backend())?;
+    if args.window_lens.len() != g.num_seqs as usize {
+        return Err(Error::invalid(
+            "window_lens",
+            format!("{} values", args.window_lens.len()),
+            format!("one per sequence row ({})", g.num_seqs),
+        ));
+    }
+    for (seq, &w) in args.window_lens.iter().enumerate() {
+        let written = cache.last_position(seq as u32) as i64 + 1;
+        if w as usize > window || w as i64 > written {
+            return Err(Error::invalid(
+                "window_lens",
+                format!("{w} at seq {seq}"),
+                format!(
+                    "at most the window extent of q ({window}) and the tokens written ({written})"
+                ),
+            ));
+        }
+    }
+    metric_skip(&g, args.metric_skip)?;
+    if args.pool_kernel.is_multiple_of(2) {
+        return Err(Error::invalid(
+            "pool_kernel",
+            args.pool_kernel,
+            "an odd max-pool width (1 = none)",
+        ));
+    }
+    if args.pool_kernel > kvc_abi::plan::MAX_POOL_KERNEL {
+        return Err(Error::Unsupported {
+            what: "pool_kernel",
+            value: format!(
+                "{} (at most {})",
+                args.pool_kernel,
+                kvc_abi::plan::MAX_POOL_KERNEL
+            ),
+        });
+    }
+    if !args.scale.is_finite() {
+        return Err(Error::invalid(
+            "scale",
+            args.scale,
+            "a finite softmax scale",
+        ));
+    }
+    Ok(())
 }

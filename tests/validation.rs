@@ -6,8 +6,8 @@ mod common;
 
 use common::{assert_same_snapshot, config_for, fresh_seed, gpu_or_skip, random_snapshot, rng};
 use kvcompress::{
-    Backend, CacheConfig, CacheSnapshot, DType, DecodeArgs, Error, Metric, PagedKvCache, Recording,
-    Tensor,
+    AggregateArgs, Backend, CacheConfig, CacheSnapshot, DType, DecodeArgs, Error, Metric,
+    PagedKvCache, Recording, Tensor,
 };
 
 fn base() -> (CacheConfig, CacheSnapshot) {
@@ -200,6 +200,68 @@ fn decode_inputs_are_checked(backend: &Backend) {
     assert_unchanged(&cache, &before, free);
 }
 
+fn aggregate_inputs_are_checked(backend: &Backend) {
+    let (config, mut snapshot) = base();
+    snapshot.last_position = vec![32, 4];
+    let mut cache = PagedKvCache::from_snapshot(backend, config, snapshot).unwrap();
+    let before = cache.snapshot().unwrap();
+    let free = cache.allocator().num_free();
+    let q = Tensor::full(backend, DType::F16, &[2, 8, 4, 64], 0.5).unwrap();
+    let good = AggregateArgs {
+        scale: 0.125,
+        metric: Metric::L2,
+        metric_skip: &[0, 0],
+        window_lens: &[8, 5],
+        pool_kernel: 7,
+    };
+    let with = |f: &dyn Fn(&mut AggregateArgs)| {
+        let mut a = good;
+        f(&mut a);
+        a
+    };
+    assert_invalid(cache.aggregate(1, &q, &good), "layer");
+    // The second sequence wrote 5 tokens; a window of 6 is larger than its prompt.
+    assert_invalid(
+        cache.aggregate(0, &q, &with(&|a| a.window_lens = &[8, 6])),
+        "window_lens",
+    );
+    assert_invalid(
+        cache.aggregate(0, &q, &with(&|a| a.window_lens = &[9, 5])),
+        "window_lens",
+    );
+    assert_invalid(
+        cache.aggregate(0, &q, &with(&|a| a.window_lens = &[8])),
+        "window_lens",
+    );
+    assert_invalid(
+        cache.aggregate(0, &q, &with(&|a| a.pool_kernel = 6)),
+        "pool_kernel",
+    );
+    assert_invalid(
+        cache.aggregate(0, &q, &with(&|a| a.pool_kernel = 0)),
+        "pool_kernel",
+    );
+    assert_unsupported(
+        cache.aggregate(0, &q, &with(&|a| a.pool_kernel = 19)),
+        "pool_kernel",
+    );
+    assert_invalid(
+        cache.aggregate(0, &q, &with(&|a| a.metric_skip = &[0, -2])),
+        "metric_skip",
+    );
+    assert_invalid(
+        cache.aggregate(0, &q, &with(&|a| a.scale = f32::NAN)),
+        "scale",
+    );
+    let bad_q = Tensor::full(backend, DType::F16, &[2, 8, 2, 64], 0.5).unwrap();
+    assert_invalid(cache.aggregate(0, &bad_q, &good), "q");
+    let bad_q = Tensor::full(backend, DType::F16, &[2, 4, 64], 0.5).unwrap();
+    assert_invalid(cache.aggregate(0, &bad_q, &good), "q");
+    assert_unchanged(&cache, &before, free);
+    // The valid call goes through.
+    cache.aggregate(0, &q, &good).unwrap();
+}
+
 fn append_inputs_are_checked(backend: &Backend) {
     let (config, snapshot) = base();
     let mut cache = PagedKvCache::from_snapshot(backend, config, snapshot).unwrap();
@@ -266,6 +328,7 @@ fn all_checks(backend: &Backend) {
     configs_are_checked(backend);
     snapshots_are_checked(backend);
     decode_inputs_are_checked(backend);
+    aggregate_inputs_are_checked(backend);
     append_inputs_are_checked(backend);
     out_of_blocks_leaves_cache_untouched(backend);
 }

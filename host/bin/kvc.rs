@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use kvcompress::bench::{copy_bandwidth, decode_kv_bytes, filled_cache, rotation_layers, time_gpu};
 use kvcompress::{
-    Backend, CacheConfig, DType, DecodeArgs, Metric, PagedKvCache, Recording, Tensor,
+    AggregateArgs, Backend, CacheConfig, DType, DecodeArgs, Metric, PagedKvCache, Recording, Tensor,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -44,7 +44,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchKernel {
-    /// Paged decode attention, Llama-3.1-8B geometry by default (32 query heads, 8 KV heads).
+    /// Paged decode attention, with and without L2 recording.
     Decode {
         /// Batch x context shapes, comma-separated.
         #[arg(
@@ -53,23 +53,88 @@ enum BenchKernel {
             value_delimiter = ','
         )]
         shapes: Vec<String>,
-        #[arg(long, value_enum, default_value_t = Dtype::F16)]
-        dtype: Dtype,
-        #[arg(long, default_value_t = 128)]
-        head_dim: u32,
-        #[arg(long, default_value_t = 8)]
-        kv_heads: u32,
-        #[arg(long, default_value_t = 4)]
-        group_size: u32,
-        #[arg(long, default_value_t = 16)]
-        block_size: u32,
-        /// Timed runs per shape (after 5 warm-up runs).
-        #[arg(long, default_value_t = 50)]
-        reps: usize,
-        /// Print one JSON object instead of a table.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        opts: BenchOpts,
     },
+    /// Observation-window aggregation after a prefill of one sequence, one layer.
+    Aggregate {
+        /// Prompt lengths, comma-separated.
+        #[arg(long, default_value = "32768", value_delimiter = ',')]
+        prompts: Vec<u32>,
+        /// Window queries; 0 means the whole prompt (full range).
+        #[arg(long, default_value_t = 32)]
+        window: u32,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        opts: BenchOpts,
+    },
+}
+
+/// Cache geometry of a benchmark (defaults: Llama-3.1-8B, f16, B=16).
+#[derive(clap::Args)]
+struct ModelArgs {
+    #[arg(long, value_enum, default_value_t = Dtype::F16)]
+    dtype: Dtype,
+    #[arg(long, default_value_t = 128)]
+    head_dim: u32,
+    #[arg(long, default_value_t = 8)]
+    kv_heads: u32,
+    #[arg(long, default_value_t = 4)]
+    group_size: u32,
+    #[arg(long, default_value_t = 16)]
+    block_size: u32,
+}
+
+impl ModelArgs {
+    /// A config for `batch` sequence rows of `context` KVs per head slot and `layers` layers.
+    fn config(&self, batch: u32, context: u32, layers: u32) -> CacheConfig {
+        let blocks_per_head = context.div_ceil(self.block_size);
+        CacheConfig {
+            num_seqs: batch,
+            num_layers: layers,
+            num_kv_heads: self.kv_heads,
+            group_size: self.group_size,
+            head_dim: self.head_dim,
+            block_size: self.block_size,
+            max_blocks_per_head: blocks_per_head,
+            num_blocks: batch * layers * self.kv_heads * blocks_per_head,
+            dtype: self.dtype.into(),
+        }
+    }
+
+    /// Bytes of K (or V) of `batch` x `context` KVs in one layer.
+    fn layer_k_bytes(&self, batch: u32, context: u32) -> u64 {
+        batch as u64
+            * self.kv_heads as u64
+            * context as u64
+            * self.head_dim as u64
+            * DType::from(self.dtype).elem_bytes() as u64
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} D={} H={} G={} B={}",
+            DType::from(self.dtype).name(),
+            self.head_dim,
+            self.kv_heads,
+            self.group_size,
+            self.block_size
+        )
+    }
+}
+
+/// Timing and output options of a benchmark.
+#[derive(clap::Args)]
+struct BenchOpts {
+    /// Timed runs per shape (after 5 warm-up runs).
+    #[arg(long, default_value_t = 50)]
+    reps: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -109,24 +174,19 @@ fn main() -> ExitCode {
             kernel:
                 BenchKernel::Decode {
                     shapes,
-                    dtype,
-                    head_dim,
-                    kv_heads,
-                    group_size,
-                    block_size,
-                    reps,
-                    json,
+                    model,
+                    opts,
                 },
-        } => bench_decode(
-            &shapes,
-            dtype.into(),
-            head_dim,
-            kv_heads,
-            group_size,
-            block_size,
-            reps,
-            json,
-        ),
+        } => bench_decode(&shapes, &model, &opts),
+        Command::Bench {
+            kernel:
+                BenchKernel::Aggregate {
+                    prompts,
+                    window,
+                    model,
+                    opts,
+                },
+        } => bench_aggregate(&prompts, window, &model, &opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -239,60 +299,73 @@ fn demo(device: Device, context: u32, steps: u32, seed: u64) -> AnyResult {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn bench_decode(
-    shapes: &[String],
-    dtype: DType,
-    head_dim: u32,
-    kv_heads: u32,
-    group_size: u32,
-    block_size: u32,
-    reps: usize,
-    json: bool,
-) -> AnyResult {
+/// The CUDA device and the copy bandwidth measured now (the yardstick of this run).
+fn bench_device() -> Result<(std::sync::Arc<kvcompress::gpu::Gpu>, f64), Box<dyn std::error::Error>>
+{
     let Backend::Cuda(gpu) = Backend::cuda(0)? else {
         unreachable!("Backend::cuda returns CUDA")
     };
     let (_, copy_gbps) = copy_bandwidth(&gpu, 1 << 30)?;
+    Ok((gpu, copy_gbps))
+}
+
+/// Prints a report as JSON, or as a markdown table of `columns` (key, header, decimals).
+fn print_report(
+    report: &serde_json::Value,
+    title: &str,
+    columns: &[(&str, &str, usize)],
+    json: bool,
+) {
+    if json {
+        println!("{report}");
+        return;
+    }
+    println!(
+        "device: {}   copy (D2D, 1 GiB, read+write): {:.0} GB/s",
+        report["device"].as_str().unwrap_or(""),
+        report["copy_gbps"].as_f64().unwrap_or(f64::NAN)
+    );
+    println!("{title}");
+    println!(
+        "| {} |",
+        columns.iter().map(|c| c.1).collect::<Vec<_>>().join(" | ")
+    );
+    println!("|{}", "---|".repeat(columns.len()));
+    for row in report["results"].as_array().into_iter().flatten() {
+        let cells: Vec<String> = columns
+            .iter()
+            .map(|&(key, _, decimals)| match &row[key] {
+                serde_json::Value::String(s) => s.clone(),
+                v => format!("{:.*}", decimals, v.as_f64().unwrap_or(f64::NAN)),
+            })
+            .collect();
+        println!("| {} |", cells.join(" | "));
+    }
+}
+
+fn bench_decode(shapes: &[String], model: &ModelArgs, opts: &BenchOpts) -> AnyResult {
+    let (gpu, copy_gbps) = bench_device()?;
     let mut rows = Vec::new();
     for shape in shapes {
         let (batch, context) = shape
             .split_once('x')
             .and_then(|(b, c)| Some((b.parse::<u32>().ok()?, c.parse::<u32>().ok()?)))
             .ok_or_else(|| format!("bad shape {shape:?}: expected BATCHxCONTEXT"))?;
-        let blocks_per_head = context.div_ceil(block_size);
-        let layer_bytes = 2
-            * batch as u64
-            * kv_heads as u64
-            * context as u64
-            * head_dim as u64
-            * dtype.elem_bytes() as u64;
-        let layers = rotation_layers(&gpu, layer_bytes, 8);
-        let config = CacheConfig {
-            num_seqs: batch,
-            num_layers: layers,
-            num_kv_heads: kv_heads,
-            group_size,
-            head_dim,
-            block_size,
-            max_blocks_per_head: blocks_per_head,
-            num_blocks: batch * layers * kv_heads * blocks_per_head,
-            dtype,
-        };
-        let mut cache = filled_cache(&gpu, config, context, 1)?;
+        let layers = rotation_layers(&gpu, 2 * model.layer_k_bytes(batch, context), 8);
+        let mut cache = filled_cache(&gpu, model.config(batch, context, layers), context, 1)?;
         let backend = cache.backend();
         let q_shape = [
             batch as usize,
-            (kv_heads * group_size) as usize,
-            head_dim as usize,
+            (model.kv_heads * model.group_size) as usize,
+            model.head_dim as usize,
         ];
         let q: Vec<f32> = (0..q_shape.iter().product::<usize>())
             .map(|i| ((i * 7919) % 200) as f32 / 100.0 - 1.0)
             .collect();
-        let q = Tensor::from_f32(&backend, dtype, &q_shape, &q)?;
-        let mut out = Tensor::full(&backend, dtype, &q_shape, 0.0)?;
-        let args = DecodeArgs::for_head_dim(head_dim);
-        let timing = time_gpu(&gpu, 5, reps, |i| {
+        let q = Tensor::from_f32(&backend, model.dtype.into(), &q_shape, &q)?;
+        let mut out = Tensor::full(&backend, model.dtype.into(), &q_shape, 0.0)?;
+        let args = DecodeArgs::for_head_dim(model.head_dim);
+        let timing = time_gpu(&gpu, 5, opts.reps, |i| {
             cache.decode(i as u32 % layers, &q, &mut out, &args)
         })?;
         let metric_skip = vec![0; batch as usize];
@@ -303,7 +376,7 @@ fn bench_decode(
             }),
             ..args
         };
-        let recorded = time_gpu(&gpu, 5, reps, |i| {
+        let recorded = time_gpu(&gpu, 5, opts.reps, |i| {
             cache.decode(i as u32 % layers, &q, &mut out, &record)
         })?;
         let bytes = decode_kv_bytes(&cache, 0);
@@ -318,36 +391,88 @@ fn bench_decode(
         }));
     }
     let report = json!({
-        "device": gpu.name(), "kernel": "decode", "dtype": dtype.name(), "head_dim": head_dim,
-        "kv_heads": kv_heads, "group_size": group_size, "block_size": block_size,
+        "device": gpu.name(), "kernel": "decode", "model": model.describe(),
         "copy_gbps": copy_gbps, "results": rows,
     });
-    if json {
-        println!("{report}");
-    } else {
-        println!(
-            "device: {}   copy (D2D, 1 GiB, read+write): {copy_gbps:.0} GB/s",
-            gpu.name()
-        );
-        println!(
-            "decode {} D={head_dim} H={kv_heads} G={group_size} B={block_size}",
-            dtype.name()
-        );
-        println!("| batch x context | median ms | min ms | GB/s (K+V) | of copy | L2 recording ms | recording / off |");
-        println!("|---|---|---|---|---|---|---|");
-        for r in &rows {
-            let f = |key: &str| r[key].as_f64().unwrap_or(f64::NAN);
-            println!(
-                "| {} | {:.4} | {:.4} | {:.0} | {:.2} | {:.4} | {:.3} |",
-                r["shape"].as_str().unwrap_or(""),
-                f("median_ms"),
-                f("min_ms"),
-                f("gbps"),
-                f("fraction_of_copy"),
-                f("l2_record_median_ms"),
-                f("l2_record_over_off")
-            );
-        }
+    let columns = [
+        ("shape", "batch x context", 0),
+        ("median_ms", "median ms", 4),
+        ("min_ms", "min ms", 4),
+        ("gbps", "GB/s (K+V)", 0),
+        ("fraction_of_copy", "of copy", 2),
+        ("l2_record_median_ms", "L2 recording ms", 4),
+        ("l2_record_over_off", "recording / off", 3),
+    ];
+    print_report(
+        &report,
+        &format!("decode {}", model.describe()),
+        &columns,
+        opts.json,
+    );
+    Ok(())
+}
+
+fn bench_aggregate(prompts: &[u32], window: u32, model: &ModelArgs, opts: &BenchOpts) -> AnyResult {
+    let (gpu, copy_gbps) = bench_device()?;
+    let mut rows = Vec::new();
+    for &prompt in prompts {
+        let w = if window == 0 {
+            prompt
+        } else {
+            window.min(prompt)
+        };
+        let layers = rotation_layers(&gpu, model.layer_k_bytes(1, prompt), 8);
+        let mut cache = filled_cache(&gpu, model.config(1, prompt, layers), prompt, 1)?;
+        let backend = cache.backend();
+        let q_shape = [
+            1,
+            w as usize,
+            (model.kv_heads * model.group_size) as usize,
+            model.head_dim as usize,
+        ];
+        let q: Vec<f32> = (0..q_shape.iter().product::<usize>())
+            .map(|i| ((i * 7919) % 200) as f32 / 50.0 - 2.0)
+            .collect();
+        let q = Tensor::from_f32(&backend, model.dtype.into(), &q_shape, &q)?;
+        let args = AggregateArgs {
+            scale: 1.0 / (model.head_dim as f32).sqrt(),
+            metric: Metric::L2,
+            metric_skip: &[0],
+            window_lens: &[w],
+            pool_kernel: AggregateArgs::DEFAULT_POOL_KERNEL,
+        };
+        let reps = if w > 4096 { 3 } else { opts.reps };
+        let timing = time_gpu(&gpu, 2, reps, |i| {
+            cache.aggregate(i as u32 % layers, &q, &args)
+        })?;
+        let k_bytes = model.layer_k_bytes(1, prompt);
+        let ms = timing.median_ms();
+        let gbps = k_bytes as f64 / (ms * 1e6);
+        rows.push(json!({
+            "prompt": prompt, "window": w, "layers_rotated": layers, "median_ms": ms,
+            "min_ms": timing.min_ms(), "k_bytes": k_bytes, "gbps": gbps,
+            "fraction_of_copy": gbps / copy_gbps,
+        }));
     }
+    let report = json!({
+        "device": gpu.name(), "kernel": "aggregate", "model": model.describe(),
+        "copy_gbps": copy_gbps, "results": rows,
+    });
+    let columns = [
+        ("prompt", "prompt", 0),
+        ("window", "window", 0),
+        ("median_ms", "median ms", 4),
+        ("gbps", "GB/s (K)", 0),
+        ("fraction_of_copy", "of copy", 2),
+    ];
+    print_report(
+        &report,
+        &format!(
+            "window aggregation (L2, pool 7) {}, one layer",
+            model.describe()
+        ),
+        &columns,
+        opts.json,
+    );
     Ok(())
 }

@@ -2,9 +2,11 @@
 //! f64 accumulation and no tiling, following SPEC.md literally. The CPU backend runs these;
 //! the GPU tests compare the kernels against them.
 
+mod aggregate;
 mod append;
 mod decode;
 
+pub use aggregate::{aggregate, AggregateRef};
 pub use append::append_kv;
 pub use decode::{decode, RecordArgs};
 

@@ -2,7 +2,7 @@
 //! so `tests/abi_roundtrip.rs` can compare them with what the host pushed. rustc's
 //! `extern "ptx-kernel"` aggregate ABI is unstable; this catches a change.
 
-use kvc_abi::params::{AppendParams, DecodeParams};
+use kvc_abi::params::{AggregateParams, AppendParams, DecodeParams};
 
 use crate::gpu::mem::store;
 use crate::gpu::thread::{block_idx_x, thread_idx_x};
@@ -16,6 +16,12 @@ pub trait Echo: Copy {
 impl Echo for DecodeParams {
     fn echo_dst(&self) -> u64 {
         self.out
+    }
+}
+
+impl Echo for AggregateParams {
+    fn echo_dst(&self) -> u64 {
+        self.stats
     }
 }
 

@@ -11,13 +11,14 @@
 // as the math is written; LLVM unrolls them fully.
 #![allow(clippy::needless_range_loop)]
 
+mod aggregate;
 mod append;
 mod decode;
 mod decode_merge;
 mod echo;
 mod gpu;
 
-use kvc_abi::params::{AppendParams, DecodeParams};
+use kvc_abi::params::{AggregateParams, AppendParams, DecodeParams};
 
 use gpu::math::{Bf16, F16, F32};
 
@@ -88,4 +89,27 @@ entries! { DecodeParams =>
 entries! { AppendParams =>
     append_kv = append::append_body;
     abi_echo_append = echo::echo_body::<AppendParams>;
+}
+
+entries! { AggregateParams =>
+    window_stats_f16_d64 = aggregate::window_stats_body::<F16, 64>;
+    window_stats_f16_d128 = aggregate::window_stats_body::<F16, 128>;
+    window_stats_f16_d256 = aggregate::window_stats_body::<F16, 256>;
+    window_stats_bf16_d64 = aggregate::window_stats_body::<Bf16, 64>;
+    window_stats_bf16_d128 = aggregate::window_stats_body::<Bf16, 128>;
+    window_stats_bf16_d256 = aggregate::window_stats_body::<Bf16, 256>;
+    window_stats_f32_d64 = aggregate::window_stats_body::<F32, 64>;
+    window_stats_f32_d128 = aggregate::window_stats_body::<F32, 128>;
+    window_stats_f32_d256 = aggregate::window_stats_body::<F32, 256>;
+    window_stats_merge = aggregate::window_stats_merge_body;
+    window_scores_f16_d64 = aggregate::window_scores_body::<F16, 64>;
+    window_scores_f16_d128 = aggregate::window_scores_body::<F16, 128>;
+    window_scores_f16_d256 = aggregate::window_scores_body::<F16, 256>;
+    window_scores_bf16_d64 = aggregate::window_scores_body::<Bf16, 64>;
+    window_scores_bf16_d128 = aggregate::window_scores_body::<Bf16, 128>;
+    window_scores_bf16_d256 = aggregate::window_scores_body::<Bf16, 256>;
+    window_scores_f32_d64 = aggregate::window_scores_body::<F32, 64>;
+    window_scores_f32_d128 = aggregate::window_scores_body::<F32, 128>;
+    window_scores_f32_d256 = aggregate::window_scores_body::<F32, 256>;
+    abi_echo_aggregate = echo::echo_body::<AggregateParams>;
 }

@@ -138,3 +138,76 @@ impl AppendParams {
         self.patch_word(self.num_patches)
     }
 }
+
+/// Observation-window score aggregation (SPEC §4), both passes and the merge between them.
+///
+/// For sequence row `seq` and KV head `h`, the window's query rows are `r = i * G + g`
+/// (`i < window_len`, `g < G`), query `i` being prompt position `last_position -
+/// (window_len - 1 - i)`. Pass 1 (`window_stats`) finds each row's softmax max and sum over the
+/// keys it may see; pass 2 (`window_scores`) sums each key's probabilities per query head,
+/// max-pools them over neighbouring logical keys and adds the group sum to `metric`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+pub struct AggregateParams {
+    pub cache: CacheView,
+    /// `[num_seqs, window, Hq, D]`, cache dtype.
+    pub q: u64,
+    /// `[num_seqs, H, window * G, 2]` f32: each row's (max, 1 / sum) in the log2 domain
+    /// (max 0 and 1 / sum 0 for a row that sees no key).
+    pub stats: u64,
+    /// `[num_seqs, H, window * G, key_splits, 2]` f32: per key split, (max, sum).
+    pub partials: u64,
+    /// `[num_seqs, 3]` i32: window length, last position, metric_skip.
+    pub seq_info: u64,
+    /// Layer whose head slots are read and recorded.
+    pub layer_idx: u32,
+    /// `w`, the second extent of `q`.
+    pub window: u32,
+    /// Key splits of pass 1 (1: pass 1 writes `stats` itself).
+    pub key_splits: u32,
+    /// Keys per split of pass 1 (a multiple of the key tile).
+    pub split_kvs: u32,
+    /// Softmax scale times log2(e).
+    pub scale_log2: f32,
+    /// [`record::L2`] or [`record::L1`].
+    pub record: u32,
+    /// Half the max-pool width (`k / 2`; 0 = no pooling).
+    pub pool_half: u32,
+    /// Padding (keeps the struct free of implicit padding).
+    pub reserved: u32,
+}
+
+impl AggregateParams {
+    /// Query rows of one `(seq, kv_head)`: `window * G`.
+    #[inline(always)]
+    pub const fn rows(&self) -> u32 {
+        self.window * self.cache.geometry.group_size
+    }
+
+    /// Row `row` of `(seq, kv_head)` in `stats` (times 2 for the word).
+    #[inline(always)]
+    pub const fn stats_row(&self, seq: u32, kv_head: u32, row: u32) -> u64 {
+        (seq as u64 * self.cache.geometry.num_kv_heads as u64 + kv_head as u64) * self.rows() as u64
+            + row as u64
+    }
+
+    /// Row of `(seq, kv_head, row, split)` in `partials` (times 2 for the word).
+    #[inline(always)]
+    pub const fn partial_row(&self, seq: u32, kv_head: u32, row: u32, split: u32) -> u64 {
+        self.stats_row(seq, kv_head, row) * self.key_splits as u64 + split as u64
+    }
+
+    /// Element index of window query `i`, query head `q_head` of `seq` in `q`.
+    #[inline(always)]
+    pub const fn query_elem(&self, seq: u32, i: u32, q_head: u32) -> u64 {
+        ((seq as u64 * self.window as u64 + i as u64) * self.cache.geometry.num_q_heads() as u64
+            + q_head as u64)
+            * self.cache.geometry.head_dim as u64
+    }
+
+    /// Word of `seq_info` holding field `field` (0 window length, 1 last position, 2 skip).
+    #[inline(always)]
+    pub const fn seq_info_word(&self, seq: u32, field: u32) -> u64 {
+        seq as u64 * 3 + field as u64
+    }
+}

@@ -481,3 +481,189 @@ mod tests {
         assert!(p.num_partitions <= 132 && p.can_record(&props));
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Observation-window aggregation (SPEC §4)
+
+/// Warps per aggregation CTA; each takes 16 query rows (one `m16` MMA tile).
+pub const AGG_WARPS: u32 = 4;
+/// Query rows a CTA holds at once: `AGG_WARPS * 16`.
+pub const AGG_ROWS: u32 = AGG_WARPS * 16;
+/// Keys per tile of pass 1.
+pub const STATS_TILE_KEYS: u32 = 64;
+/// Keys pass 2 owns per CTA (it adds their metric).
+pub const SCORE_KEYS: u32 = 128;
+/// Keys on each side of a pass-2 tile whose scores it also sums, for max-pooling.
+pub const SCORE_HALO: u32 = 8;
+/// Keys pass 2 scores per CTA, owned and halo.
+pub const SCORE_TILE_KEYS: u32 = SCORE_KEYS + 2 * SCORE_HALO;
+/// Widest max-pool the kernels support (`2 * SCORE_HALO + 1`).
+pub const MAX_POOL_KERNEL: u32 = 2 * SCORE_HALO + 1;
+/// Bound on the pass-1 partials, in f32 words (64 MiB), so that long windows never split keys
+/// into more memory than this.
+pub const MAX_PARTIAL_WORDS: u64 = 16 << 20;
+
+/// Bytes of one row of a shared-memory tile of `head_dim` elements of `elem_bytes`: padded by
+/// 16 bytes so that the 8 rows one `ldmatrix` reads fall in different banks.
+pub const fn tile_row_bytes(head_dim: u32, elem_bytes: u32) -> u32 {
+    head_dim * elem_bytes + 16
+}
+
+/// Shared memory of the aggregation kernels, in bytes from the start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AggregateSmem {
+    /// `[AGG_ROWS]` rows of `tile_row_bytes`: the query rows.
+    pub q_tile: u32,
+    /// `[keys]` rows of `tile_row_bytes`: the key tile.
+    pub k_tile: u32,
+    /// `[keys]` i32 positions of the key tile.
+    pub positions: u32,
+    /// Pass 2: `[AGG_WARPS, G, SCORE_TILE_KEYS]` f32 per-warp column sums, written after the
+    /// last use of the tiles, over them (at offset 0).
+    pub columns: u32,
+    /// Bytes in all.
+    pub bytes: u32,
+}
+
+/// The shared-memory map of an aggregation kernel with `keys` keys per tile (pass 2 also
+/// keeps per-warp column sums, over the tiles once they are no longer read).
+pub const fn aggregate_smem(
+    head_dim: u32,
+    elem_bytes: u32,
+    group_size: u32,
+    keys: u32,
+    columns: bool,
+) -> AggregateSmem {
+    let row = tile_row_bytes(head_dim, elem_bytes);
+    let q_tile = 0;
+    let k_tile = q_tile + AGG_ROWS * row;
+    let positions = k_tile + keys * row;
+    let tiles = positions + keys * 4;
+    let column_bytes = if columns {
+        AGG_WARPS * group_size * SCORE_TILE_KEYS * 4
+    } else {
+        0
+    };
+    AggregateSmem {
+        q_tile,
+        k_tile,
+        positions,
+        columns: 0,
+        bytes: if tiles > column_bytes {
+            tiles
+        } else {
+            column_bytes
+        },
+    }
+}
+
+/// The planned aggregation: pass 1, the merge of its key splits (when split), pass 2, and
+/// the workspace (stats, then partials).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AggregatePlan {
+    /// Grid `(row_chunks * key_splits, H, num_seqs)`.
+    pub stats: LaunchDims,
+    /// Grid `(ceil(rows / AGG_WARPS), H, num_seqs)`, one warp per row.
+    pub merge: Option<LaunchDims>,
+    /// Grid `(ceil(max_len / SCORE_KEYS), H, num_seqs)`.
+    pub scores: LaunchDims,
+    pub key_splits: u32,
+    pub split_kvs: u32,
+    /// Query row chunks of `AGG_ROWS` per `(seq, kv_head)`.
+    pub row_chunks: u32,
+    /// f32 words of `stats`.
+    pub stats_words: u64,
+}
+
+impl AggregatePlan {
+    /// Byte offset of the partials in the workspace (`stats` starts at 0).
+    pub const fn partials_offset(&self) -> u64 {
+        self.stats_words * 4
+    }
+
+    /// Byte offset of `seq_info`.
+    pub const fn seq_info_offset(&self) -> u64 {
+        self.partials_offset() + self.stats_words * self.key_splits as u64 * 4
+    }
+
+    /// Bytes of workspace.
+    pub const fn workspace_bytes(&self, num_seqs: u32) -> u64 {
+        self.seq_info_offset() + num_seqs as u64 * 12
+    }
+}
+
+/// Plans an aggregation of windows of up to `window` queries over head slots of up to
+/// `max_context_len` keys. Pass 1 splits the keys so that the grid fills about two waves of
+/// `resident` CTAs, within [`MAX_PARTIAL_WORDS`].
+pub fn plan_aggregate(
+    geometry: &Geometry,
+    dtype: DType,
+    window: u32,
+    max_context_len: u32,
+    resident: u32,
+) -> AggregatePlan {
+    let threads = [AGG_WARPS * WARP_SIZE, 1, 1];
+    let rows = window * geometry.group_size;
+    let row_chunks = rows.div_ceil(AGG_ROWS).max(1);
+    let units = row_chunks * geometry.num_kv_heads * geometry.num_seqs;
+    let key_tiles = max_context_len.div_ceil(STATS_TILE_KEYS).max(1);
+    let stats_words = geometry.num_seqs as u64 * geometry.num_kv_heads as u64 * rows as u64 * 2;
+    let by_memory = (MAX_PARTIAL_WORDS / stats_words.max(1)).max(1) as u32;
+    let key_splits = (2 * resident)
+        .div_ceil(units)
+        .clamp(1, key_tiles)
+        .min(by_memory);
+    let split_kvs = key_tiles.div_ceil(key_splits) * STATS_TILE_KEYS;
+    let key_splits = max_context_len.div_ceil(split_kvs).max(1);
+    let elem = dtype.elem_bytes();
+    let stats = LaunchDims {
+        grid: [
+            row_chunks * key_splits,
+            geometry.num_kv_heads,
+            geometry.num_seqs,
+        ],
+        block: threads,
+        smem_bytes: aggregate_smem(
+            geometry.head_dim,
+            elem,
+            geometry.group_size,
+            STATS_TILE_KEYS,
+            false,
+        )
+        .bytes,
+    };
+    let merge = (key_splits > 1).then_some(LaunchDims {
+        grid: [
+            rows.div_ceil(AGG_WARPS),
+            geometry.num_kv_heads,
+            geometry.num_seqs,
+        ],
+        block: threads,
+        smem_bytes: 0,
+    });
+    let scores = LaunchDims {
+        grid: [
+            max_context_len.div_ceil(SCORE_KEYS).max(1),
+            geometry.num_kv_heads,
+            geometry.num_seqs,
+        ],
+        block: threads,
+        smem_bytes: aggregate_smem(
+            geometry.head_dim,
+            elem,
+            geometry.group_size,
+            SCORE_TILE_KEYS,
+            true,
+        )
+        .bytes,
+    };
+    AggregatePlan {
+        stats,
+        merge,
+        scores,
+        key_splits,
+        split_kvs,
+        row_chunks,
+        stats_words,
+    }
+}

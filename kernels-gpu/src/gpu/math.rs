@@ -18,6 +18,19 @@ pub fn fma(a: f32, b: f32, c: f32) -> f32 {
     core::intrinsics::fmaf32(a, b, c)
 }
 
+/// `x`, hidden from the optimiser, so that a loop bounded by it stays a loop (LLVM fully
+/// unrolls loops with constant trip counts, which for long bodies pushes the enclosing loop
+/// out of its unroll budget and its arrays into local memory).
+#[inline(always)]
+pub fn opaque(x: u32) -> u32 {
+    let y: u32;
+    // SAFETY: a register move.
+    unsafe {
+        core::arch::asm!("mov.b32 {y}, {x};", y = out(reg32) y, x = in(reg32) x, options(pure, nomem, nostack));
+    }
+    y
+}
+
 /// `max` that ignores neither operand's infinities (`fmax.f32`).
 #[inline(always)]
 pub fn fmax(a: f32, b: f32) -> f32 {

@@ -3,6 +3,7 @@
 
 pub mod math;
 pub mod mem;
+pub mod mma;
 pub mod smem;
 pub mod sync;
 pub mod thread;

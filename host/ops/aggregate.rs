@@ -1,0 +1,82 @@
+//! Launcher of observation-window score aggregation (SPEC §4): pass 1, its merge when keys
+//! are split, pass 2.
+
+use cudarc::driver::CudaSlice;
+use kvc_abi::params::AggregateParams;
+use kvc_abi::plan::{aggregate_smem, plan_aggregate, AGG_WARPS, STATS_TILE_KEYS, WARP_SIZE};
+use kvc_abi::{DType, Geometry};
+
+use crate::cache::{AggregateArgs, DeviceArrays};
+use crate::error::Result;
+use crate::gpu::{window_scores_entry, window_stats_entry, WINDOW_STATS_MERGE_ENTRY};
+
+/// One validated aggregation call.
+pub(crate) struct AggregateJob<'a> {
+    pub(crate) layer: u32,
+    pub(crate) max_context_len: u32,
+    pub(crate) q: &'a CudaSlice<u8>,
+    /// `w`, the second extent of `q`.
+    pub(crate) window: u32,
+    pub(crate) args: &'a AggregateArgs<'a>,
+    /// `[num_seqs, 3]`: window length, last position, metric_skip.
+    pub(crate) seq_info: Vec<i32>,
+}
+
+/// Runs both passes for one layer.
+pub(crate) fn aggregate(
+    d: &DeviceArrays,
+    g: Geometry,
+    dtype: DType,
+    job: AggregateJob,
+) -> Result<()> {
+    let gpu = &d.gpu;
+    let stats_entry = window_stats_entry(dtype, g.head_dim);
+    let smem = aggregate_smem(
+        g.head_dim,
+        dtype.elem_bytes(),
+        g.group_size,
+        STATS_TILE_KEYS,
+        false,
+    )
+    .bytes;
+    let kernel = gpu.kernel_props(&stats_entry, AGG_WARPS * WARP_SIZE, smem)?;
+    let resident = gpu.props().num_sms * kernel.ctas_per_sm.max(1);
+    let plan = plan_aggregate(&g, dtype, job.window, job.max_context_len, resident);
+    let mut workspace = gpu.workspace(plan.workspace_bytes(g.num_seqs))?;
+    gpu.write_at(
+        bytemuck::cast_slice(&job.seq_info),
+        &mut workspace,
+        plan.seq_info_offset(),
+    )?;
+    let base = gpu.addr(&workspace);
+    let params = AggregateParams {
+        cache: d.view(g),
+        q: gpu.addr(job.q),
+        stats: base,
+        partials: base + plan.partials_offset(),
+        seq_info: base + plan.seq_info_offset(),
+        layer_idx: job.layer,
+        window: job.window,
+        key_splits: plan.key_splits,
+        split_kvs: plan.split_kvs,
+        scale_log2: job.args.scale * std::f32::consts::LOG2_E,
+        record: job.args.metric.code(),
+        pool_half: job.args.pool_kernel / 2,
+        reserved: 0,
+    };
+    // SAFETY: validate::aggregate checked q, the window lengths (within q and the prompt),
+    // metric_skip, the pool width (within the kernels' halo) and the scale; the cache's tables
+    // are valid by construction; the workspace holds the plan's stats, partials and seq_info.
+    unsafe {
+        gpu.launch(&stats_entry, plan.stats, &params)?;
+        if let Some(merge) = plan.merge {
+            gpu.launch(WINDOW_STATS_MERGE_ENTRY, merge, &params)?;
+        }
+        gpu.launch(
+            &window_scores_entry(dtype, g.head_dim),
+            plan.scores,
+            &params,
+        )?;
+    }
+    Ok(())
+}

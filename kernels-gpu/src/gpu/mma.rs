@@ -1,0 +1,129 @@
+//! Warp-level matrix multiply-accumulate (`mma.sync.m16n8k16`, sm_80+) and the shared-memory
+//! matrix loads that feed it (`ldmatrix`).
+//!
+//! Fragment layouts (PTX ISA, m16n8k16, 16-bit inputs), with `gid = lane / 4` and
+//! `tig = lane % 4`: A (16x16, row-major) register 0 = row gid, columns 2tig..2tig+1;
+//! register 1 = row gid+8; registers 2, 3 = the same rows, columns +8. B (16x8, "col") register
+//! 0 = rows (k) 2tig..2tig+1 of column (n) gid; register 1 = k + 8. C/D (16x8 f32): c0, c1 =
+//! row gid, columns 2tig, 2tig+1; c2, c3 = row gid+8. A matrix stored with its rows
+//! contiguous (a query row, a key row) is exactly what `ldmatrix` without `.trans` turns into
+//! these fragments.
+
+use core::arch::asm;
+
+/// The 32-bit shared-memory address of a pointer into dynamic shared memory.
+#[inline(always)]
+pub fn shared_addr<T>(ptr: *const T) -> u32 {
+    let addr: u64;
+    // SAFETY: converts a generic address to the shared window; no memory is touched.
+    unsafe {
+        asm!("cvta.to.shared.u64 {a}, {p};", a = out(reg64) addr, p = in(reg64) ptr as u64, options(pure, nomem, nostack));
+    }
+    addr as u32
+}
+
+/// Four 8x8 b16 matrices from shared memory; lanes `8m..8m+8` give the row addresses of
+/// matrix `m`, and lane `l` receives row `l / 4`, columns `2 (l % 4)..+2` of each.
+///
+/// # Safety
+/// Every lane's address is a 16-byte-aligned shared address of 16 readable bytes; the warp
+/// is converged.
+#[inline(always)]
+pub unsafe fn ldmatrix_x4(addr: u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        asm!(
+            "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{a}, {b}, {c}, {d}}}, [{addr}];",
+            a = out(reg32) a,
+            b = out(reg32) b,
+            c = out(reg32) c,
+            d = out(reg32) d,
+            addr = in(reg32) addr,
+            options(readonly, nostack),
+        );
+    }
+    [a, b, c, d]
+}
+
+/// Two 8x8 b16 matrices (lanes 0..16 give the addresses).
+///
+/// # Safety
+/// As [`ldmatrix_x4`] for lanes 0..16.
+#[inline(always)]
+pub unsafe fn ldmatrix_x2(addr: u32) -> [u32; 2] {
+    let (a, b): (u32, u32);
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        asm!(
+            "ldmatrix.sync.aligned.m8n8.x2.shared.b16 {{{a}, {b}}}, [{addr}];",
+            a = out(reg32) a,
+            b = out(reg32) b,
+            addr = in(reg32) addr,
+            options(readonly, nostack),
+        );
+    }
+    [a, b]
+}
+
+/// `d = a * b + c` for f16 inputs, f32 accumulators.
+///
+/// # Safety
+/// The warp is converged.
+#[inline(always)]
+pub unsafe fn mma_f16(a: [u32; 4], b: [u32; 2], c: [f32; 4]) -> [f32; 4] {
+    let (d0, d1, d2, d3): (f32, f32, f32, f32);
+    // SAFETY: a register-only warp instruction.
+    unsafe {
+        asm!(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{{d0}, {d1}, {d2}, {d3}}}, {{{a0}, {a1}, {a2}, {a3}}}, {{{b0}, {b1}}}, {{{c0}, {c1}, {c2}, {c3}}};",
+            d0 = out(reg32) d0, d1 = out(reg32) d1, d2 = out(reg32) d2, d3 = out(reg32) d3,
+            a0 = in(reg32) a[0], a1 = in(reg32) a[1], a2 = in(reg32) a[2], a3 = in(reg32) a[3],
+            b0 = in(reg32) b[0], b1 = in(reg32) b[1],
+            c0 = in(reg32) c[0], c1 = in(reg32) c[1], c2 = in(reg32) c[2], c3 = in(reg32) c[3],
+            options(pure, nomem, nostack),
+        );
+    }
+    [d0, d1, d2, d3]
+}
+
+/// `d = a * b + c` for bf16 inputs, f32 accumulators.
+///
+/// # Safety
+/// The warp is converged.
+#[inline(always)]
+pub unsafe fn mma_bf16(a: [u32; 4], b: [u32; 2], c: [f32; 4]) -> [f32; 4] {
+    let (d0, d1, d2, d3): (f32, f32, f32, f32);
+    // SAFETY: a register-only warp instruction.
+    unsafe {
+        asm!(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{d0}, {d1}, {d2}, {d3}}}, {{{a0}, {a1}, {a2}, {a3}}}, {{{b0}, {b1}}}, {{{c0}, {c1}, {c2}, {c3}}};",
+            d0 = out(reg32) d0, d1 = out(reg32) d1, d2 = out(reg32) d2, d3 = out(reg32) d3,
+            a0 = in(reg32) a[0], a1 = in(reg32) a[1], a2 = in(reg32) a[2], a3 = in(reg32) a[3],
+            b0 = in(reg32) b[0], b1 = in(reg32) b[1],
+            c0 = in(reg32) c[0], c1 = in(reg32) c[1], c2 = in(reg32) c[2], c3 = in(reg32) c[3],
+            options(pure, nomem, nostack),
+        );
+    }
+    [d0, d1, d2, d3]
+}
+
+/// Stores 16 bytes to shared memory.
+///
+/// # Safety
+/// `addr` is a 16-byte-aligned shared address of 16 writable bytes.
+#[inline(always)]
+pub unsafe fn store_shared_chunk(addr: u32, value: [u32; 4]) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        asm!(
+            "st.shared.v4.u32 [{addr}], {{{a}, {b}, {c}, {d}}};",
+            addr = in(reg32) addr,
+            a = in(reg32) value[0],
+            b = in(reg32) value[1],
+            c = in(reg32) value[2],
+            d = in(reg32) value[3],
+            options(nostack),
+        );
+    }
+}

@@ -1,0 +1,224 @@
+//! Window aggregation on the GPU against the CPU reference (SPEC §4): every dtype, head
+//! dimension, block size and group size; ragged prompts and windows; L1 and L2; metric_skip
+//! 0 and > 0; max-pool widths 1 to 17; a full-range window; and a 32768-token prompt with
+//! `w = n`, checked by the exact L1 mass (every query's softmax sums to 1 per head).
+
+mod common;
+
+use common::{
+    assert_metric_close, config_for, fresh_seed, gpu_or_skip, random_snapshot, random_values, rng,
+    zero_live_metrics,
+};
+use kvcompress::gpu::{BLOCK_SIZES, GROUP_SIZES, HEAD_DIMS};
+use kvcompress::{AggregateArgs, Backend, CacheConfig, DType, Metric, PagedKvCache, Tensor};
+
+/// Runs one aggregation on both backends from the same snapshot and compares every metric.
+#[allow(clippy::too_many_arguments)]
+fn check(
+    gpu: &Backend,
+    name: &str,
+    config: CacheConfig,
+    prompts: &[u32],
+    window: usize,
+    window_lens: &[u32],
+    args: (Metric, &[i32], u32),
+    q_amplitude: f32,
+) {
+    let seed = fresh_seed();
+    let mut rng = rng(seed);
+    let (metric, skip, pool) = args;
+    let h = config.num_kv_heads as usize;
+    let lens: Vec<u32> = prompts
+        .iter()
+        .flat_map(|&p| std::iter::repeat_n(p, h * config.num_layers as usize))
+        .collect();
+    let mut snapshot = random_snapshot(&config, &lens, &mut rng);
+    zero_live_metrics(&mut snapshot);
+    snapshot.last_position = prompts.iter().map(|&p| p as i32 - 1).collect();
+    let hq = (config.num_kv_heads * config.group_size) as usize;
+    let shape = [
+        config.num_seqs as usize,
+        window,
+        hq,
+        config.head_dim as usize,
+    ];
+    let q_values = random_values(config.dtype, shape.iter().product(), q_amplitude, &mut rng);
+    let args = AggregateArgs {
+        scale: 1.0 / (config.head_dim as f32).sqrt(),
+        metric,
+        metric_skip: skip,
+        window_lens,
+        pool_kernel: pool,
+    };
+    let layer = config.num_layers - 1;
+    let mut metrics = Vec::new();
+    for backend in [gpu, &Backend::Cpu] {
+        let mut cache = PagedKvCache::from_snapshot(backend, config, snapshot.clone()).unwrap();
+        let q = Tensor::from_f32(backend, config.dtype, &shape, &q_values).unwrap();
+        cache
+            .aggregate(layer, &q, &args)
+            .unwrap_or_else(|e| panic!("{name} on {}: {e}", backend.describe()));
+        metrics.push(cache.snapshot().unwrap().metric);
+    }
+    assert_metric_close(&metrics[0], &metrics[1], &format!("{name} (seed {seed})"));
+    assert!(
+        metrics[1].iter().zip(&snapshot.metric).any(|(a, b)| a != b),
+        "{name}: nothing recorded (seed {seed})"
+    );
+}
+
+#[test]
+fn aggregation_matches_reference_for_every_dtype_head_dim_block_and_group_size() {
+    let Some(gpu) =
+        gpu_or_skip("aggregation_matches_reference_for_every_dtype_head_dim_block_and_group_size")
+    else {
+        return;
+    };
+    let variants: [(Metric, [i32; 3], u32); 4] = [
+        (Metric::L2, [0, 0, 0], 7),
+        (Metric::L1, [2, 0, 5], 1),
+        (Metric::L2, [1, 3, 0], 17),
+        (Metric::L1, [0, 0, 0], 3),
+    ];
+    let mut n = 0;
+    for dtype in DType::ALL {
+        for head_dim in HEAD_DIMS {
+            for block_size in BLOCK_SIZES {
+                for group_size in GROUP_SIZES {
+                    let (metric, skip, pool) = variants[n % variants.len()];
+                    n += 1;
+                    // Three prompts: long enough for several key tiles, one shorter than the
+                    // window extent, one of a single token; two layers, the last one read.
+                    let prompts = [300u32, 20, 1];
+                    let lens: Vec<u32> = prompts
+                        .iter()
+                        .flat_map(|&p| std::iter::repeat_n(p, 4))
+                        .collect();
+                    let config =
+                        config_for(dtype, head_dim, block_size, group_size, 3, 2, 2, &lens, 4);
+                    let name = format!("{} d{head_dim} b{block_size} g{group_size} {metric:?} skip {skip:?} pool {pool}", dtype.name());
+                    check(
+                        &gpu,
+                        &name,
+                        config,
+                        &prompts,
+                        24,
+                        &[24, 20, 1],
+                        (metric, &skip, pool),
+                        4.0,
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn aggregation_matches_reference_on_long_prompts_and_full_windows() {
+    let Some(gpu) = gpu_or_skip("aggregation_matches_reference_on_long_prompts_and_full_windows")
+    else {
+        return;
+    };
+    /// dtype, head dim, group size, prompts, window extent, window lengths.
+    type Case<'a> = (DType, u32, u32, &'a [u32], usize, &'a [u32]);
+    let cases: [Case; 3] = [
+        (DType::F16, 128, 4, &[4096], 32, &[32]),
+        (DType::Bf16, 64, 2, &[1536, 700], 1536, &[1536, 700]),
+        (DType::F32, 128, 1, &[1000], 1000, &[1000]),
+    ];
+    for (dtype, head_dim, group_size, prompts, window, window_lens) in cases {
+        let lens: Vec<u32> = prompts
+            .iter()
+            .flat_map(|&p| std::iter::repeat_n(p, 2))
+            .collect();
+        let config = config_for(
+            dtype,
+            head_dim,
+            16,
+            group_size,
+            prompts.len() as u32,
+            1,
+            2,
+            &lens,
+            2,
+        );
+        let name = format!(
+            "{} d{head_dim} g{group_size} prompts {prompts:?} window {window}",
+            dtype.name()
+        );
+        let skip = vec![1; prompts.len()];
+        check(
+            &gpu,
+            &name,
+            config,
+            prompts,
+            window,
+            window_lens,
+            (Metric::L2, &skip, 7),
+            6.0,
+        );
+    }
+}
+
+#[test]
+fn full_range_window_over_32768_tokens_has_exact_l1_mass_and_is_deterministic() {
+    let Some(gpu) =
+        gpu_or_skip("full_range_window_over_32768_tokens_has_exact_l1_mass_and_is_deterministic")
+    else {
+        return;
+    };
+    let n = 32768u32;
+    let (heads, group) = (2u32, 4u32);
+    let lens = vec![n; heads as usize];
+    let config = config_for(DType::F16, 128, 16, group, 1, 1, heads, &lens, 0);
+    let seed = fresh_seed();
+    let mut rng = rng(seed);
+    let mut snapshot = random_snapshot(&config, &lens, &mut rng);
+    zero_live_metrics(&mut snapshot);
+    snapshot.last_position = vec![n as i32 - 1];
+    let shape = [1, n as usize, (heads * group) as usize, 128];
+    let q = Tensor::from_f32(
+        &gpu,
+        DType::F16,
+        &shape,
+        &random_values(DType::F16, shape.iter().product(), 8.0, &mut rng),
+    )
+    .unwrap();
+    let args = AggregateArgs {
+        scale: 1.0 / 128f32.sqrt(),
+        metric: Metric::L1,
+        metric_skip: &[0],
+        window_lens: &[n],
+        pool_kernel: 1,
+    };
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let mut cache = PagedKvCache::from_snapshot(&gpu, config, snapshot.clone()).unwrap();
+        cache.aggregate(0, &q, &args).unwrap();
+        runs.push(cache.snapshot().unwrap());
+    }
+    let bits = |m: &[f32]| m.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert!(
+        bits(&runs[0].metric) == bits(&runs[1].metric),
+        "full-range aggregation is not deterministic (seed {seed})"
+    );
+    let s = &runs[0];
+    for head in 0..heads as usize {
+        let mb = config.max_blocks_per_head as usize;
+        let mut mass = 0.0f64;
+        for j in 0..n as usize {
+            let slot = s.block_tables[head * mb + j / 16] as usize * 16 + j % 16;
+            let m = s.metric[slot];
+            assert!(
+                m.is_finite() && m >= 0.0,
+                "head {head} key {j}: metric {m} (seed {seed})"
+            );
+            mass += m as f64;
+        }
+        let expected = (n * group) as f64;
+        assert!(
+            (mass - expected).abs() <= 1e-4 * expected,
+            "head {head}: L1 mass {mass}, expected {expected} (seed {seed})"
+        );
+    }
+}
