@@ -81,17 +81,25 @@ impl BlockAllocator {
     /// Takes `blocks` back. Rejects, changing nothing, an id outside the pool, a block that is
     /// not allocated, or one named twice.
     pub fn free(&mut self, blocks: &[u32]) -> Result<()> {
-        let mut seen = std::collections::HashSet::with_capacity(blocks.len());
-        for &b in blocks {
-            if !self.is_allocated(b) || !seen.insert(b) {
-                return Err(Error::invalid(
-                    "blocks",
-                    b,
-                    format!("an allocated block of 0..{}, named once", self.num_blocks()),
-                ));
-            }
+        let num_blocks = self.num_blocks();
+        let rejected = |b: u32| {
+            Error::invalid(
+                "blocks",
+                b,
+                format!("an allocated block of 0..{num_blocks}, named once"),
+            )
+        };
+        if let Some(&b) = blocks.iter().find(|&&b| !self.is_allocated(b)) {
+            return Err(rejected(b));
         }
-        for &b in blocks {
+        // Clearing the allocated bit as we go finds a block named twice; undo on the way out.
+        for (i, &b) in blocks.iter().enumerate() {
+            if !self.allocated[b as usize] {
+                for &undo in &blocks[..i] {
+                    self.allocated[undo as usize] = true;
+                }
+                return Err(rejected(b));
+            }
             self.allocated[b as usize] = false;
         }
         self.free.extend_from_slice(blocks);

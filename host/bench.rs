@@ -107,6 +107,16 @@ pub fn filled_cache(
     context_len: u32,
     seed: u64,
 ) -> Result<PagedKvCache> {
+    PagedKvCache::from_snapshot(
+        &Backend::Cuda(gpu.clone()),
+        config,
+        filled_snapshot(config, context_len, seed),
+    )
+}
+
+/// The snapshot of [`filled_cache`]: every head slot `context_len` KVs, positions in logical
+/// order (as after a prefill), metrics uniform in [0, 1).
+pub fn filled_snapshot(config: CacheConfig, context_len: u32, seed: u64) -> CacheSnapshot {
     let g = config.geometry();
     let blocks_per_head = g.blocks_for(context_len);
     let head_slots = g.num_head_slots() as usize;
@@ -123,18 +133,22 @@ pub fn filled_cache(
         block_tables[first..first + blocks.len()].copy_from_slice(blocks);
     }
     let slots = g.pool_slots() as usize;
-    let snapshot = CacheSnapshot {
+    let mut position = vec![-1; slots];
+    for hs in 0..head_slots {
+        for j in 0..context_len {
+            let block = block_tables[g.block_table_at(hs as u64, g.logical_block(j)) as usize];
+            position[g.pool_slot(block as u32, g.slot_in_block(j)) as usize] = j as i32;
+        }
+    }
+    CacheSnapshot {
         k_pool: random_pool(config.dtype, g.pool_elems() as usize, &mut rng),
         v_pool: random_pool(config.dtype, g.pool_elems() as usize, &mut rng),
-        metric: vec![0.0; slots],
-        position: (0..slots as i32)
-            .map(|s| s % context_len.max(1) as i32)
-            .collect(),
+        metric: (0..slots).map(|_| rng.random::<f32>()).collect(),
+        position,
         block_tables,
         context_lens: vec![context_len as i32; head_slots],
         last_position: vec![context_len as i32 - 1; g.num_seqs as usize],
-    };
-    PagedKvCache::from_snapshot(&Backend::Cuda(gpu.clone()), config, snapshot)
+    }
 }
 
 /// Random elements of magnitude below 1, made from random bits (fast for gigabytes).

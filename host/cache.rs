@@ -14,7 +14,7 @@ use kvc_abi::{CacheView, DType, Geometry};
 
 use crate::allocator::BlockAllocator;
 use crate::backend::Backend;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops;
 use crate::ops::append::{AppendMeta, Patch};
@@ -121,11 +121,11 @@ pub(crate) enum Arrays {
 
 /// The per-head paged KV cache of one model.
 pub struct PagedKvCache {
-    config: CacheConfig,
-    allocator: BlockAllocator,
-    block_tables: Vec<i32>,
-    context_lens: Vec<i32>,
-    last_position: Vec<i32>,
+    pub(crate) config: CacheConfig,
+    pub(crate) allocator: BlockAllocator,
+    pub(crate) block_tables: Vec<i32>,
+    pub(crate) context_lens: Vec<i32>,
+    pub(crate) last_position: Vec<i32>,
     pub(crate) arrays: Arrays,
 }
 
@@ -294,6 +294,34 @@ impl PagedKvCache {
         })
     }
 
+    /// Checks the cache's invariants against a fresh snapshot (the device copy on CUDA): every
+    /// live block id inside the pool and owned by one head slot, lengths within the tables,
+    /// the allocator's allocated set equal to the owned blocks, and the host's tables equal to
+    /// the device's. For tests and debugging; costs a full download.
+    pub fn verify(&self) -> Result<()> {
+        let snapshot = self.snapshot()?;
+        let g = self.geometry();
+        let owned = validate::snapshot(&g, self.config.dtype, &snapshot)?;
+        if snapshot.block_tables != self.block_tables || snapshot.context_lens != self.context_lens
+        {
+            return Err(Error::invalid(
+                "cache",
+                "device tables that differ from the host's",
+                "the host's block tables and lengths on the device",
+            ));
+        }
+        for (block, &owned) in owned.iter().enumerate() {
+            if owned != self.allocator.is_allocated(block as u32) {
+                return Err(Error::invalid(
+                    "cache",
+                    format!("block {block} owned {owned}, allocated {}", !owned),
+                    "the allocator's allocated blocks equal to the owned ones",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Appends the K/V of new tokens of `layer` (SPEC §2): `new_tokens[seq]` tokens for each
     /// sequence row, in order, their rows of `k`/`v` `[num_tokens, H, D]` consecutive per
     /// sequence, each written to the next logical slot of every head slot `(seq, layer, h)`.
@@ -342,7 +370,7 @@ impl PagedKvCache {
                     v_pool,
                     metric,
                     position,
-                    block_tables: &self.block_tables,
+                    block_tables: &mut self.block_tables,
                     context_lens: &mut self.context_lens,
                 };
                 reference::append_kv(cache, layer, k_new, v_new, positions, new_tokens);

@@ -10,7 +10,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
     LaunchConfig, PushKernelArg,
 };
-use kvc_abi::params::{AggregateParams, AppendParams, DecodeParams};
+use kvc_abi::params::{AggregateParams, AppendParams, CompressParams, DecodeParams};
 use kvc_abi::plan::{DeviceProps, KernelProps, LaunchDims};
 use kvc_abi::DType;
 
@@ -53,6 +53,12 @@ pub fn window_scores_entry(dtype: DType, head_dim: u32) -> String {
 /// Entry point of the merge of pass 1's key splits (dtype-agnostic).
 pub const WINDOW_STATS_MERGE_ENTRY: &str = "window_stats_merge";
 
+/// Entry points of the compression step (dtype-agnostic: compaction copies bytes).
+pub const SCHED_HIST_ENTRY: &str = "sched_hist";
+pub const SCHED_BUDGET_ENTRY: &str = "sched_budget";
+pub const SCHED_DIGIT_ENTRY: &str = "sched_digit";
+pub const COMPACT_ENTRY: &str = "compact";
+
 /// Entry point of `append_kv` (one for every dtype: it copies bytes).
 pub const APPEND_ENTRY: &str = "append_kv";
 
@@ -79,6 +85,13 @@ impl EchoParams for AggregateParams {
     }
 }
 
+impl EchoParams for CompressParams {
+    const ECHO_ENTRY: &'static str = "abi_echo_compress";
+    fn set_echo_dst(&mut self, addr: u64) {
+        self.heads = addr;
+    }
+}
+
 impl EchoParams for AppendParams {
     const ECHO_ENTRY: &'static str = "abi_echo_append";
     fn set_echo_dst(&mut self, addr: u64) {
@@ -87,10 +100,11 @@ impl EchoParams for AppendParams {
 }
 
 /// Echo kernels of `tests/abi_roundtrip.rs`.
-pub const ECHO_ENTRIES: [&str; 3] = [
+pub const ECHO_ENTRIES: [&str; 4] = [
     DecodeParams::ECHO_ENTRY,
     AppendParams::ECHO_ENTRY,
     AggregateParams::ECHO_ENTRY,
+    CompressParams::ECHO_ENTRY,
 ];
 
 /// Every entry point the host may launch: the PTX must define exactly these.
@@ -109,6 +123,14 @@ pub fn entry_points() -> Vec<String> {
         }
     }
     names.push(WINDOW_STATS_MERGE_ENTRY.to_string());
+    for entry in [
+        SCHED_HIST_ENTRY,
+        SCHED_BUDGET_ENTRY,
+        SCHED_DIGIT_ENTRY,
+        COMPACT_ENTRY,
+    ] {
+        names.push(entry.to_string());
+    }
     names.push(APPEND_ENTRY.to_string());
     names.extend(ECHO_ENTRIES.iter().map(|s| s.to_string()));
     names
@@ -262,6 +284,27 @@ impl Gpu {
             .map_err(Error::driver("copying to the device"))
     }
 
+    /// Zeroes `bytes` bytes of `buf` from byte `offset` (stream-ordered).
+    pub(crate) fn zero(&self, buf: &mut CudaSlice<u8>, offset: u64, bytes: u64) -> Result<()> {
+        let mut view = buf.slice_mut(offset as usize..(offset + bytes) as usize);
+        self.stream
+            .memset_zeros(&mut view)
+            .map_err(Error::driver("clearing device memory"))
+    }
+
+    /// A host copy of bytes `start..end` of `buf` (waits for the stream).
+    pub(crate) fn download_range(
+        &self,
+        buf: &CudaSlice<u8>,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<u8>> {
+        let view = buf.slice(start as usize..end as usize);
+        self.stream
+            .clone_dtoh(&view)
+            .map_err(Error::driver("copying from the device"))
+    }
+
     /// A host copy of `buf` (waits for the stream).
     pub(crate) fn download(&self, buf: &CudaSlice<u8>) -> Result<Vec<u8>> {
         self.stream
@@ -281,6 +324,33 @@ impl Gpu {
             *guard = self.alloc(bytes as usize)?;
         }
         Ok(guard)
+    }
+
+    /// A new timing event.
+    pub(crate) fn event(&self) -> Result<cudarc::driver::CudaEvent> {
+        self.ctx
+            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(Error::driver("creating an event"))
+    }
+
+    /// Records `event` on the stream.
+    pub(crate) fn record(&self, event: &cudarc::driver::CudaEvent) -> Result<()> {
+        event
+            .record(&self.stream)
+            .map_err(Error::driver("recording an event"))
+    }
+
+    /// Milliseconds between two recorded events (waits for the second).
+    pub(crate) fn elapsed_ms(
+        &self,
+        start: &cudarc::driver::CudaEvent,
+        end: &cudarc::driver::CudaEvent,
+    ) -> Result<f64> {
+        end.synchronize()
+            .map_err(Error::driver("waiting for an event"))?;
+        Ok(start
+            .elapsed_ms(end)
+            .map_err(Error::driver("reading an event"))? as f64)
     }
 
     /// How many CTAs of `entry` with `threads` threads and `smem_bytes` of dynamic shared

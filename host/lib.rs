@@ -38,6 +38,7 @@ pub mod allocator;
 pub mod backend;
 pub mod bench;
 pub mod cache;
+pub mod compress;
 pub mod dtype;
 pub mod error;
 pub mod gpu;
@@ -50,6 +51,9 @@ pub use allocator::BlockAllocator;
 pub use backend::Backend;
 pub use cache::{
     AggregateArgs, CacheConfig, CacheSnapshot, DecodeArgs, Metric, PagedKvCache, Recording,
+};
+pub use compress::{
+    Budget, CompressArgs, CompressReport, CompressTimes, HeadReport, Mode, SeqReport,
 };
 pub use dtype::DType;
 pub use error::{Error, Result};

@@ -5,6 +5,7 @@ use kvc_abi::{DType, Geometry};
 
 use crate::backend::Backend;
 use crate::cache::{AggregateArgs, CacheConfig, CacheSnapshot, DecodeArgs, PagedKvCache};
+use crate::compress::{Budget, CompressArgs};
 use crate::error::{Error, Result};
 use crate::gpu::{BLOCK_SIZES, GROUP_SIZES, HEAD_DIMS};
 use crate::tensor::Tensor;
@@ -377,6 +378,43 @@ pub(crate) fn aggregate(
             args.scale,
             "a finite softmax scale",
         ));
+    }
+    Ok(())
+}
+
+/// Compression inputs (SPEC §5): distinct sequence rows, one budget and one protected window
+/// each, rates `>= 1`.
+pub(crate) fn compress(cache: &PagedKvCache, args: &CompressArgs) -> Result<()> {
+    let g = cache.geometry();
+    let mut seen = std::collections::HashSet::new();
+    for &s in args.seqs {
+        seq(&g, s)?;
+        if !seen.insert(s) {
+            return Err(Error::invalid("seqs", s, "distinct sequence rows"));
+        }
+    }
+    for (arg, len) in [
+        ("budgets", args.budgets.len()),
+        ("protected", args.protected.len()),
+    ] {
+        if len != args.seqs.len() {
+            return Err(Error::invalid(
+                arg,
+                format!("{len} values"),
+                format!("one per entry of seqs ({})", args.seqs.len()),
+            ));
+        }
+    }
+    for (i, budget) in args.budgets.iter().enumerate() {
+        if let Budget::Rate(rate) = *budget {
+            if !(rate.is_finite() && rate >= 1.0) {
+                return Err(Error::invalid(
+                    "budgets",
+                    format!("Rate({rate}) at entry {i}"),
+                    "a finite compression rate >= 1",
+                ));
+            }
+        }
     }
     Ok(())
 }

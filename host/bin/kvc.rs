@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use kvcompress::bench::{copy_bandwidth, decode_kv_bytes, filled_cache, rotation_layers, time_gpu};
 use kvcompress::{
-    AggregateArgs, Backend, CacheConfig, DType, DecodeArgs, Metric, PagedKvCache, Recording, Tensor,
+    AggregateArgs, Backend, Budget, CacheConfig, CompressArgs, DType, DecodeArgs, Metric, Mode,
+    PagedKvCache, Recording, Tensor,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -53,6 +54,23 @@ enum BenchKernel {
             value_delimiter = ','
         )]
         shapes: Vec<String>,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        opts: BenchOpts,
+    },
+    /// One compression step (schedule, compaction, allocator) over every layer, against one
+    /// decode step over every layer at the same batch.
+    Compress {
+        /// Batch x context shapes, comma-separated.
+        #[arg(long, default_value = "1x32768,16x8192", value_delimiter = ',')]
+        shapes: Vec<String>,
+        /// Layers of the model.
+        #[arg(long, default_value_t = 32)]
+        layers: u32,
+        /// Compression rate.
+        #[arg(long, default_value_t = 8.0)]
+        rate: f32,
         #[command(flatten)]
         model: ModelArgs,
         #[command(flatten)]
@@ -178,6 +196,16 @@ fn main() -> ExitCode {
                     opts,
                 },
         } => bench_decode(&shapes, &model, &opts),
+        Command::Bench {
+            kernel:
+                BenchKernel::Compress {
+                    shapes,
+                    layers,
+                    rate,
+                    model,
+                    opts,
+                },
+        } => bench_compress(&shapes, layers, rate, &model, &opts),
         Command::Bench {
             kernel:
                 BenchKernel::Aggregate {
@@ -343,14 +371,110 @@ fn print_report(
     }
 }
 
+/// `BATCHxCONTEXT`.
+fn parse_shape(shape: &str) -> Result<(u32, u32), String> {
+    shape
+        .split_once('x')
+        .and_then(|(b, c)| Some((b.parse::<u32>().ok()?, c.parse::<u32>().ok()?)))
+        .ok_or_else(|| format!("bad shape {shape:?}: expected BATCHxCONTEXT"))
+}
+
+fn bench_compress(
+    shapes: &[String],
+    layers: u32,
+    rate: f32,
+    model: &ModelArgs,
+    opts: &BenchOpts,
+) -> AnyResult {
+    let (gpu, copy_gbps) = bench_device()?;
+    let backend = Backend::Cuda(gpu.clone());
+    let mut rows = Vec::new();
+    for shape in shapes {
+        let (batch, context) = parse_shape(shape)?;
+        let config = model.config(batch, context, layers);
+        let snapshot = kvcompress::bench::filled_snapshot(config, context, 1);
+        // One decode step over every layer, in the same run.
+        let mut cache = PagedKvCache::from_snapshot(&backend, config, snapshot.clone())?;
+        let q_shape = [
+            batch as usize,
+            (model.kv_heads * model.group_size) as usize,
+            model.head_dim as usize,
+        ];
+        let q = Tensor::full(&backend, model.dtype.into(), &q_shape, 0.5)?;
+        let mut out = Tensor::full(&backend, model.dtype.into(), &q_shape, 0.0)?;
+        let args = DecodeArgs::for_head_dim(model.head_dim);
+        let step = time_gpu(&gpu, 2, 10, |_| {
+            (0..layers).try_for_each(|l| cache.decode(l, &q, &mut out, &args))
+        })?;
+        drop(cache);
+        let seqs: Vec<u32> = (0..batch).collect();
+        let budgets = vec![Budget::Rate(rate); batch as usize];
+        let protected = vec![32; batch as usize];
+        let args = CompressArgs {
+            seqs: &seqs,
+            budgets: &budgets,
+            protected: &protected,
+            sinks: 4,
+            mode: Mode::Variable,
+        };
+        let mut samples = Vec::new();
+        for _ in 0..opts.reps.clamp(3, 7) {
+            let mut cache = PagedKvCache::from_snapshot(&backend, config, snapshot.clone())?;
+            gpu.synchronize()?;
+            let start = std::time::Instant::now();
+            let (report, times) = cache.compress_timed(&args)?;
+            let total_ms = start.elapsed().as_secs_f64() * 1e3;
+            samples.push((total_ms, times, report.freed.len()));
+        }
+        samples.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (total_ms, times, freed) = samples[samples.len() / 2];
+        let row_bytes = (model.head_dim * DType::from(model.dtype).elem_bytes()) as f64;
+        let moved_bytes = times.moved_kvs as f64 * (2.0 * row_bytes + 8.0);
+        let moves_gbps = 2.0 * moved_bytes / (times.compact_ms * 1e6);
+        rows.push(json!({
+            "shape": shape, "layers": layers, "rate": rate,
+            "schedule_ms": times.schedule_ms, "compact_ms": times.compact_ms, "host_ms": times.host_ms,
+            "total_ms": total_ms, "decode_step_ms": step.median_ms(), "over_decode_step": total_ms / step.median_ms(),
+            "blocks_freed": freed, "moved_mb": moved_bytes / 1e6,
+            "compact_gbps_on_moved": moves_gbps, "compact_fraction_of_copy": moves_gbps / copy_gbps,
+        }));
+    }
+    let report = json!({
+        "device": gpu.name(), "kernel": "compress", "model": model.describe(),
+        "copy_gbps": copy_gbps, "results": rows,
+    });
+    let columns = [
+        ("shape", "batch x context", 0),
+        ("schedule_ms", "schedule ms", 3),
+        ("compact_ms", "compact ms", 3),
+        ("host_ms", "host ms", 3),
+        ("total_ms", "total ms", 3),
+        ("decode_step_ms", "decode step ms", 3),
+        ("over_decode_step", "total / step", 2),
+        ("moved_mb", "moved MB", 0),
+        (
+            "compact_fraction_of_copy",
+            "compaction BW on moved / copy",
+            2,
+        ),
+    ];
+    print_report(
+        &report,
+        &format!(
+            "compression step (variable, rate {rate}, {layers} layers) {}",
+            model.describe()
+        ),
+        &columns,
+        opts.json,
+    );
+    Ok(())
+}
+
 fn bench_decode(shapes: &[String], model: &ModelArgs, opts: &BenchOpts) -> AnyResult {
     let (gpu, copy_gbps) = bench_device()?;
     let mut rows = Vec::new();
     for shape in shapes {
-        let (batch, context) = shape
-            .split_once('x')
-            .and_then(|(b, c)| Some((b.parse::<u32>().ok()?, c.parse::<u32>().ok()?)))
-            .ok_or_else(|| format!("bad shape {shape:?}: expected BATCHxCONTEXT"))?;
+        let (batch, context) = parse_shape(shape)?;
         let layers = rotation_layers(&gpu, 2 * model.layer_k_bytes(batch, context), 8);
         let mut cache = filled_cache(&gpu, model.config(batch, context, layers), context, 1)?;
         let backend = cache.backend();

@@ -3,4 +3,5 @@
 
 pub(crate) mod aggregate;
 pub(crate) mod append;
+pub(crate) mod compress;
 pub(crate) mod decode;

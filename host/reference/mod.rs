@@ -4,11 +4,17 @@
 
 mod aggregate;
 mod append;
+mod compact;
 mod decode;
+mod schedule;
 
 pub use aggregate::{aggregate, AggregateRef};
 pub use append::append_kv;
+pub use compact::compact;
 pub use decode::{decode, RecordArgs};
+pub use schedule::{
+    eviction_order, evictions_for, schedule_seq, HeadSchedule, SeqInput, SeqSchedule,
+};
 
 use kvc_abi::{DType, Geometry};
 
@@ -33,7 +39,7 @@ pub struct HostCacheMut<'a> {
     pub v_pool: &'a mut [u8],
     pub metric: &'a mut [f32],
     pub position: &'a mut [i32],
-    pub block_tables: &'a [i32],
+    pub block_tables: &'a mut [i32],
     pub context_lens: &'a mut [i32],
 }
 

@@ -2,7 +2,7 @@
 //! so `tests/abi_roundtrip.rs` can compare them with what the host pushed. rustc's
 //! `extern "ptx-kernel"` aggregate ABI is unstable; this catches a change.
 
-use kvc_abi::params::{AggregateParams, AppendParams, DecodeParams};
+use kvc_abi::params::{AggregateParams, AppendParams, CompressParams, DecodeParams};
 
 use crate::gpu::mem::store;
 use crate::gpu::thread::{block_idx_x, thread_idx_x};
@@ -22,6 +22,12 @@ impl Echo for DecodeParams {
 impl Echo for AggregateParams {
     fn echo_dst(&self) -> u64 {
         self.stats
+    }
+}
+
+impl Echo for CompressParams {
+    fn echo_dst(&self) -> u64 {
+        self.heads
     }
 }
 

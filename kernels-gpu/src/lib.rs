@@ -13,12 +13,14 @@
 
 mod aggregate;
 mod append;
+mod compact;
 mod decode;
 mod decode_merge;
 mod echo;
 mod gpu;
+mod schedule;
 
-use kvc_abi::params::{AggregateParams, AppendParams, DecodeParams};
+use kvc_abi::params::{AggregateParams, AppendParams, CompressParams, DecodeParams};
 
 use gpu::math::{Bf16, F16, F32};
 
@@ -112,4 +114,12 @@ entries! { AggregateParams =>
     window_scores_f32_d128 = aggregate::window_scores_body::<F32, 128>;
     window_scores_f32_d256 = aggregate::window_scores_body::<F32, 256>;
     abi_echo_aggregate = echo::echo_body::<AggregateParams>;
+}
+
+entries! { CompressParams =>
+    sched_hist = schedule::sched_hist_body;
+    sched_budget = schedule::sched_budget_body;
+    sched_digit = schedule::sched_digit_body;
+    compact = compact::compact_body;
+    abi_echo_compress = echo::echo_body::<CompressParams>;
 }

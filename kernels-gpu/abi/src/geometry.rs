@@ -72,10 +72,10 @@ impl Geometry {
         logical_idx & (self.block_size - 1)
     }
 
-    /// Blocks needed to hold `len` KVs.
+    /// Blocks needed to hold `len` KVs (`block_size` is a power of two).
     #[inline(always)]
     pub const fn blocks_for(&self, len: u32) -> u32 {
-        len.div_ceil(self.block_size)
+        ((len as u64 + self.block_size as u64 - 1) >> self.block_size.trailing_zeros()) as u32
     }
 
     /// Index of `(block_id, slot)` in `metric` and `position` `[num_blocks, B]`.
@@ -189,5 +189,50 @@ mod tests {
             big.kv_elem(u32::MAX - 1, 31),
             ((u32::MAX as u64 - 1) * 32 + 31) * 256
         );
+    }
+}
+
+/// The order in which eviction compares metrics (SPEC §5, §8), as an unsigned key: smaller
+/// key = evicted earlier. Finite values and infinities keep their order, `-0.0` equals `0.0`,
+/// and every NaN is one key above `+inf` (the most valuable: evicted last). Host and device
+/// both order by this key, so their schedules agree bit for bit.
+#[inline(always)]
+pub const fn metric_key(metric: f32) -> u32 {
+    if metric.is_nan() {
+        return u32::MAX;
+    }
+    let bits = if metric == 0.0 { 0 } else { metric.to_bits() };
+    if bits & 0x8000_0000 != 0 {
+        !bits
+    } else {
+        bits | 0x8000_0000
+    }
+}
+
+#[cfg(test)]
+mod metric_key_tests {
+    use super::metric_key;
+
+    #[test]
+    fn metric_key_orders_like_the_floats_with_nan_last() {
+        let ordered = [
+            f32::NEG_INFINITY,
+            -1e30,
+            -1.0,
+            -f32::MIN_POSITIVE,
+            0.0,
+            f32::MIN_POSITIVE,
+            0.5,
+            1.0,
+            3e38,
+            f32::INFINITY,
+        ];
+        for w in ordered.windows(2) {
+            assert!(metric_key(w[0]) < metric_key(w[1]), "{} !< {}", w[0], w[1]);
+        }
+        assert_eq!(metric_key(-0.0), metric_key(0.0));
+        assert_eq!(metric_key(f32::NAN), u32::MAX);
+        assert_eq!(metric_key(-f32::NAN), u32::MAX);
+        assert!(metric_key(f32::INFINITY) < metric_key(f32::NAN));
     }
 }

@@ -211,3 +211,176 @@ impl AggregateParams {
         seq as u64 * 3 + field as u64
     }
 }
+
+/// The compression step on the GPU (SPEC §5-§7): scheduling passes and compaction.
+///
+/// Work head slots `w` are the head slots of the sequences being compressed, sequence by
+/// sequence in `(layer, kv_head)` order; groups of `group_heads` consecutive work head slots
+/// share one block budget (all of a sequence, one layer of it, or one head slot). Every
+/// per-item array below is u32 words laid out by the `*_WORD` constants of [`compress`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
+pub struct CompressParams {
+    pub cache: CacheView,
+    /// `[num_work_seqs, compress::SEQ_IN_WORDS]`: sequence row, budget kind and value,
+    /// protected window, last position.
+    pub seq_in: u64,
+    /// `[num_work_seqs, compress::SEQ_OUT_WORDS]`: blocks requested and taken, clamped.
+    pub seq_out: u64,
+    /// `[W, compress::HEAD_WORDS]`: per work head slot state and result.
+    pub heads: u64,
+    /// `[num_groups, compress::GROUP_WORDS]`: per group budget and threshold prefix.
+    pub groups: u64,
+    /// `[compress::RADIX_PASSES, W, compress::RADIX_BINS]`: metric-key histograms, zero at
+    /// launch.
+    pub hist: u64,
+    /// One word: non-zero when an explicit block budget cannot be met (nothing is changed).
+    pub status: u64,
+    /// Sequences being compressed.
+    pub num_work_seqs: u32,
+    /// Work head slots per group.
+    pub group_heads: u32,
+    /// Sinks `S`.
+    pub sinks: u32,
+    /// Radix pass of the current launch (histogram and digit kernels).
+    pub pass: u32,
+    /// Keys per CTA of the histogram kernel.
+    pub chunk_kvs: u32,
+    /// Histogram CTAs per work head slot.
+    pub chunks_per_head: u32,
+    /// Bytes of one K or V row, `D * elem_bytes`.
+    pub row_bytes: u32,
+    /// Padding (keeps the struct free of implicit padding).
+    pub reserved: u32,
+}
+
+impl CompressParams {
+    /// Head slots per sequence, `L * H`.
+    #[inline(always)]
+    pub const fn heads_per_seq(&self) -> u32 {
+        self.cache.geometry.num_layers * self.cache.geometry.num_kv_heads
+    }
+
+    /// The cache head slot of work head slot `w`, given its sequence row.
+    #[inline(always)]
+    pub const fn head_slot(&self, seq: u32, w: u32) -> u64 {
+        seq as u64 * self.heads_per_seq() as u64
+            + (w % if self.heads_per_seq() == 0 {
+                1
+            } else {
+                self.heads_per_seq()
+            }) as u64
+    }
+
+    /// Word `field` of work head slot `w` in `heads`.
+    #[inline(always)]
+    pub const fn head_word(&self, w: u32, field: u32) -> u64 {
+        w as u64 * compress::HEAD_WORDS as u64 + field as u64
+    }
+
+    /// Word `field` of group `q` in `groups`.
+    #[inline(always)]
+    pub const fn group_word(&self, q: u32, field: u32) -> u64 {
+        q as u64 * compress::GROUP_WORDS as u64 + field as u64
+    }
+
+    /// Word `field` of work sequence `s` in `seq_in`.
+    #[inline(always)]
+    pub const fn seq_in_word(&self, s: u32, field: u32) -> u64 {
+        s as u64 * compress::SEQ_IN_WORDS as u64 + field as u64
+    }
+
+    /// Word `field` of work sequence `s` in `seq_out`.
+    #[inline(always)]
+    pub const fn seq_out_word(&self, s: u32, field: u32) -> u64 {
+        s as u64 * compress::SEQ_OUT_WORDS as u64 + field as u64
+    }
+
+    /// Word of bin `bin` of work head slot `w` in the histogram of `pass`.
+    #[inline(always)]
+    pub const fn hist_word(&self, num_work_heads: u32, pass: u32, w: u32, bin: u32) -> u64 {
+        (pass as u64 * num_work_heads as u64 + w as u64) * compress::RADIX_BINS as u64 + bin as u64
+    }
+}
+
+/// Word layouts and codes of [`CompressParams`].
+pub mod compress {
+    /// Radix select over 32-bit metric keys: 4 passes of 8 bits.
+    pub const RADIX_PASSES: u32 = 4;
+    pub const RADIX_BINS: u32 = 256;
+
+    /// `seq_in` words.
+    pub const SEQ_IN_WORDS: u32 = 5;
+    pub const SEQ_IN_SEQ: u32 = 0;
+    pub const SEQ_IN_BUDGET_KIND: u32 = 1;
+    /// Blocks, tokens, or the f32 bits of a rate.
+    pub const SEQ_IN_BUDGET_VALUE: u32 = 2;
+    pub const SEQ_IN_PROTECTED: u32 = 3;
+    /// i32 bits.
+    pub const SEQ_IN_LAST_POSITION: u32 = 4;
+
+    pub const BUDGET_BLOCKS: u32 = 0;
+    pub const BUDGET_RATE: u32 = 1;
+    pub const BUDGET_TOKENS: u32 = 2;
+
+    /// `seq_out` words.
+    pub const SEQ_OUT_WORDS: u32 = 3;
+    pub const SEQ_OUT_REQUESTED: u32 = 0;
+    pub const SEQ_OUT_TAKEN: u32 = 1;
+    pub const SEQ_OUT_CLAMPED: u32 = 2;
+
+    /// `heads` words.
+    pub const HEAD_WORDS: u32 = 6;
+    /// Live KVs `n`.
+    pub const HEAD_LEN: u32 = 0;
+    /// Fill of the last block `r` (0 when empty).
+    pub const HEAD_FILL: u32 = 1;
+    /// Evictable KVs `m`.
+    pub const HEAD_EVICTABLE: u32 = 2;
+    /// During scheduling: evictable KVs whose key lies below the group's current prefix
+    /// range. After compaction: the KVs moved.
+    pub const HEAD_BELOW: u32 = 3;
+    /// Blocks to free `k_h` (during the last pass: the count below the threshold).
+    pub const HEAD_BLOCKS: u32 = 4;
+    /// KVs to evict `c_h` (during the last pass: the count at or below the threshold).
+    pub const HEAD_EVICTIONS: u32 = 5;
+
+    /// `groups` words.
+    pub const GROUP_WORDS: u32 = 2;
+    /// The metric-key bits of the threshold fixed so far.
+    pub const GROUP_PREFIX: u32 = 0;
+    /// Blocks the group gives (its share of the budget, clamped to what it can free).
+    pub const GROUP_NEED: u32 = 1;
+
+    /// Blocks freed from a head slot with fill `fill` when `count` of its evictable KVs may
+    /// go: `k` with `fill + (k - 1) * block_size <= count` (`block_size` a power of two).
+    #[inline(always)]
+    pub const fn blocks_within(count: u32, fill: u32, block_size: u32) -> u32 {
+        if fill == 0 || count < fill {
+            0
+        } else {
+            ((count - fill) >> block_size.trailing_zeros()) + 1
+        }
+    }
+
+    /// KVs evicted to free `blocks` blocks of a head slot with fill `fill`.
+    #[inline(always)]
+    pub const fn evictions(blocks: u32, fill: u32, block_size: u32) -> u32 {
+        if blocks == 0 {
+            0
+        } else {
+            fill + (blocks - 1) * block_size
+        }
+    }
+
+    /// Fill of the last block of a head slot of `len` KVs, 1 to `block_size` (0 when empty;
+    /// `block_size` a power of two).
+    #[inline(always)]
+    pub const fn fill(len: u32, block_size: u32) -> u32 {
+        if len == 0 {
+            0
+        } else {
+            ((len - 1) & (block_size - 1)) + 1
+        }
+    }
+}

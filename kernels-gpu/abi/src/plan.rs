@@ -667,3 +667,111 @@ pub fn plan_aggregate(
         stats_words,
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Compression step (SPEC §5-§7)
+
+/// Threads per CTA of the scheduling and compaction kernels.
+pub const COMPRESS_THREADS: u32 = 256;
+/// KVs one histogram CTA reads.
+pub const HIST_CHUNK_KVS: u32 = 4096;
+/// Warps per compression CTA.
+pub const COMPRESS_WARPS: u32 = COMPRESS_THREADS / WARP_SIZE;
+/// Capacity of each of the compaction kernel's hole and mover queues: refilled while below
+/// one tile of `COMPRESS_THREADS`, a tile adds at most one more.
+pub const COMPACT_QUEUE: u32 = 2 * COMPRESS_THREADS;
+
+/// Shared memory of the compaction kernel, in u32 words from the start.
+pub mod compact_smem {
+    use super::{COMPACT_QUEUE, COMPRESS_WARPS};
+    use crate::params::compress::RADIX_BINS;
+
+    /// `[RADIX_BINS]` select histogram.
+    pub const BINS: usize = 0;
+    /// `[8]` select and queue state.
+    pub const STATE: usize = BINS + RADIX_BINS as usize;
+    /// `[COMPRESS_WARPS]` ballot counts.
+    pub const WARP_COUNTS: usize = STATE + 8;
+    /// `[COMPACT_QUEUE]` hole logical indices.
+    pub const HOLES: usize = WARP_COUNTS + COMPRESS_WARPS as usize;
+    /// `[COMPACT_QUEUE]` mover logical indices.
+    pub const MOVERS: usize = HOLES + COMPACT_QUEUE as usize;
+    /// Words in all.
+    pub const WORDS: usize = MOVERS + COMPACT_QUEUE as usize;
+}
+
+/// The compression launches for `num_work_seqs` sequences of `geometry` whose longest head
+/// slot holds `max_context_len` KVs, groups of `group_heads` head slots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompressPlan {
+    /// Grid `(W * chunks_per_head)`.
+    pub hist: LaunchDims,
+    /// Grid `(num_work_seqs)`.
+    pub budget: LaunchDims,
+    /// Grid `(num_groups)`.
+    pub digit: LaunchDims,
+    /// Grid `(W)`.
+    pub compact: LaunchDims,
+    pub chunks_per_head: u32,
+    pub num_work_heads: u32,
+    pub num_groups: u32,
+}
+
+impl CompressPlan {
+    /// Byte offsets in the workspace: `(seq_in, seq_out, heads, groups, hist, status)`.
+    /// Byte offsets in the workspace: `[seq_in, seq_out, heads, groups, status, hist]`; all
+    /// but the histograms are what the host reads back, in one copy.
+    pub const fn offsets(&self, num_work_seqs: u32) -> [u64; 6] {
+        let seq_in = 0;
+        let seq_out =
+            seq_in + num_work_seqs as u64 * crate::params::compress::SEQ_IN_WORDS as u64 * 4;
+        let heads =
+            seq_out + num_work_seqs as u64 * crate::params::compress::SEQ_OUT_WORDS as u64 * 4;
+        let groups =
+            heads + self.num_work_heads as u64 * crate::params::compress::HEAD_WORDS as u64 * 4;
+        let status =
+            groups + self.num_groups as u64 * crate::params::compress::GROUP_WORDS as u64 * 4;
+        let hist = status + 4;
+        [seq_in, seq_out, heads, groups, status, hist]
+    }
+
+    /// Bytes of all histograms.
+    pub const fn hist_bytes(&self) -> u64 {
+        crate::params::compress::RADIX_PASSES as u64
+            * self.num_work_heads as u64
+            * crate::params::compress::RADIX_BINS as u64
+            * 4
+    }
+
+    /// Bytes of workspace in all.
+    pub const fn workspace_bytes(&self, num_work_seqs: u32) -> u64 {
+        self.offsets(num_work_seqs)[5] + self.hist_bytes()
+    }
+}
+
+/// Plans a compression step.
+pub fn plan_compress(
+    geometry: &Geometry,
+    num_work_seqs: u32,
+    group_heads: u32,
+    max_context_len: u32,
+) -> CompressPlan {
+    let num_work_heads = num_work_seqs * geometry.num_layers * geometry.num_kv_heads;
+    let num_groups = num_work_heads / group_heads.max(1);
+    let chunks_per_head = max_context_len.div_ceil(HIST_CHUNK_KVS).max(1);
+    let dims = |grid: u32, smem_words: u32| LaunchDims {
+        grid: [grid.max(1), 1, 1],
+        block: [COMPRESS_THREADS, 1, 1],
+        smem_bytes: smem_words * 4,
+    };
+    let bins = crate::params::compress::RADIX_BINS;
+    CompressPlan {
+        hist: dims(num_work_heads * chunks_per_head, bins),
+        budget: dims(num_work_seqs, 2 * COMPRESS_THREADS),
+        digit: dims(num_groups, COMPRESS_WARPS * bins + 1),
+        compact: dims(num_work_heads, compact_smem::WORDS as u32),
+        chunks_per_head,
+        num_work_heads,
+        num_groups,
+    }
+}

@@ -80,3 +80,39 @@ pub fn fence_gpu() {
         asm!("fence.acq_rel.gpu;", options(nostack));
     }
 }
+
+/// Adds `value` to a u32 in shared memory (integer: the result does not depend on order).
+///
+/// # Safety
+/// `addr` is a 4-byte-aligned shared address.
+#[inline(always)]
+pub unsafe fn shared_add(addr: u32, value: u32) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        asm!("red.shared.add.u32 [{addr}], {value};", addr = in(reg32) addr, value = in(reg32) value, options(nostack));
+    }
+}
+
+/// Lowers a u32 in shared memory to `value` if smaller.
+///
+/// # Safety
+/// As [`shared_add`].
+#[inline(always)]
+pub unsafe fn shared_min(addr: u32, value: u32) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        asm!("red.shared.min.u32 [{addr}], {value};", addr = in(reg32) addr, value = in(reg32) value, options(nostack));
+    }
+}
+
+/// Adds `value` to a u32 in global memory, without ordering.
+///
+/// # Safety
+/// `addr` is a 4-byte-aligned global address accessed only atomically during the kernel.
+#[inline(always)]
+pub unsafe fn global_add(addr: u64, value: u32) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        asm!("red.relaxed.gpu.global.add.u32 [{addr}], {value};", addr = in(reg64) addr, value = in(reg32) value, options(nostack));
+    }
+}

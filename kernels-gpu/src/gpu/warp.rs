@@ -32,3 +32,92 @@ pub unsafe fn sum_within(mut value: f32, width: u32) -> f32 {
     }
     value
 }
+
+/// Bit `l` set for every lane `l` whose `pred` is true.
+///
+/// # Safety
+/// Every lane of the warp must execute the same call.
+#[inline(always)]
+pub unsafe fn ballot(pred: bool) -> u32 {
+    let mask: u32;
+    // SAFETY: the caller guarantees a converged warp.
+    unsafe {
+        core::arch::asm!(
+            "{{ .reg .pred p; setp.ne.u32 p, {v}, 0; vote.sync.ballot.b32 {m}, p, 0xffffffff; }}",
+            m = out(reg32) mask,
+            v = in(reg32) pred as u32,
+            options(nomem, nostack),
+        );
+    }
+    mask
+}
+
+/// Bits of the lanes below this one.
+#[inline(always)]
+pub fn lanemask_lt() -> u32 {
+    let mask: u32;
+    // SAFETY: reads a special register.
+    unsafe {
+        core::arch::asm!("mov.u32 {m}, %lanemask_lt;", m = out(reg32) mask, options(pure, nomem, nostack));
+    }
+    mask
+}
+
+/// A u32 from lane `src` of the warp.
+///
+/// # Safety
+/// As [`ballot`].
+#[inline(always)]
+pub unsafe fn shfl_idx_u32(value: u32, src: u32) -> u32 {
+    let out: u32;
+    // SAFETY: the caller guarantees a converged warp.
+    unsafe {
+        core::arch::asm!(
+            "shfl.sync.idx.b32 {o}, {v}, {s}, 0x1f, 0xffffffff;",
+            o = out(reg32) out,
+            v = in(reg32) value,
+            s = in(reg32) src,
+            options(nomem, nostack),
+        );
+    }
+    out
+}
+
+/// A u32 from lane `lane_id - delta` (unchanged in lanes below `delta`).
+///
+/// # Safety
+/// As [`ballot`].
+#[inline(always)]
+pub unsafe fn shfl_up_u32(value: u32, delta: u32) -> u32 {
+    let out: u32;
+    // SAFETY: the caller guarantees a converged warp.
+    unsafe {
+        core::arch::asm!(
+            "shfl.sync.up.b32 {o}, {v}, {d}, 0, 0xffffffff;",
+            o = out(reg32) out,
+            v = in(reg32) value,
+            d = in(reg32) delta,
+            options(nomem, nostack),
+        );
+    }
+    out
+}
+
+/// Inclusive prefix sum over the warp's lanes.
+///
+/// # Safety
+/// As [`ballot`].
+#[inline(always)]
+pub unsafe fn inclusive_scan_u32(mut value: u32) -> u32 {
+    let lane = crate::gpu::thread::lane_id();
+    let mut delta = 1;
+    while delta < 32 {
+        // SAFETY: forwarded from the caller.
+        let up = unsafe { shfl_up_u32(value, delta) };
+        if lane >= delta {
+            value += up;
+        }
+        delta *= 2;
+    }
+    value
+}

@@ -1,0 +1,236 @@
+//! The compression step (SPEC §5-§7): per-head eviction scheduling under one block budget per
+//! sequence, compaction of the retained KVs into the holes, and the return of whole blocks to
+//! the allocator.
+
+/// How many blocks a sequence should give back.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Budget {
+    /// Exactly this many blocks (rounded down to a multiple of `L` in `PerLayer` mode and of
+    /// `L * H` in `Uniform` mode). More than the sequence can free is an error.
+    Blocks(u32),
+    /// Compression rate `R >= 1`: keep `ceil(compressible / R)` of the compressible KVs (plus
+    /// the protected ones), i.e. free `floor((compressible - ceil(compressible / R)) / B)`
+    /// blocks. Clamped to what can be freed.
+    Rate(f32),
+    /// Keep at most `L * H * T` KVs, in whole blocks: free `blocks in use - ceil(L * H * T / B)`
+    /// blocks. Clamped to what can be freed.
+    MaxTokens(u32),
+}
+
+/// How a sequence's budget is spread over its head slots (SPEC §5.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// KV-Compress: the cheapest blocks across all `L * H` head slots.
+    Variable,
+    /// `N / L` blocks chosen within each layer.
+    PerLayer,
+    /// `N / (L * H)` blocks from every head slot: the fixed-rate baseline.
+    Uniform,
+}
+
+impl Mode {
+    /// Head slots per selection group: `L * H`, `H` or 1.
+    pub fn group_heads(self, num_layers: u32, num_kv_heads: u32) -> u32 {
+        match self {
+            Mode::Variable => num_layers * num_kv_heads,
+            Mode::PerLayer => num_kv_heads,
+            Mode::Uniform => 1,
+        }
+    }
+}
+
+/// One compression step over some sequence rows.
+#[derive(Clone, Copy, Debug)]
+pub struct CompressArgs<'a> {
+    /// Distinct sequence rows to compress.
+    pub seqs: &'a [u32],
+    /// One budget per entry of `seqs`.
+    pub budgets: &'a [Budget],
+    /// One protected window `W` per entry of `seqs`: KVs with position `> last_position - W`
+    /// are never evicted.
+    pub protected: &'a [u32],
+    /// Sinks `S`: KVs with position `< S` are never evicted.
+    pub sinks: u32,
+    pub mode: Mode,
+}
+
+/// What one compression step did to one sequence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeqReport {
+    pub seq: u32,
+    /// Blocks the budget asked for, after the mode's rounding.
+    pub requested_blocks: u32,
+    /// Blocks freed (`requested_blocks` unless clamped).
+    pub freed_blocks: u32,
+    /// Whether the budget asked for more than the sequence could free.
+    pub clamped: bool,
+}
+
+/// What one compression step did to one head slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadReport {
+    /// `(seq, layer, kv_head)` as a head-slot index (`Geometry::head_slot`).
+    pub head_slot: u64,
+    /// KVs evicted.
+    pub evicted: u32,
+    /// Whole blocks freed.
+    pub blocks_freed: u32,
+}
+
+/// Where the time of one compression step went (from [`PagedKvCache::compress_timed`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CompressTimes {
+    /// Scheduling: the radix passes and the budget (device time on CUDA).
+    pub schedule_ms: f64,
+    /// Compaction: each head slot's selection, the hole and mover scans and the moves.
+    pub compact_ms: f64,
+    /// Reading the results back and updating the host's tables and allocator.
+    pub host_ms: f64,
+    /// KVs moved (each a K row, a V row, a metric and a position).
+    pub moved_kvs: u64,
+}
+
+/// The outcome of [`crate::PagedKvCache::compress`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompressReport {
+    /// In the order of `CompressArgs::seqs`.
+    pub seqs: Vec<SeqReport>,
+    /// For every head slot of the compressed sequences, in `(seq, layer, kv_head)` order.
+    pub heads: Vec<HeadReport>,
+    /// The physical blocks returned to the allocator.
+    pub freed: Vec<u32>,
+}
+
+use crate::cache::{Arrays, PagedKvCache};
+use crate::error::{Error, Result};
+use crate::reference::{self, HostCache, HostCacheMut, SeqInput, SeqSchedule};
+use crate::validate;
+
+impl PagedKvCache {
+    /// One compression step (SPEC §7): schedules per-head evictions for `args.seqs` under
+    /// their budgets (§5), moves the retained KVs into the holes (§6) and returns whole blocks
+    /// to the allocator. An explicit [`Budget::Blocks`] above what a sequence can free is an
+    /// error and leaves the cache untouched; rate and token budgets are clamped, and the
+    /// report says so.
+    pub fn compress(&mut self, args: &CompressArgs) -> Result<CompressReport> {
+        Ok(self.compress_timed(args)?.0)
+    }
+
+    /// [`PagedKvCache::compress`], also reporting where the time went.
+    pub fn compress_timed(
+        &mut self,
+        args: &CompressArgs,
+    ) -> Result<(CompressReport, CompressTimes)> {
+        validate::compress(self, args)?;
+        match &self.arrays {
+            Arrays::Host { .. } => self.compress_on_host(args),
+            Arrays::Cuda(_) => crate::ops::compress::compress(self, args),
+        }
+    }
+
+    fn compress_on_host(&mut self, args: &CompressArgs) -> Result<(CompressReport, CompressTimes)> {
+        let start = std::time::Instant::now();
+        let g = self.geometry();
+        let Arrays::Host {
+            k_pool,
+            v_pool,
+            metric,
+            position,
+        } = &mut self.arrays
+        else {
+            return Err(validate::backend_mismatch("cache"));
+        };
+        let schedules: Vec<SeqSchedule> = {
+            let view = HostCache {
+                geometry: g,
+                dtype: self.config.dtype,
+                k_pool,
+                v_pool,
+                position,
+                block_tables: &self.block_tables,
+                context_lens: &self.context_lens,
+            };
+            args.seqs
+                .iter()
+                .zip(args.budgets.iter().zip(args.protected))
+                .map(|(&seq, (&budget, &protected))| {
+                    let input = SeqInput {
+                        seq,
+                        budget,
+                        protected,
+                    };
+                    reference::schedule_seq(
+                        &view,
+                        metric,
+                        &input,
+                        args.sinks,
+                        args.mode,
+                        self.last_position[seq as usize],
+                    )
+                })
+                .collect()
+        };
+        for (s, &seq) in schedules.iter().zip(args.seqs) {
+            if s.explicit && s.clamped {
+                return Err(over_budget(seq, s.requested, s.taken));
+            }
+        }
+        let mut times = CompressTimes {
+            schedule_ms: start.elapsed().as_secs_f64() * 1e3,
+            ..CompressTimes::default()
+        };
+        let start = std::time::Instant::now();
+        let mut cache = HostCacheMut {
+            geometry: g,
+            dtype: self.config.dtype,
+            k_pool,
+            v_pool,
+            metric,
+            position,
+            block_tables: &mut self.block_tables,
+            context_lens: &mut self.context_lens,
+        };
+        let mut report = CompressReport {
+            seqs: Vec::new(),
+            heads: Vec::new(),
+            freed: Vec::new(),
+        };
+        for (s, &seq) in schedules.iter().zip(args.seqs) {
+            for h in &s.heads {
+                report.heads.push(HeadReport {
+                    head_slot: h.head_slot,
+                    evicted: h.evicted.len() as u32,
+                    blocks_freed: h.blocks,
+                });
+                if h.blocks > 0 {
+                    let kept =
+                        cache.context_lens[h.head_slot as usize] as u32 - h.evicted.len() as u32;
+                    times.moved_kvs += h.evicted.iter().filter(|&&j| j < kept).count() as u64;
+                    report
+                        .freed
+                        .extend(reference::compact(&mut cache, h.head_slot, &h.evicted));
+                }
+            }
+            report.seqs.push(SeqReport {
+                seq,
+                requested_blocks: s.requested,
+                freed_blocks: s.taken,
+                clamped: s.clamped,
+            });
+        }
+        times.compact_ms = start.elapsed().as_secs_f64() * 1e3;
+        let start = std::time::Instant::now();
+        self.allocator.free(&report.freed)?;
+        times.host_ms = start.elapsed().as_secs_f64() * 1e3;
+        Ok((report, times))
+    }
+}
+
+/// The error for an explicit block budget a sequence cannot meet.
+pub(crate) fn over_budget(seq: u32, requested: u32, possible: u32) -> Error {
+    Error::invalid(
+        "budgets",
+        format!("Blocks({requested}) for seq {seq}"),
+        format!("at most the {possible} blocks its evictable KVs can free (in this mode)"),
+    )
+}

@@ -1,0 +1,477 @@
+//! Variable-rate eviction scheduling (SPEC §5) as a radix select over metric keys.
+//!
+//! Freeing `k` blocks of a head slot costs the metric of its `c_k = r + (k - 1) B`-th cheapest
+//! evictable KV, so the blocks a group takes are exactly those whose cost is below a threshold
+//! `T*` (plus some of the ties at `T*` in `(layer, head, k)` order). Blocks with cost `<= t` in
+//! head slot `h` number `blocks_within(count_h(key <= t), r_h, B)`, which needs only the count
+//! of evictable keys `<= t`, not their order. So `T*` is found by a radix select over the
+//! 32-bit metric key (`metric_key`) in 4 passes of 8 bits, each pass a histogram per head slot
+//! (`sched_hist`, grid `(work head slot, chunk)`) and a digit choice per group
+//! (`sched_digit`, one CTA per group, a warp per head slot scanning its 256 bins). After the
+//! first histogram `sched_budget` turns each sequence's budget into blocks per group. The work
+//! is linear in the KVs per pass; nothing is sorted. `compact.rs` then picks each head slot's
+//! `c_h` cheapest KVs and moves the rest.
+//!
+//! Host-validated: sequence rows, budgets and lengths; every live block in the pool.
+
+use kvc_abi::geometry::metric_key;
+use kvc_abi::params::compress::{
+    blocks_within, evictions, fill, BUDGET_BLOCKS, BUDGET_RATE, BUDGET_TOKENS, GROUP_NEED,
+    GROUP_PREFIX, HEAD_BELOW, HEAD_BLOCKS, HEAD_EVICTABLE, HEAD_EVICTIONS, HEAD_FILL, RADIX_BINS,
+    RADIX_PASSES, SEQ_IN_BUDGET_KIND, SEQ_IN_BUDGET_VALUE, SEQ_IN_LAST_POSITION, SEQ_IN_PROTECTED,
+    SEQ_IN_SEQ, SEQ_OUT_CLAMPED, SEQ_OUT_REQUESTED, SEQ_OUT_TAKEN,
+};
+use kvc_abi::params::CompressParams;
+use kvc_abi::plan::{COMPRESS_THREADS, WARP_SIZE};
+
+use crate::gpu::mem::{load, load_nc, store};
+use crate::gpu::mma::shared_addr;
+use crate::gpu::smem::dynamic_f32;
+use crate::gpu::sync::{global_add, shared_add, shared_min};
+use crate::gpu::thread::{block_idx_x, lane_id, sync_threads, thread_idx_x, warp_id};
+use crate::gpu::warp::{inclusive_scan_u32, shfl_idx_u32};
+
+/// Warps per CTA.
+const WARPS: u32 = COMPRESS_THREADS / WARP_SIZE;
+/// Bins each lane scans in `sched_digit`.
+const LANE_BINS: u32 = RADIX_BINS / WARP_SIZE;
+
+/// A sequence being compressed: its row, and the newest position that may be evicted
+/// (`last_position - protected`).
+#[derive(Clone, Copy)]
+pub struct SeqView {
+    pub seq: u32,
+    pub newest_evictable: i64,
+}
+
+/// The view of work sequence `s`.
+///
+/// # Safety
+/// `s < num_work_seqs`.
+#[inline(always)]
+pub unsafe fn seq_view(p: &CompressParams, s: u32) -> SeqView {
+    // SAFETY: seq_in holds num_work_seqs rows.
+    unsafe {
+        let last = load::<i32>(p.seq_in, p.seq_in_word(s, SEQ_IN_LAST_POSITION)) as i64;
+        let protected = load::<u32>(p.seq_in, p.seq_in_word(s, SEQ_IN_PROTECTED)) as i64;
+        SeqView {
+            seq: load::<u32>(p.seq_in, p.seq_in_word(s, SEQ_IN_SEQ)),
+            newest_evictable: last - protected,
+        }
+    }
+}
+
+/// Pool slot, position and metric key of logical KV `idx` of `head_slot`, and whether it may
+/// be evicted (position in `[sinks, newest_evictable]`).
+///
+/// # Safety
+/// `idx` is below the head slot's length.
+#[inline(always)]
+pub unsafe fn kv_at(
+    p: &CompressParams,
+    view: SeqView,
+    head_slot: u64,
+    idx: u32,
+) -> (u64, i32, u32, bool) {
+    let geom = p.cache.geometry;
+    // SAFETY: idx < len: its block is a validated pool block of the head slot.
+    unsafe {
+        let table = p.cache.block_tables + geom.block_table_at(head_slot, 0) * 4;
+        let block = load_nc::<i32>(table, geom.logical_block(idx) as u64) as u32;
+        let slot = geom.pool_slot(block, geom.slot_in_block(idx));
+        let position = load::<i32>(p.cache.position, slot);
+        let key = metric_key(load::<f32>(p.cache.metric, slot));
+        let evictable =
+            position as i64 >= p.sinks as i64 && position as i64 <= view.newest_evictable;
+        (slot, position, key, evictable)
+    }
+}
+
+/// Histogram pass `p.pass` of the metric keys of one chunk of one work head slot: the keys of
+/// evictable KVs whose high bits equal the group's threshold prefix, binned by their next 8
+/// bits (pass 0: all evictable keys, by their top 8 bits).
+///
+/// # Safety
+/// Launched with `plan_compress`'s hist dims after the previous digit pass.
+#[inline(always)]
+pub unsafe fn sched_hist_body(p: &CompressParams) {
+    let w = block_idx_x() / p.chunks_per_head.max(1);
+    let chunk = block_idx_x() % p.chunks_per_head.max(1);
+    let s = w / p.heads_per_seq().max(1);
+    let q = w / p.group_heads.max(1);
+    // SAFETY: q < num_groups; a group that gives nothing skips the later passes.
+    if p.pass > 0 && unsafe { load::<u32>(p.groups, p.group_word(q, GROUP_NEED)) } == 0 {
+        return;
+    }
+    // SAFETY: s < num_work_seqs.
+    let view = unsafe { seq_view(p, s) };
+    let head_slot = p.head_slot(view.seq, w);
+    // SAFETY: head_slot is a validated head slot.
+    let len = unsafe { load::<i32>(p.cache.context_lens, head_slot) } as u32;
+    let lo = chunk * p.chunk_kvs;
+    if lo >= len {
+        return; // uniform over the CTA
+    }
+    let hi = len.min(lo + p.chunk_kvs);
+    let bins = dynamic_f32() as *mut u32;
+    let thread = thread_idx_x();
+    // SAFETY: the launch reserved RADIX_BINS words; all threads reach the barriers.
+    unsafe {
+        let mut b = thread;
+        while b < RADIX_BINS {
+            *bins.add(b as usize) = 0;
+            b += COMPRESS_THREADS;
+        }
+        sync_threads();
+    }
+    let prefix = if p.pass > 0 {
+        // SAFETY: q < num_groups.
+        unsafe { load::<u32>(p.groups, p.group_word(q, GROUP_PREFIX)) }
+    } else {
+        0
+    };
+    let digit_shift = 24 - 8 * p.pass;
+    let mut idx = lo + thread;
+    while idx < hi {
+        // SAFETY: idx < len.
+        let (_, _, key, evictable) = unsafe { kv_at(p, view, head_slot, idx) };
+        let matches = p.pass == 0 || key >> (32 - 8 * p.pass) == prefix;
+        if evictable && matches {
+            // SAFETY: the bin lies in the smem histogram.
+            unsafe {
+                shared_add(
+                    shared_addr(bins.add(((key >> digit_shift) & 0xff) as usize)),
+                    1,
+                )
+            };
+        }
+        idx += COMPRESS_THREADS;
+    }
+    // SAFETY: all threads reach it.
+    unsafe { sync_threads() };
+    let num_work_heads = p.num_work_seqs * p.heads_per_seq();
+    let mut b = thread;
+    while b < RADIX_BINS {
+        // SAFETY: inside the smem histogram and the global histogram of this pass.
+        unsafe {
+            let count = *bins.add(b as usize);
+            if count != 0 {
+                global_add(
+                    p.hist + p.hist_word(num_work_heads, p.pass, w, b) * 4,
+                    count,
+                );
+            }
+        }
+        b += COMPRESS_THREADS;
+    }
+}
+
+/// Reduces a per-thread u64 over the CTA through shared memory words `scratch[..2 *
+/// COMPRESS_THREADS]`; every thread gets the sum.
+///
+/// # Safety
+/// Every thread calls it; `scratch` holds `2 * COMPRESS_THREADS` u32 words.
+#[inline(always)]
+unsafe fn block_sum_u64(scratch: *mut u32, value: u64) -> u64 {
+    let thread = thread_idx_x() as usize;
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        sync_threads();
+        *scratch.add(2 * thread) = value as u32;
+        *scratch.add(2 * thread + 1) = (value >> 32) as u32;
+        sync_threads();
+        let mut total = 0u64;
+        for t in 0..COMPRESS_THREADS as usize {
+            total += *scratch.add(2 * t) as u64 | (*scratch.add(2 * t + 1) as u64) << 32;
+        }
+        total
+    }
+}
+
+/// Per sequence: the evictable count of each head slot (from the first histogram), the
+/// budget in blocks (SPEC §5.5), its share per group clamped to what the group can free, and
+/// the report. An explicit block budget that some group cannot meet sets `status`.
+///
+/// # Safety
+/// Launched with `plan_compress`'s budget dims after histogram pass 0.
+#[inline(always)]
+pub unsafe fn sched_budget_body(p: &CompressParams) {
+    let geom = p.cache.geometry;
+    let s = block_idx_x();
+    let heads = p.heads_per_seq();
+    let first = s * heads;
+    let thread = thread_idx_x();
+    let num_work_heads = p.num_work_seqs * heads;
+    // SAFETY: s < num_work_seqs.
+    let view = unsafe { seq_view(p, s) };
+    let mut compressible = 0u64;
+    let mut in_use = 0u64;
+    let mut i = thread;
+    while i < heads {
+        let w = first + i;
+        // SAFETY: the head slot is validated; hist pass 0 and heads hold rows for w.
+        unsafe {
+            let len = load::<i32>(p.cache.context_lens, p.head_slot(view.seq, w)) as u32;
+            let mut evictable = 0u32;
+            for b in 0..RADIX_BINS {
+                evictable += load::<u32>(p.hist, p.hist_word(num_work_heads, 0, w, b));
+            }
+            let words = [len, fill(len, geom.block_size), evictable, 0, 0, 0];
+            for (field, value) in words.iter().enumerate() {
+                store::<u32>(p.heads, p.head_word(w, field as u32), *value);
+            }
+            compressible += evictable as u64;
+            in_use += geom.blocks_for(len) as u64;
+        }
+        i += COMPRESS_THREADS;
+    }
+    let scratch = dynamic_f32() as *mut u32;
+    // SAFETY: every thread calls these; the launch reserved the scratch.
+    let (compressible, in_use) = unsafe {
+        (
+            block_sum_u64(scratch, compressible),
+            block_sum_u64(scratch, in_use),
+        )
+    };
+    // SAFETY: seq_in holds this sequence's row.
+    let (kind, value) = unsafe {
+        (
+            load::<u32>(p.seq_in, p.seq_in_word(s, SEQ_IN_BUDGET_KIND)),
+            load::<u32>(p.seq_in, p.seq_in_word(s, SEQ_IN_BUDGET_VALUE)),
+        )
+    };
+    let b = geom.block_size as u64;
+    let wanted = match kind {
+        BUDGET_RATE => {
+            let keep = core::intrinsics::ceilf64(compressible as f64 / f32::from_bits(value) as f64)
+                as u64;
+            (compressible - keep.min(compressible)) / b.max(1)
+        }
+        BUDGET_TOKENS => in_use.saturating_sub((heads as u64 * value as u64).div_ceil(b.max(1))),
+        _ => value as u64,
+    };
+    let groups = (heads / p.group_heads.max(1)).max(1) as u64;
+    let requested = (wanted - wanted % groups).min(u32::MAX as u64);
+    let per_group = requested / groups;
+    let mut taken = 0u64;
+    let mut clamped = 0u64;
+    let mut g = thread;
+    while (g as u64) < groups {
+        let q = s * groups as u32 + g;
+        let mut possible = 0u64;
+        for i in 0..p.group_heads {
+            let w = q * p.group_heads + i;
+            // SAFETY: written above by this CTA; the barriers of block_sum_u64 ordered them.
+            unsafe {
+                let evictable = load::<u32>(p.heads, p.head_word(w, HEAD_EVICTABLE));
+                let fill = load::<u32>(p.heads, p.head_word(w, HEAD_FILL));
+                possible += blocks_within(evictable, fill, geom.block_size) as u64;
+            }
+        }
+        let need = per_group.min(possible);
+        // SAFETY: q < num_groups.
+        unsafe {
+            store::<u32>(p.groups, p.group_word(q, GROUP_PREFIX), 0);
+            store::<u32>(p.groups, p.group_word(q, GROUP_NEED), need as u32);
+        }
+        taken += need;
+        clamped += (per_group > possible) as u64;
+        g += COMPRESS_THREADS;
+    }
+    // SAFETY: every thread calls these.
+    let (taken, clamped) = unsafe {
+        (
+            block_sum_u64(scratch, taken),
+            block_sum_u64(scratch, clamped),
+        )
+    };
+    if thread == 0 {
+        // SAFETY: seq_out holds this sequence's row; status one word.
+        unsafe {
+            store::<u32>(
+                p.seq_out,
+                p.seq_out_word(s, SEQ_OUT_REQUESTED),
+                requested as u32,
+            );
+            store::<u32>(p.seq_out, p.seq_out_word(s, SEQ_OUT_TAKEN), taken as u32);
+            store::<u32>(
+                p.seq_out,
+                p.seq_out_word(s, SEQ_OUT_CLAMPED),
+                (clamped > 0) as u32,
+            );
+            if kind == BUDGET_BLOCKS && clamped > 0 {
+                store::<u32>(p.status, 0, 1);
+            }
+        }
+    }
+}
+
+/// This lane's 8 bins of work head slot `w` in the histogram of `pass`.
+#[inline(always)]
+unsafe fn lane_bins(p: &CompressParams, w: u32) -> [u32; LANE_BINS as usize] {
+    let num_work_heads = p.num_work_seqs * p.heads_per_seq();
+    let mut h = [0u32; LANE_BINS as usize];
+    for (j, v) in h.iter_mut().enumerate() {
+        // SAFETY: the histogram holds RADIX_BINS bins for every work head slot.
+        *v = unsafe {
+            load::<u32>(
+                p.hist,
+                p.hist_word(num_work_heads, p.pass, w, lane_id() * LANE_BINS + j as u32),
+            )
+        };
+    }
+    h
+}
+
+/// Digit choice of pass `p.pass` for one group: the smallest bin at whose end the group's
+/// blocks with cost at or below it reach its need; then each head slot's count below the
+/// chosen bin. After the last pass, each head slot's blocks: all with cost below the
+/// threshold, then the ties in `(layer, head, k)` order until the need is met.
+///
+/// # Safety
+/// Launched with `plan_compress`'s digit dims after histogram pass `p.pass`.
+#[inline(always)]
+pub unsafe fn sched_digit_body(p: &CompressParams) {
+    let geom = p.cache.geometry;
+    let q = block_idx_x();
+    // SAFETY: q < num_groups.
+    let (need, prefix) = unsafe {
+        (
+            load::<u32>(p.groups, p.group_word(q, GROUP_NEED)),
+            load::<u32>(p.groups, p.group_word(q, GROUP_PREFIX)),
+        )
+    };
+    if need == 0 {
+        return; // uniform over the CTA
+    }
+    let (thread, lane, warp) = (thread_idx_x(), lane_id(), warp_id());
+    let first = q * p.group_heads;
+    let pairs = dynamic_f32() as *mut u32;
+    // SAFETY: the launch reserved WARPS * RADIX_BINS + 1 words.
+    let digit = unsafe { pairs.add((WARPS * RADIX_BINS) as usize) };
+    // SAFETY: inside the smem map; all threads reach the barrier.
+    unsafe {
+        let mut i = thread;
+        while i < WARPS * RADIX_BINS {
+            *pairs.add(i as usize) = 0;
+            i += COMPRESS_THREADS;
+        }
+        if thread == 0 {
+            *digit = RADIX_BINS;
+        }
+        sync_threads();
+    }
+    // Blocks with cost up to the end of each bin, per warp then summed.
+    let mut i = warp;
+    while i < p.group_heads {
+        let w = first + i;
+        // SAFETY: heads and the histogram hold rows for w; the warp is converged.
+        unsafe {
+            let fill = load::<u32>(p.heads, p.head_word(w, HEAD_FILL));
+            let below = load::<u32>(p.heads, p.head_word(w, HEAD_BELOW));
+            let h = lane_bins(p, w);
+            let lane_total: u32 = h.iter().sum();
+            let mut cum = below + inclusive_scan_u32(lane_total) - lane_total;
+            for (j, count) in h.iter().enumerate() {
+                cum += count;
+                let at = pairs.add((warp * RADIX_BINS + lane * LANE_BINS + j as u32) as usize);
+                *at += blocks_within(cum, fill, geom.block_size);
+            }
+        }
+        i += WARPS;
+    }
+    // SAFETY: all threads reach the barriers; each thread owns bin `thread`.
+    unsafe {
+        sync_threads();
+        let mut b = thread;
+        while b < RADIX_BINS {
+            let mut total = 0u32;
+            for w in 0..WARPS {
+                total += *pairs.add((w * RADIX_BINS + b) as usize);
+            }
+            if total >= need {
+                shared_min(shared_addr(digit), b);
+            }
+            b += COMPRESS_THREADS;
+        }
+        sync_threads();
+    }
+    // SAFETY: written before the barrier; a bin always qualifies (module header).
+    let d = unsafe { *digit };
+    let last_pass = p.pass + 1 == RADIX_PASSES;
+    let mut i = warp;
+    while i < p.group_heads {
+        let w = first + i;
+        // SAFETY: as above.
+        unsafe {
+            let h = lane_bins(p, w);
+            let mut lane_below = 0u32;
+            let mut at_digit = 0u32;
+            for (j, count) in h.iter().enumerate() {
+                let bin = lane * LANE_BINS + j as u32;
+                if bin < d {
+                    lane_below += count;
+                }
+                if bin == d {
+                    at_digit = *count;
+                }
+            }
+            let below = load::<u32>(p.heads, p.head_word(w, HEAD_BELOW))
+                + shfl_idx_u32(inclusive_scan_u32(lane_below), WARP_SIZE - 1);
+            let at_digit = shfl_idx_u32(at_digit, d / LANE_BINS);
+            if lane == 0 {
+                if last_pass {
+                    let fill = load::<u32>(p.heads, p.head_word(w, HEAD_FILL));
+                    store::<u32>(
+                        p.heads,
+                        p.head_word(w, HEAD_BLOCKS),
+                        blocks_within(below, fill, geom.block_size),
+                    );
+                    store::<u32>(
+                        p.heads,
+                        p.head_word(w, HEAD_EVICTIONS),
+                        blocks_within(below + at_digit, fill, geom.block_size),
+                    );
+                } else {
+                    store::<u32>(p.heads, p.head_word(w, HEAD_BELOW), below);
+                }
+            }
+        }
+        i += WARPS;
+    }
+    if thread == 0 {
+        // SAFETY: q < num_groups.
+        unsafe { store::<u32>(p.groups, p.group_word(q, GROUP_PREFIX), prefix << 8 | d) };
+    }
+    if !last_pass {
+        return;
+    }
+    // SAFETY: all threads reach it; the stores above are CTA-visible after it.
+    unsafe { sync_threads() };
+    if thread == 0 {
+        let mut below_threshold = 0u32;
+        for i in 0..p.group_heads {
+            // SAFETY: written above.
+            below_threshold += unsafe { load::<u32>(p.heads, p.head_word(first + i, HEAD_BLOCKS)) };
+        }
+        let mut ties_left = need - below_threshold;
+        for i in 0..p.group_heads {
+            let w = first + i;
+            // SAFETY: as above.
+            unsafe {
+                let below = load::<u32>(p.heads, p.head_word(w, HEAD_BLOCKS));
+                let at_most = load::<u32>(p.heads, p.head_word(w, HEAD_EVICTIONS));
+                let take = (at_most - below).min(ties_left);
+                ties_left -= take;
+                let blocks = below + take;
+                let fill = load::<u32>(p.heads, p.head_word(w, HEAD_FILL));
+                store::<u32>(p.heads, p.head_word(w, HEAD_BLOCKS), blocks);
+                store::<u32>(
+                    p.heads,
+                    p.head_word(w, HEAD_EVICTIONS),
+                    evictions(blocks, fill, geom.block_size),
+                );
+            }
+        }
+    }
+}
