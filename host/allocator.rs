@@ -12,34 +12,39 @@ use crate::error::{Error, Result};
 pub struct BlockAllocator {
     /// Free blocks; the next allocation pops from the end.
     free: Vec<u32>,
-    /// Whether each block is handed out.
-    allocated: Vec<bool>,
+    /// One bit per block: handed out. A bitset (one bit, not one byte, per block) keeps the
+    /// random accesses of freeing millions of blocks in cache.
+    allocated: Vec<u64>,
+    num_blocks: u32,
 }
 
 impl BlockAllocator {
     /// All `num_blocks` blocks free; they are handed out in ascending order.
     pub fn new(num_blocks: u32) -> Self {
-        Self {
-            free: (0..num_blocks).rev().collect(),
-            allocated: vec![false; num_blocks as usize],
-        }
+        Self::from_in_use(vec![false; num_blocks as usize])
     }
 
     /// An allocator whose allocated blocks are exactly those `in_use` marks.
     pub(crate) fn from_in_use(in_use: Vec<bool>) -> Self {
-        let free = (0..in_use.len() as u32)
+        let num_blocks = in_use.len() as u32;
+        let mut allocated = vec![0u64; in_use.len().div_ceil(64)];
+        for (b, _) in in_use.iter().enumerate().filter(|(_, &used)| used) {
+            allocated[b / 64] |= 1 << (b % 64);
+        }
+        let free = (0..num_blocks)
             .rev()
             .filter(|&b| !in_use[b as usize])
             .collect();
         Self {
             free,
-            allocated: in_use,
+            allocated,
+            num_blocks,
         }
     }
 
     /// Blocks in the pool.
     pub fn num_blocks(&self) -> u32 {
-        self.allocated.len() as u32
+        self.num_blocks
     }
 
     /// Blocks that can be allocated.
@@ -49,12 +54,21 @@ impl BlockAllocator {
 
     /// Blocks handed out.
     pub fn num_allocated(&self) -> u32 {
-        self.num_blocks() - self.num_free()
+        self.num_blocks - self.num_free()
     }
 
     /// Whether `block` is handed out (false for ids outside the pool).
     pub fn is_allocated(&self, block: u32) -> bool {
-        self.allocated.get(block as usize).copied().unwrap_or(false)
+        block < self.num_blocks && self.allocated[block as usize / 64] >> (block % 64) & 1 == 1
+    }
+
+    fn set_allocated(&mut self, block: u32, allocated: bool) {
+        let (word, bit) = (block as usize / 64, block % 64);
+        if allocated {
+            self.allocated[word] |= 1 << bit;
+        } else {
+            self.allocated[word] &= !(1 << bit);
+        }
     }
 
     /// Randomises the order in which free blocks are handed out, so that head slots get
@@ -73,7 +87,7 @@ impl BlockAllocator {
         }
         let blocks = self.free.split_off(self.free.len() - n as usize);
         for &b in &blocks {
-            self.allocated[b as usize] = true;
+            self.set_allocated(b, true);
         }
         Ok(blocks)
     }
@@ -94,15 +108,25 @@ impl BlockAllocator {
         }
         // Clearing the allocated bit as we go finds a block named twice; undo on the way out.
         for (i, &b) in blocks.iter().enumerate() {
-            if !self.allocated[b as usize] {
+            if !self.is_allocated(b) {
                 for &undo in &blocks[..i] {
-                    self.allocated[undo as usize] = true;
+                    self.set_allocated(undo, true);
                 }
                 return Err(rejected(b));
             }
-            self.allocated[b as usize] = false;
+            self.set_allocated(b, false);
         }
         self.free.extend_from_slice(blocks);
         Ok(())
+    }
+
+    /// Takes back blocks the cache's own tables just released: owned by exactly one head slot
+    /// each, so allocated and distinct by construction (checked only in debug builds).
+    pub(crate) fn free_owned(&mut self, blocks: &[u32]) {
+        for &b in blocks {
+            debug_assert!(self.is_allocated(b), "block {b} released twice");
+            self.set_allocated(b, false);
+        }
+        self.free.extend_from_slice(blocks);
     }
 }

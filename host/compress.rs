@@ -220,7 +220,7 @@ impl PagedKvCache {
         }
         times.compact_ms = start.elapsed().as_secs_f64() * 1e3;
         let start = std::time::Instant::now();
-        self.allocator.free(&report.freed)?;
+        self.allocator.free_owned(&report.freed);
         times.host_ms = start.elapsed().as_secs_f64() * 1e3;
         Ok((report, times))
     }

@@ -38,6 +38,16 @@ fn ptx_has_no_unresolved_calls() {
 }
 
 #[test]
+fn no_kernel_can_panic() {
+    // A reachable panic (a division by a runtime zero, an unchecked index) compiles to a
+    // `core::panicking` function that traps; kernels guard every such case instead.
+    assert!(
+        !PTX.contains("panicking"),
+        "a kernel has a panic path (search the PTX for `panicking`)"
+    );
+}
+
+#[test]
 fn no_kernel_uses_local_memory() {
     // Per-lane arrays must be fully unrolled into registers (build.rs raises LLVM's unroll
     // threshold for that); a `.local` depot means spills or a runtime-indexed array.

@@ -132,6 +132,12 @@ pub(crate) fn compress(
             .map_or(&seq_reports[0], |(s, _)| s);
         return Err(over_budget(s.seq, s.requested_blocks, s.freed_blocks));
     }
+    report
+        .heads
+        .reserve_exact((num_work_seqs * heads_per_seq) as usize);
+    report
+        .freed
+        .reserve_exact(seq_reports.iter().map(|s| s.freed_blocks as usize).sum());
     for (s, &seq) in args.seqs.iter().enumerate() {
         for i in 0..heads_per_seq {
             let w = s as u32 * heads_per_seq + i;
@@ -141,12 +147,10 @@ pub(crate) fn compress(
             if blocks > 0 {
                 times.moved_kvs += word(heads_at, w, HEAD_BELOW, HEAD_WORDS) as u64;
                 let len = cache.context_lens[head_slot as usize] as u32;
-                for logical_block in g.blocks_for(len - evicted)..g.blocks_for(len) {
-                    let entry = &mut cache.block_tables
-                        [g.block_table_at(head_slot, logical_block) as usize];
-                    report.freed.push(*entry as u32);
-                    *entry = -1;
-                }
+                let first = g.block_table_at(head_slot, g.blocks_for(len - evicted)) as usize;
+                let released = &mut cache.block_tables[first..first + blocks as usize];
+                report.freed.extend(released.iter().map(|&b| b as u32));
+                released.fill(-1);
                 cache.context_lens[head_slot as usize] = (len - evicted) as i32;
             }
             report.heads.push(HeadReport {
@@ -157,7 +161,7 @@ pub(crate) fn compress(
         }
     }
     report.seqs = seq_reports;
-    cache.allocator.free(&report.freed)?;
+    cache.allocator.free_owned(&report.freed);
     times.host_ms = host_start.elapsed().as_secs_f64() * 1e3;
     Ok((report, times))
 }

@@ -7,11 +7,14 @@
 //!    the top `level` bits of its key are `<= P` (`level` 0: every evictable KV). Positions are
 //!    unique within a head slot, so the select always resolves.
 //! 2. Compact: `n' = n - c_h`. Holes (evicted KVs below `n'`, ascending) and movers (retained
-//!    KVs at `n'` and above, descending) are found tile by tile with block-wide ballots into two
-//!    shared queues; the i-th mover fills the i-th hole (K, V, metric, position), a warp per
-//!    move. Sources (`>= n'`) are never destinations (`< n'`), and a hole is read before it is
-//!    filled, so the moves need no ordering among themselves.
-//! 3. Finish: the head slot's length becomes `n'` and its last `k_h` table entries `-1`.
+//!    KVs at `n'` and above, descending) are found a tile of `COMPACT_TILE` KVs at a time (each
+//!    thread examines `BATCH` at once, so their loads overlap) and appended in order to two
+//!    shared queues with block-wide ballots; the i-th mover fills the i-th hole. The moves of a
+//!    round run as one flat parallel copy over `(move, K or V, 16-byte chunk)`. Sources (`>=
+//!    n'`) are never destinations (`< n'`), and a hole is read before it is filled, so the
+//!    moves need no ordering among themselves.
+//! 3. Finish: the head slot's length becomes `n'`, its last `k_h` table entries `-1`, and the
+//!    number of moves is reported.
 //!
 //! Skipped entirely when `status` reports an explicit budget that cannot be met.
 
@@ -20,26 +23,23 @@ use kvc_abi::params::compress::{
 };
 use kvc_abi::params::CompressParams;
 use kvc_abi::plan::{
-    compact_smem, COMPACT_QUEUE, COMPRESS_THREADS, COMPRESS_WARPS, VECTOR_BYTES, WARP_SIZE,
+    compact_smem, COMPACT_QUEUE, COMPACT_TILE, COMPRESS_THREADS, COMPRESS_WARPS, VECTOR_BYTES,
 };
 
-use crate::gpu::mem::{load, load_chunk, store, store_chunk};
+use crate::gpu::mem::{load, load_chunk, store, store_chunk, Chunk};
 use crate::gpu::mma::shared_addr;
 use crate::gpu::smem::dynamic_f32;
 use crate::gpu::sync::shared_add;
 use crate::gpu::thread::{block_idx_x, lane_id, sync_threads, thread_idx_x, warp_id};
 use crate::gpu::warp::{ballot, lanemask_lt};
-use crate::schedule::{kv_at, seq_view, SeqView};
+use crate::schedule::{kv_batch, pool_slot_of, seq_view, SeqView, BATCH};
 
-const WARPS: u32 = COMPRESS_WARPS;
-const QUEUE: u32 = COMPACT_QUEUE;
+/// Shared-memory words (see `compact_smem`) and state fields.
 const BINS_AT: usize = compact_smem::BINS;
 const STATE_AT: usize = compact_smem::STATE;
 const WARP_COUNTS_AT: usize = compact_smem::WARP_COUNTS;
 const HOLES_AT: usize = compact_smem::HOLES;
 const MOVERS_AT: usize = compact_smem::MOVERS;
-
-/// State words.
 const S_REMAINING: usize = 0;
 const S_PREFIX_HI: usize = 1;
 const S_PREFIX_LO: usize = 2;
@@ -47,6 +47,8 @@ const S_LEVEL: usize = 3;
 const S_DONE: usize = 4;
 const S_HOLES: usize = 5;
 const S_MOVERS: usize = 6;
+/// 16-byte copies each thread keeps in flight.
+const COPIES: usize = 4;
 
 /// Which evictable KVs go: those whose top `level` key bits are `<= prefix`.
 #[derive(Clone, Copy)]
@@ -89,7 +91,8 @@ pub unsafe fn compact_body(p: &CompressParams) {
     let view = unsafe { seq_view(p, s) };
     let head_slot = p.head_slot(view.seq, w);
     let words = dynamic_f32() as *mut u32;
-    // SAFETY: every thread calls them; the launch reserved compact_smem::WORDS words.
+    // SAFETY: every thread calls them; the launch reserved compact_smem::WORDS words; len > 0
+    // because blocks > 0.
     let evict = unsafe {
         if evictions == evictable {
             Evict {
@@ -128,7 +131,7 @@ pub unsafe fn compact_body(p: &CompressParams) {
 /// The radix select of step 1.
 ///
 /// # Safety
-/// Every thread calls it; `words` is the kernel's shared memory.
+/// Every thread calls it; `words` is the kernel's shared memory; `len > 0`.
 #[inline(always)]
 unsafe fn select(
     p: &CompressParams,
@@ -159,15 +162,18 @@ unsafe fn select(
             let level = *words.add(STATE_AT + S_LEVEL);
             let prefix = (*words.add(STATE_AT + S_PREFIX_HI) as u64) << 32
                 | *words.add(STATE_AT + S_PREFIX_LO) as u64;
-            let mut idx = thread;
-            while idx < len {
-                let (_, position, key, evictable) = kv_at(p, view, head_slot, idx);
-                let wide = (key as u64) << 32 | position as u32 as u64;
-                if evictable && (level == 0 || wide >> (64 - level) == prefix) {
-                    let digit = (wide >> (56 - level)) & 0xff;
-                    shared_add(shared_addr(words.add(BINS_AT + digit as usize)), 1);
+            let mut base = 0;
+            while base < len {
+                let idx = core::array::from_fn(|u| base + u as u32 * COMPRESS_THREADS + thread);
+                let kv = kv_batch(p, view, head_slot, idx, len);
+                for u in 0..BATCH {
+                    let wide = (kv.key[u] as u64) << 32 | kv.position[u] as u32 as u64;
+                    if kv.evictable[u] && (level == 0 || wide >> (64 - level) == prefix) {
+                        let digit = (wide >> (56 - level)) & 0xff;
+                        shared_add(shared_addr(words.add(BINS_AT + digit as usize)), 1);
+                    }
                 }
-                idx += COMPRESS_THREADS;
+                base += COMPACT_TILE;
             }
             sync_threads();
             if thread == 0 {
@@ -199,36 +205,51 @@ unsafe fn select(
     }
 }
 
-/// Appends the indices whose `flag` is set, in thread order, to the queue at word `queue`
-/// whose length is word `count_word`, and updates that length.
+/// Appends, in order, the indices `idx[u]` whose `flag[u]` is set (`u` major, thread minor)
+/// to the queue at word `queue` whose length is word `count_word`, and updates that length.
 ///
 /// # Safety
-/// Every thread calls it; `words` is the kernel's shared memory.
+/// Every thread calls it; `words` is the kernel's shared memory; the queue has room.
 #[inline(always)]
-unsafe fn append(words: *mut u32, queue: usize, count_word: usize, idx: u32, flag: bool) {
-    let (lane, warp) = (lane_id(), warp_id());
+unsafe fn append(
+    words: *mut u32,
+    queue: usize,
+    count_word: usize,
+    idx: [u32; BATCH],
+    flag: [bool; BATCH],
+) {
+    let (lane, warp, thread) = (lane_id(), warp_id(), thread_idx_x());
     // SAFETY: every lane of every warp calls it; inside the smem map.
     unsafe {
-        let votes = ballot(flag);
+        let mut votes = [0u32; BATCH];
+        for u in 0..BATCH {
+            votes[u] = ballot(flag[u]);
+        }
         if lane == 0 {
-            *words.add(WARP_COUNTS_AT + warp as usize) = votes.count_ones();
+            for u in 0..BATCH {
+                *words.add(WARP_COUNTS_AT + u * COMPRESS_WARPS as usize + warp as usize) =
+                    votes[u].count_ones();
+            }
         }
         sync_threads();
         let mut offset = *words.add(count_word);
-        let mut total = offset;
-        for w in 0..WARPS {
-            let n = *words.add(WARP_COUNTS_AT + w as usize);
-            if w < warp {
+        for u in 0..BATCH {
+            let mut mine = offset;
+            for w in 0..COMPRESS_WARPS {
+                let n = *words.add(WARP_COUNTS_AT + u * COMPRESS_WARPS as usize + w as usize);
+                if w < warp {
+                    mine += n;
+                }
                 offset += n;
             }
-            total += n;
-        }
-        if flag {
-            *words.add(queue + (offset + (votes & lanemask_lt()).count_ones()) as usize) = idx;
+            if flag[u] {
+                *words.add(queue + (mine + (votes[u] & lanemask_lt()).count_ones()) as usize) =
+                    idx[u];
+            }
         }
         sync_threads();
-        if thread_idx_x() == 0 {
-            *words.add(count_word) = total;
+        if thread == 0 {
+            *words.add(count_word) = offset;
         }
         sync_threads();
     }
@@ -237,7 +258,7 @@ unsafe fn append(words: *mut u32, queue: usize, count_word: usize, idx: u32, fla
 /// Step 2; returns the number of moves.
 ///
 /// # Safety
-/// Every thread calls it; `words` is the kernel's shared memory.
+/// Every thread calls it; `words` is the kernel's shared memory; `len > 0`.
 #[inline(always)]
 unsafe fn move_tail_into_holes(
     p: &CompressParams,
@@ -248,7 +269,7 @@ unsafe fn move_tail_into_holes(
     evict: Evict,
     words: *mut u32,
 ) -> u32 {
-    let (thread, lane, warp) = (thread_idx_x(), lane_id(), warp_id());
+    let thread = thread_idx_x();
     let mut hole_cursor = 0u32;
     let mut mover_cursor = len;
     let mut moved = 0u32;
@@ -263,23 +284,28 @@ unsafe fn move_tail_into_holes(
         sync_threads();
         loop {
             while *words.add(STATE_AT + S_HOLES) < COMPRESS_THREADS && hole_cursor < kept {
-                let idx = hole_cursor + thread;
-                let flag = idx < kept && {
-                    let (_, position, key, evictable) = kv_at(p, view, head_slot, idx);
-                    evict.takes(key, position, evictable)
-                };
+                let idx: [u32; BATCH] =
+                    core::array::from_fn(|u| hole_cursor + u as u32 * COMPRESS_THREADS + thread);
+                let kv = kv_batch(p, view, head_slot, idx, len);
+                let flag = core::array::from_fn(|u| {
+                    idx[u] < kept && evict.takes(kv.key[u], kv.position[u], kv.evictable[u])
+                });
                 append(words, HOLES_AT, STATE_AT + S_HOLES, idx, flag);
-                hole_cursor += COMPRESS_THREADS;
+                hole_cursor += COMPACT_TILE;
             }
             while *words.add(STATE_AT + S_MOVERS) < COMPRESS_THREADS && mover_cursor > kept {
-                let flag = mover_cursor > thread && mover_cursor - 1 - thread >= kept;
-                let idx = if flag { mover_cursor - 1 - thread } else { 0 };
-                let flag = flag && {
-                    let (_, position, key, evictable) = kv_at(p, view, head_slot, idx);
-                    !evict.takes(key, position, evictable)
-                };
+                let back: [u32; BATCH] =
+                    core::array::from_fn(|u| u as u32 * COMPRESS_THREADS + thread + 1);
+                let idx: [u32; BATCH] =
+                    core::array::from_fn(|u| mover_cursor.saturating_sub(back[u]));
+                let kv = kv_batch(p, view, head_slot, idx, len);
+                let flag = core::array::from_fn(|u| {
+                    mover_cursor >= back[u]
+                        && idx[u] >= kept
+                        && !evict.takes(kv.key[u], kv.position[u], kv.evictable[u])
+                });
                 append(words, MOVERS_AT, STATE_AT + S_MOVERS, idx, flag);
-                mover_cursor = mover_cursor.saturating_sub(COMPRESS_THREADS).max(kept);
+                mover_cursor = mover_cursor.saturating_sub(COMPACT_TILE).max(kept);
             }
             let holes = *words.add(STATE_AT + S_HOLES);
             let movers = *words.add(STATE_AT + S_MOVERS);
@@ -288,33 +314,22 @@ unsafe fn move_tail_into_holes(
                 break;
             }
             moved += pairs;
-            let mut pair = warp;
-            while pair < pairs {
-                let dst = *words.add(HOLES_AT + pair as usize);
-                let src = *words.add(MOVERS_AT + pair as usize);
-                move_kv(p, head_slot, src, dst, lane);
-                pair += WARPS;
-            }
+            copy_moves(p, head_slot, pairs, words);
             // Drop the consumed entries: read the rest, barrier, write them to the front.
-            let mut keep = [0u32; 2 * QUEUE as usize / COMPRESS_THREADS as usize];
-            let mut k = 0;
-            let mut i = thread;
-            while i < QUEUE {
-                keep[k] =
-                    *words.add(HOLES_AT + (i as usize + pairs as usize).min(QUEUE as usize - 1));
-                keep[k + 1] =
-                    *words.add(MOVERS_AT + (i as usize + pairs as usize).min(QUEUE as usize - 1));
-                k += 2;
-                i += COMPRESS_THREADS;
+            const PER_THREAD: usize = (COMPACT_QUEUE as usize).div_ceil(COMPRESS_THREADS as usize);
+            let mut rest = [[0u32; 2]; PER_THREAD];
+            for (k, r) in rest.iter_mut().enumerate() {
+                let from = (k * COMPRESS_THREADS as usize + thread as usize + pairs as usize)
+                    .min(COMPACT_QUEUE as usize - 1);
+                *r = [*words.add(HOLES_AT + from), *words.add(MOVERS_AT + from)];
             }
             sync_threads();
-            let mut k = 0;
-            let mut i = thread;
-            while i < QUEUE {
-                *words.add(HOLES_AT + i as usize) = keep[k];
-                *words.add(MOVERS_AT + i as usize) = keep[k + 1];
-                k += 2;
-                i += COMPRESS_THREADS;
+            for (k, r) in rest.iter().enumerate() {
+                let to = k * COMPRESS_THREADS as usize + thread as usize;
+                if to < COMPACT_QUEUE as usize {
+                    *words.add(HOLES_AT + to) = r[0];
+                    *words.add(MOVERS_AT + to) = r[1];
+                }
             }
             if thread == 0 {
                 *words.add(STATE_AT + S_HOLES) = holes - pairs;
@@ -326,45 +341,63 @@ unsafe fn move_tail_into_holes(
     moved
 }
 
-/// Copies KV `src` of the head slot over KV `dst` (K and V rows, metric, position), one warp.
+/// Moves the first `pairs` queued movers into the first `pairs` queued holes: their pool
+/// slots replace the queue entries, then the whole CTA copies `(move, K or V, chunk)` items,
+/// `COPIES` loads in flight per thread, and each move's metric and position.
 ///
 /// # Safety
-/// Both are live logical indices of the head slot; the whole warp calls it.
+/// Every thread calls it; the queues hold at least `pairs` live logical indices each.
 #[inline(always)]
-unsafe fn move_kv(p: &CompressParams, head_slot: u64, src: u32, dst: u32, lane: u32) {
-    let geom = p.cache.geometry;
-    let table = p.cache.block_tables + geom.block_table_at(head_slot, 0) * 4;
-    // SAFETY: src, dst < len: their blocks are validated pool blocks of the head slot.
-    let (from, to) = unsafe {
-        let at = |idx: u32| {
-            geom.pool_slot(
-                load::<i32>(table, geom.logical_block(idx) as u64) as u32,
-                geom.slot_in_block(idx),
-            )
-        };
-        (at(src), at(dst))
-    };
-    let row = p.row_bytes as u64;
-    let mut byte = lane * VECTOR_BYTES;
-    while byte < p.row_bytes {
-        // SAFETY: both rows lie in the pools; the ranges differ (src != dst).
-        unsafe {
-            store_chunk(
-                p.cache.k_pool + to * row + byte as u64,
-                load_chunk(p.cache.k_pool + from * row + byte as u64),
-            );
-            store_chunk(
-                p.cache.v_pool + to * row + byte as u64,
-                load_chunk(p.cache.v_pool + from * row + byte as u64),
-            );
+unsafe fn copy_moves(p: &CompressParams, head_slot: u64, pairs: u32, words: *mut u32) {
+    let thread = thread_idx_x();
+    // SAFETY: inside the smem map; queue entries are live logical indices of the head slot.
+    unsafe {
+        let mut i = thread;
+        while i < pairs {
+            *words.add(HOLES_AT + i as usize) =
+                pool_slot_of(p, head_slot, *words.add(HOLES_AT + i as usize)) as u32;
+            *words.add(MOVERS_AT + i as usize) =
+                pool_slot_of(p, head_slot, *words.add(MOVERS_AT + i as usize)) as u32;
+            i += COMPRESS_THREADS;
         }
-        byte += WARP_SIZE * VECTOR_BYTES;
-    }
-    if lane == 0 {
-        // SAFETY: both slots lie in metric and position.
-        unsafe {
-            store::<f32>(p.cache.metric, to, load::<f32>(p.cache.metric, from));
-            store::<i32>(p.cache.position, to, load::<i32>(p.cache.position, from));
+        sync_threads();
+        let row = p.row_bytes as u64;
+        let chunks = (p.row_bytes / VECTOR_BYTES).max(1);
+        let items = pairs * 2 * chunks;
+        let mut first = thread;
+        while first < items {
+            let mut chunk: [Chunk; COPIES] = [[0; 4]; COPIES];
+            let mut to = [0u64; COPIES];
+            for (c, value) in chunk.iter_mut().enumerate() {
+                let item = first + (c as u32) * COMPRESS_THREADS;
+                if item < items {
+                    let (pair, rest) = (item / (2 * chunks), item % (2 * chunks));
+                    let pool = if rest < chunks {
+                        p.cache.k_pool
+                    } else {
+                        p.cache.v_pool
+                    };
+                    let byte = (rest % chunks * VECTOR_BYTES) as u64;
+                    let src = *words.add(MOVERS_AT + pair as usize) as u64;
+                    let dst = *words.add(HOLES_AT + pair as usize) as u64;
+                    *value = load_chunk(pool + src * row + byte);
+                    to[c] = pool + dst * row + byte;
+                }
+            }
+            for (c, value) in chunk.iter().enumerate() {
+                if first + (c as u32) * COMPRESS_THREADS < items {
+                    store_chunk(to[c], *value);
+                }
+            }
+            first += COPIES as u32 * COMPRESS_THREADS;
+        }
+        let mut i = thread;
+        while i < pairs {
+            let src = *words.add(MOVERS_AT + i as usize) as u64;
+            let dst = *words.add(HOLES_AT + i as usize) as u64;
+            store::<f32>(p.cache.metric, dst, load::<f32>(p.cache.metric, src));
+            store::<i32>(p.cache.position, dst, load::<i32>(p.cache.position, src));
+            i += COMPRESS_THREADS;
         }
     }
 }

@@ -61,30 +61,68 @@ pub unsafe fn seq_view(p: &CompressParams, s: u32) -> SeqView {
     }
 }
 
-/// Pool slot, position and metric key of logical KV `idx` of `head_slot`, and whether it may
-/// be evicted (position in `[sinks, newest_evictable]`).
+/// Logical KVs a thread examines at once, so that their loads overlap.
+pub const BATCH: usize = 8;
+
+/// Position, metric key and evictability of `BATCH` logical KVs of a head slot.
+pub struct KvBatch {
+    pub position: [i32; BATCH],
+    pub key: [u32; BATCH],
+    pub evictable: [bool; BATCH],
+}
+
+/// Position, metric key and evictability (position in `[sinks, newest_evictable]`) of
+/// `BATCH` logical KVs of a head slot at once; an index `>= len` is read as the last KV (so
+/// every load is valid and all are issued together) and reported not evictable.
+///
+/// # Safety
+/// `len > 0` is the head slot's length.
+#[inline(always)]
+pub unsafe fn kv_batch(
+    p: &CompressParams,
+    view: SeqView,
+    head_slot: u64,
+    idx: [u32; BATCH],
+    len: u32,
+) -> KvBatch {
+    let geom = p.cache.geometry;
+    let table = p.cache.block_tables + geom.block_table_at(head_slot, 0) * 4;
+    let mut slot = [0u64; BATCH];
+    for u in 0..BATCH {
+        let i = idx[u].min(len - 1);
+        // SAFETY: i < len: its block is a validated pool block of the head slot.
+        let block = unsafe { load_nc::<i32>(table, geom.logical_block(i) as u64) } as u32;
+        slot[u] = geom.pool_slot(block, geom.slot_in_block(i));
+    }
+    let mut batch = KvBatch {
+        position: [0; BATCH],
+        key: [0; BATCH],
+        evictable: [false; BATCH],
+    };
+    for u in 0..BATCH {
+        // SAFETY: slot < num_blocks * B.
+        unsafe {
+            batch.position[u] = load::<i32>(p.cache.position, slot[u]);
+            batch.key[u] = metric_key(load::<f32>(p.cache.metric, slot[u]));
+        }
+        let position = batch.position[u] as i64;
+        batch.evictable[u] =
+            idx[u] < len && position >= p.sinks as i64 && position <= view.newest_evictable;
+    }
+    batch
+}
+
+/// Pool slot of logical KV `idx` of `head_slot`.
 ///
 /// # Safety
 /// `idx` is below the head slot's length.
 #[inline(always)]
-pub unsafe fn kv_at(
-    p: &CompressParams,
-    view: SeqView,
-    head_slot: u64,
-    idx: u32,
-) -> (u64, i32, u32, bool) {
+pub unsafe fn pool_slot_of(p: &CompressParams, head_slot: u64, idx: u32) -> u64 {
     let geom = p.cache.geometry;
+    let table = p.cache.block_tables + geom.block_table_at(head_slot, 0) * 4;
     // SAFETY: idx < len: its block is a validated pool block of the head slot.
-    unsafe {
-        let table = p.cache.block_tables + geom.block_table_at(head_slot, 0) * 4;
-        let block = load_nc::<i32>(table, geom.logical_block(idx) as u64) as u32;
-        let slot = geom.pool_slot(block, geom.slot_in_block(idx));
-        let position = load::<i32>(p.cache.position, slot);
-        let key = metric_key(load::<f32>(p.cache.metric, slot));
-        let evictable =
-            position as i64 >= p.sinks as i64 && position as i64 <= view.newest_evictable;
-        (slot, position, key, evictable)
-    }
+    let block = unsafe { load::<i32>(table, geom.logical_block(idx) as u64) } as u32;
+    geom.pool_slot(block, geom.slot_in_block(idx))
 }
 
 /// Histogram pass `p.pass` of the metric keys of one chunk of one work head slot: the keys of
@@ -131,21 +169,21 @@ pub unsafe fn sched_hist_body(p: &CompressParams) {
         0
     };
     let digit_shift = 24 - 8 * p.pass;
-    let mut idx = lo + thread;
-    while idx < hi {
-        // SAFETY: idx < len.
-        let (_, _, key, evictable) = unsafe { kv_at(p, view, head_slot, idx) };
-        let matches = p.pass == 0 || key >> (32 - 8 * p.pass) == prefix;
-        if evictable && matches {
-            // SAFETY: the bin lies in the smem histogram.
-            unsafe {
-                shared_add(
-                    shared_addr(bins.add(((key >> digit_shift) & 0xff) as usize)),
-                    1,
-                )
-            };
+    let mut base = lo;
+    while base < hi {
+        let idx = core::array::from_fn(|u| base + u as u32 * COMPRESS_THREADS + thread);
+        // SAFETY: len > lo; indices past the chunk are masked below.
+        let kv = unsafe { kv_batch(p, view, head_slot, idx, len) };
+        for u in 0..BATCH {
+            let key = kv.key[u];
+            let matches = p.pass == 0 || key >> (32 - 8 * p.pass) == prefix;
+            if idx[u] < hi && kv.evictable[u] && matches {
+                let bin = bins.add(((key >> digit_shift) & 0xff) as usize);
+                // SAFETY: the bin lies in the smem histogram.
+                unsafe { shared_add(shared_addr(bin), 1) };
+            }
         }
-        idx += COMPRESS_THREADS;
+        base += BATCH as u32 * COMPRESS_THREADS;
     }
     // SAFETY: all threads reach it.
     unsafe { sync_threads() };

@@ -677,9 +677,11 @@ pub const COMPRESS_THREADS: u32 = 256;
 pub const HIST_CHUNK_KVS: u32 = 4096;
 /// Warps per compression CTA.
 pub const COMPRESS_WARPS: u32 = COMPRESS_THREADS / WARP_SIZE;
+/// Logical KVs one compaction scan tile covers (each thread examines 8 at once).
+pub const COMPACT_TILE: u32 = 8 * COMPRESS_THREADS;
 /// Capacity of each of the compaction kernel's hole and mover queues: refilled while below
-/// one tile of `COMPRESS_THREADS`, a tile adds at most one more.
-pub const COMPACT_QUEUE: u32 = 2 * COMPRESS_THREADS;
+/// `COMPRESS_THREADS` entries, a tile adds at most `COMPACT_TILE`.
+pub const COMPACT_QUEUE: u32 = COMPRESS_THREADS + COMPACT_TILE;
 
 /// Shared memory of the compaction kernel, in u32 words from the start.
 pub mod compact_smem {
@@ -690,11 +692,11 @@ pub mod compact_smem {
     pub const BINS: usize = 0;
     /// `[8]` select and queue state.
     pub const STATE: usize = BINS + RADIX_BINS as usize;
-    /// `[COMPRESS_WARPS]` ballot counts.
+    /// `[8, COMPRESS_WARPS]` ballot counts (8 indices examined per thread per tile).
     pub const WARP_COUNTS: usize = STATE + 8;
-    /// `[COMPACT_QUEUE]` hole logical indices.
-    pub const HOLES: usize = WARP_COUNTS + COMPRESS_WARPS as usize;
-    /// `[COMPACT_QUEUE]` mover logical indices.
+    /// `[COMPACT_QUEUE]` hole logical indices (then pool slots, during a round's moves).
+    pub const HOLES: usize = WARP_COUNTS + 8 * COMPRESS_WARPS as usize;
+    /// `[COMPACT_QUEUE]` mover logical indices (then pool slots, during a round's moves).
     pub const MOVERS: usize = HOLES + COMPACT_QUEUE as usize;
     /// Words in all.
     pub const WORDS: usize = MOVERS + COMPACT_QUEUE as usize;
