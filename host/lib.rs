@@ -5,7 +5,7 @@
 //! that evicting KVs at a different rate per head frees whole blocks.
 //!
 //! Kernels are Rust compiled to PTX (`kernels-gpu/`), launched through `cudarc` on the CUDA
-//! backend; the CPU backend runs the reference implementations in [`reference`], which every
+//! backend; the CPU backend runs the reference implementations in [`mod@reference`], which every
 //! kernel is tested against. Both backends share one API: [`PagedKvCache`] with
 //! [`PagedKvCache::append_kv`] and [`PagedKvCache::decode`].
 //!
@@ -45,6 +45,7 @@ pub mod gpu;
 mod ops;
 pub mod reference;
 pub mod tensor;
+pub mod tolerance;
 mod validate;
 
 pub use allocator::BlockAllocator;

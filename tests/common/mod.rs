@@ -149,64 +149,8 @@ pub fn config_for(
     }
 }
 
-/// Comparison tolerance for attention outputs of one dtype; see docs/tolerances.md.
-#[derive(Clone, Copy, Debug)]
-pub struct Tol {
-    /// Allowed error in units in the last place of the reference rounded to the dtype.
-    pub ulps: f64,
-    /// Absolute floor, for values near zero where an ulp is tiny.
-    pub atol: f64,
-    /// Relative floor (f32 only).
-    pub rtol: f64,
-    /// Bound on ||out - ref|| / ||ref|| over the whole output.
-    pub rel_l2: f64,
-}
-
-impl Tol {
-    pub fn for_dtype(dtype: DType) -> Self {
-        match dtype {
-            DType::F16 => Tol {
-                ulps: 1.0,
-                atol: 1e-5,
-                rtol: 0.0,
-                rel_l2: 1e-3,
-            },
-            DType::Bf16 => Tol {
-                ulps: 1.0,
-                atol: 1e-5,
-                rtol: 0.0,
-                rel_l2: 8e-3,
-            },
-            DType::F32 => Tol {
-                ulps: 0.0,
-                atol: 1e-5,
-                rtol: 1e-4,
-                rel_l2: 1e-5,
-            },
-        }
-    }
-}
-
-/// The distance between `x` (a value of `dtype`) and the next representable value away from 0.
-pub fn ulp(dtype: DType, x: f32) -> f64 {
-    match dtype {
-        DType::F16 => {
-            let h = f16::from_f32(x.abs());
-            (f16::from_bits(h.to_bits() + 1).to_f64() - h.to_f64()).abs()
-        }
-        DType::Bf16 => {
-            let h = bf16::from_f32(x.abs());
-            (bf16::from_bits(h.to_bits() + 1).to_f64() - h.to_f64()).abs()
-        }
-        DType::F32 => {
-            let a = x.abs();
-            (f32::from_bits(a.to_bits() + 1) as f64 - a as f64).abs()
-        }
-    }
-}
-
-/// Checks `actual` against `expected` (the reference, already in `dtype`) element by element,
-/// plus finiteness and a relative L2 bound. `label(i)` names element `i` in messages.
+/// Checks `actual` against `expected` (the reference, already in `dtype`) with the library's
+/// tolerance table (docs/tolerances.md); `label(i)` names element `i` in messages.
 pub fn assert_close(
     dtype: DType,
     actual: &[f32],
@@ -214,36 +158,9 @@ pub fn assert_close(
     context: &str,
     label: impl Fn(usize) -> String,
 ) {
-    assert_eq!(actual.len(), expected.len(), "{context}: length");
-    let tol = Tol::for_dtype(dtype);
-    let mut err2 = 0.0f64;
-    let mut ref2 = 0.0f64;
-    for (i, (&a, &e)) in actual.iter().zip(expected).enumerate() {
-        assert!(
-            a.is_finite(),
-            "{context}: {} is {a}, expected {e}",
-            label(i)
-        );
-        let diff = (a as f64 - e as f64).abs();
-        let allowed = tol.ulps * ulp(dtype, e) + tol.atol + tol.rtol * (e as f64).abs();
-        assert!(
-            diff <= allowed,
-            "{context}: {} = {a}, expected {e}, diff {diff:e} > tolerance {allowed:e}",
-            label(i)
-        );
-        err2 += diff * diff;
-        ref2 += (e as f64) * (e as f64);
+    if let Err((i, what)) = kvcompress::tolerance::check_close(dtype, actual, expected) {
+        panic!("{context}: {}: {what}", label(i));
     }
-    let rel_l2 = if ref2 > 0.0 {
-        (err2 / ref2).sqrt()
-    } else {
-        err2.sqrt()
-    };
-    assert!(
-        rel_l2 <= tol.rel_l2,
-        "{context}: relative L2 error {rel_l2:e} > {:e}",
-        tol.rel_l2
-    );
 }
 
 /// Asserts two snapshots are equal bit for bit (NaN poison included).
@@ -294,24 +211,9 @@ pub fn zero_live_metrics(snapshot: &mut CacheSnapshot) {
     }
 }
 
-/// Compares metrics: NaN poison bit for bit, recorded values to a relative 1e-4 (the GPU
-/// normalises with f32 `ex2.approx`; see docs/tolerances.md) plus 1e-10 absolute.
+/// Compares metrics with the library's rule (NaN poison bit for bit, values to 1e-4).
 pub fn assert_metric_close(actual: &[f32], expected: &[f32], context: &str) {
-    assert_eq!(actual.len(), expected.len(), "{context}: metric length");
-    for (slot, (&a, &e)) in actual.iter().zip(expected).enumerate() {
-        if e.is_nan() {
-            assert_eq!(
-                a.to_bits(),
-                e.to_bits(),
-                "{context}: poisoned metric of slot {slot} changed"
-            );
-            continue;
-        }
-        let diff = (a as f64 - e as f64).abs();
-        let allowed = 1e-4 * (e as f64).abs() + 1e-10;
-        assert!(
-            diff <= allowed,
-            "{context}: metric of slot {slot} = {a:e}, expected {e:e}, diff {diff:e} > {allowed:e}"
-        );
+    if let Err((slot, what)) = kvcompress::tolerance::check_metrics(actual, expected) {
+        panic!("{context}: slot {slot}: {what}");
     }
 }

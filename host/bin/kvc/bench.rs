@@ -1,99 +1,18 @@
-//! `kvc`: the kvcompress command. `demo` runs the cache on a small model and checks the
-//! device against the CPU reference; `bench` measures kernels against the copy roofline.
+//! `kvc bench`: kernels at standard shapes, CUDA-event medians, GB/s, and the fraction of a
+//! device-to-device copy measured in the same run.
 
-use std::process::ExitCode;
-
-use clap::{Parser, Subcommand, ValueEnum};
 use kvcompress::bench::{copy_bandwidth, decode_kv_bytes, filled_cache, rotation_layers, time_gpu};
 use kvcompress::{
-    AggregateArgs, Backend, Budget, CacheConfig, CompressArgs, DType, DecodeArgs, Metric, Mode,
-    PagedKvCache, Recording, Tensor,
+    AggregateArgs, Backend, Budget, CacheConfig, DType, DecodeArgs, Metric, PagedKvCache,
+    Recording, Tensor,
 };
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-#[derive(Parser)]
-#[command(name = "kvc", version, about = "KV-Compress kernels: demo, benchmarks")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Append a prompt and decode on a small model, on CUDA when present (else the CPU
-    /// reference), and compare the device with the CPU reference.
-    Demo {
-        #[arg(long, value_enum, default_value_t = Device::Auto)]
-        device: Device,
-        /// Prompt length in tokens.
-        #[arg(long, default_value_t = 300)]
-        context: u32,
-        /// Decode steps after the prompt.
-        #[arg(long, default_value_t = 20)]
-        steps: u32,
-        #[arg(long, default_value_t = 7)]
-        seed: u64,
-    },
-    /// Benchmark a kernel on the CUDA device.
-    Bench {
-        #[command(subcommand)]
-        kernel: BenchKernel,
-    },
-}
-
-#[derive(Subcommand)]
-enum BenchKernel {
-    /// Paged decode attention, with and without L2 recording.
-    Decode {
-        /// Batch x context shapes, comma-separated.
-        #[arg(
-            long,
-            default_value = "1x32768,16x8192,64x4096,256x1024",
-            value_delimiter = ','
-        )]
-        shapes: Vec<String>,
-        #[command(flatten)]
-        model: ModelArgs,
-        #[command(flatten)]
-        opts: BenchOpts,
-    },
-    /// One compression step (schedule, compaction, allocator) over every layer, against one
-    /// decode step over every layer at the same batch.
-    Compress {
-        /// Batch x context shapes, comma-separated.
-        #[arg(long, default_value = "1x32768,16x8192", value_delimiter = ',')]
-        shapes: Vec<String>,
-        /// Layers of the model.
-        #[arg(long, default_value_t = 32)]
-        layers: u32,
-        /// Compression rate.
-        #[arg(long, default_value_t = 8.0)]
-        rate: f32,
-        #[command(flatten)]
-        model: ModelArgs,
-        #[command(flatten)]
-        opts: BenchOpts,
-    },
-    /// Observation-window aggregation after a prefill of one sequence, one layer.
-    Aggregate {
-        /// Prompt lengths, comma-separated.
-        #[arg(long, default_value = "32768", value_delimiter = ',')]
-        prompts: Vec<u32>,
-        /// Window queries; 0 means the whole prompt (full range).
-        #[arg(long, default_value_t = 32)]
-        window: u32,
-        #[command(flatten)]
-        model: ModelArgs,
-        #[command(flatten)]
-        opts: BenchOpts,
-    },
-}
+use crate::{AnyResult, Dtype, WholeBatch};
 
 /// Cache geometry of a benchmark (defaults: Llama-3.1-8B, f16, B=16).
 #[derive(clap::Args)]
-struct ModelArgs {
+pub struct ModelArgs {
     #[arg(long, value_enum, default_value_t = Dtype::F16)]
     dtype: Dtype,
     #[arg(long, default_value_t = 128)]
@@ -146,185 +65,13 @@ impl ModelArgs {
 
 /// Timing and output options of a benchmark.
 #[derive(clap::Args)]
-struct BenchOpts {
+pub struct BenchOpts {
     /// Timed runs per shape (after 5 warm-up runs).
     #[arg(long, default_value_t = 50)]
     reps: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Device {
-    Auto,
-    Cuda,
-    Cpu,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Dtype {
-    F16,
-    Bf16,
-    F32,
-}
-
-impl From<Dtype> for DType {
-    fn from(d: Dtype) -> Self {
-        match d {
-            Dtype::F16 => DType::F16,
-            Dtype::Bf16 => DType::Bf16,
-            Dtype::F32 => DType::F32,
-        }
-    }
-}
-
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Demo {
-            device,
-            context,
-            steps,
-            seed,
-        } => demo(device, context, steps, seed),
-        Command::Bench {
-            kernel:
-                BenchKernel::Decode {
-                    shapes,
-                    model,
-                    opts,
-                },
-        } => bench_decode(&shapes, &model, &opts),
-        Command::Bench {
-            kernel:
-                BenchKernel::Compress {
-                    shapes,
-                    layers,
-                    rate,
-                    model,
-                    opts,
-                },
-        } => bench_compress(&shapes, layers, rate, &model, &opts),
-        Command::Bench {
-            kernel:
-                BenchKernel::Aggregate {
-                    prompts,
-                    window,
-                    model,
-                    opts,
-                },
-        } => bench_aggregate(&prompts, window, &model, &opts),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("kvc: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-type AnyResult = Result<(), Box<dyn std::error::Error>>;
-
-fn demo(device: Device, context: u32, steps: u32, seed: u64) -> AnyResult {
-    let backend = match device {
-        Device::Auto => Backend::auto(),
-        Device::Cuda => Backend::cuda(0)?,
-        Device::Cpu => Backend::Cpu,
-    };
-    println!("device: {}", backend.describe());
-    let config = CacheConfig {
-        num_seqs: 2,
-        num_layers: 2,
-        num_kv_heads: 2,
-        group_size: 4,
-        head_dim: 64,
-        block_size: 16,
-        max_blocks_per_head: (context + steps).div_ceil(16) + 1,
-        num_blocks: 4 * 2 * 2 * ((context + steps).div_ceil(16) + 1),
-        dtype: DType::F16,
-    };
-    let mut caches = vec![PagedKvCache::new(&backend, config)?];
-    if !matches!(backend, Backend::Cpu) {
-        caches.push(PagedKvCache::new(&Backend::Cpu, config)?);
-    }
-    let mut rng = StdRng::seed_from_u64(seed);
-    let (h, hq, d) = (
-        config.num_kv_heads as usize,
-        (config.num_kv_heads * config.group_size) as usize,
-        config.head_dim as usize,
-    );
-    let mut worst = 0.0f32;
-    for step in 0..=steps {
-        let new = if step == 0 { context } else { 1 };
-        let tokens = (new * config.num_seqs) as usize;
-        let positions: Vec<i32> = (0..config.num_seqs)
-            .flat_map(|_| (0..new as i32).map(|p| p + caches[0].last_position(0) + 1))
-            .collect();
-        let k: Vec<f32> = (0..tokens * h * d)
-            .map(|_| rng.random_range(-1.0..1.0))
-            .collect();
-        let v: Vec<f32> = (0..tokens * h * d)
-            .map(|_| rng.random_range(-1.0..1.0))
-            .collect();
-        let q: Vec<f32> = (0..config.num_seqs as usize * hq * d)
-            .map(|_| rng.random_range(-3.0..3.0))
-            .collect();
-        let mut outputs = Vec::new();
-        for cache in &mut caches {
-            let b = cache.backend();
-            for layer in 0..config.num_layers {
-                let kt = Tensor::from_f32(&b, config.dtype, &[tokens, h, d], &k)?;
-                let vt = Tensor::from_f32(&b, config.dtype, &[tokens, h, d], &v)?;
-                cache.append_kv(
-                    layer,
-                    &kt,
-                    &vt,
-                    &positions,
-                    &vec![new; config.num_seqs as usize],
-                )?;
-            }
-            let qt = Tensor::from_f32(&b, config.dtype, &[config.num_seqs as usize, hq, d], &q)?;
-            let mut out = Tensor::full(
-                &b,
-                config.dtype,
-                &[config.num_seqs as usize, hq, d],
-                f32::NAN,
-            )?;
-            cache.decode(
-                config.num_layers - 1,
-                &qt,
-                &mut out,
-                &DecodeArgs::for_head_dim(config.head_dim),
-            )?;
-            outputs.push(out.to_f32()?);
-        }
-        if let [device_out, reference_out] = outputs.as_slice() {
-            let diff = device_out
-                .iter()
-                .zip(reference_out)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
-            worst = worst.max(diff);
-        }
-    }
-    let cache = &caches[0];
-    println!(
-        "appended a {context}-token prompt and {steps} decode tokens to {} sequences x {} layers x {} KV heads",
-        config.num_seqs, config.num_layers, config.num_kv_heads
-    );
-    println!(
-        "blocks in use: {} of {} (block size {}), context length per head slot: {}",
-        cache.allocator().num_allocated(),
-        config.num_blocks,
-        config.block_size,
-        cache.context_len(0, 0, 0)
-    );
-    if caches.len() > 1 {
-        println!("largest |device - CPU reference| over all decode outputs: {worst:.2e}");
-    }
-    Ok(())
 }
 
 /// The CUDA device and the copy bandwidth measured now (the yardstick of this run).
@@ -379,7 +126,7 @@ fn parse_shape(shape: &str) -> Result<(u32, u32), String> {
         .ok_or_else(|| format!("bad shape {shape:?}: expected BATCHxCONTEXT"))
 }
 
-fn bench_compress(
+pub fn bench_compress(
     shapes: &[String],
     layers: u32,
     rate: f32,
@@ -407,16 +154,8 @@ fn bench_compress(
             (0..layers).try_for_each(|l| cache.decode(l, &q, &mut out, &args))
         })?;
         drop(cache);
-        let seqs: Vec<u32> = (0..batch).collect();
-        let budgets = vec![Budget::Rate(rate); batch as usize];
-        let protected = vec![32; batch as usize];
-        let args = CompressArgs {
-            seqs: &seqs,
-            budgets: &budgets,
-            protected: &protected,
-            sinks: 4,
-            mode: Mode::Variable,
-        };
+        let batch_args = WholeBatch::new(batch, Budget::Rate(rate));
+        let args = batch_args.args();
         let mut samples = Vec::new();
         for _ in 0..opts.reps.clamp(3, 7) {
             let mut cache = PagedKvCache::from_snapshot(&backend, config, snapshot.clone())?;
@@ -470,7 +209,7 @@ fn bench_compress(
     Ok(())
 }
 
-fn bench_decode(shapes: &[String], model: &ModelArgs, opts: &BenchOpts) -> AnyResult {
+pub fn bench_decode(shapes: &[String], model: &ModelArgs, opts: &BenchOpts) -> AnyResult {
     let (gpu, copy_gbps) = bench_device()?;
     let mut rows = Vec::new();
     for shape in shapes {
@@ -536,7 +275,12 @@ fn bench_decode(shapes: &[String], model: &ModelArgs, opts: &BenchOpts) -> AnyRe
     Ok(())
 }
 
-fn bench_aggregate(prompts: &[u32], window: u32, model: &ModelArgs, opts: &BenchOpts) -> AnyResult {
+pub fn bench_aggregate(
+    prompts: &[u32],
+    window: u32,
+    model: &ModelArgs,
+    opts: &BenchOpts,
+) -> AnyResult {
     let (gpu, copy_gbps) = bench_device()?;
     let mut rows = Vec::new();
     for &prompt in prompts {
