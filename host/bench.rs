@@ -18,6 +18,7 @@ use crate::gpu::Gpu;
 /// Milliseconds of repeated runs of one thing.
 #[derive(Clone, Debug)]
 pub struct Timing {
+    /// Each run's time, in order.
     pub samples_ms: Vec<f64>,
 }
 

@@ -594,6 +594,7 @@ impl PagedKvCache {
 pub struct AggregateArgs<'a> {
     /// Softmax scale applied to `q . k`; must be finite.
     pub scale: f32,
+    /// Squared attention (L2) or attention (L1).
     pub metric: Metric,
     /// `[num_seqs]`, each `>= 0`: a query at position `p` counts only keys with position
     /// `<= p - metric_skip`.
@@ -634,6 +635,7 @@ impl Metric {
 /// Metric recording of one decode step (SPEC §3).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Recording<'a> {
+    /// Squared attention (L2) or attention (L1).
     pub metric: Metric,
     /// `[num_seqs]`, each `>= 0`: the KVs of a sequence with position `> last_position -
     /// metric_skip` are not recorded (the newest tokens, which no later query has seen yet).

@@ -51,12 +51,14 @@ pub struct CompressArgs<'a> {
     pub protected: &'a [u32],
     /// Sinks `S`: KVs with position `< S` are never evicted.
     pub sinks: u32,
+    /// How the budget is spread over the head slots.
     pub mode: Mode,
 }
 
 /// What one compression step did to one sequence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SeqReport {
+    /// Sequence row.
     pub seq: u32,
     /// Blocks the budget asked for, after the mode's rounding.
     pub requested_blocks: u32,

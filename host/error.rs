@@ -9,41 +9,67 @@ pub enum Error {
     /// An argument is out of its contract.
     #[error("invalid argument `{arg}` = {value}: expected {expected}")]
     InvalidArgument {
+        /// The argument's name in the signature (or `args.field`).
         arg: &'static str,
+        /// What was passed.
         value: String,
+        /// What the contract asks for.
         expected: String,
     },
     /// A valid request this build does not support (dtype, head size, ...).
     #[error("unsupported {what}: {value}")]
-    Unsupported { what: &'static str, value: String },
+    Unsupported {
+        /// The property: "dtype", "head_dim", ...
+        what: &'static str,
+        /// The value asked for.
+        value: String,
+    },
     /// The block pool cannot hold what was asked; nothing was allocated.
     #[error("out of cache blocks: {needed} needed, {free} free")]
-    OutOfBlocks { needed: u64, free: u64 },
+    OutOfBlocks {
+        /// Blocks the call needed.
+        needed: u64,
+        /// Blocks the pool had free.
+        free: u64,
+    },
     /// No CUDA driver library (`source` is `None`) or no usable device; the CPU reference
     /// backend still works.
     #[error("CUDA backend unavailable: {}", match source {
         Some(e) => e.to_string(),
         None => "no CUDA driver library found".to_string(),
     })]
-    CudaUnavailable { source: Option<DriverError> },
+    CudaUnavailable {
+        /// The driver's error, when a driver was found.
+        source: Option<DriverError>,
+    },
     /// A CUDA driver call failed.
     #[error("CUDA driver error during {during}: {source}")]
     Driver {
+        /// What the crate was doing.
         during: &'static str,
+        /// The driver's error.
         source: DriverError,
     },
     /// A kernel launch was refused.
     #[error("launching {entry} (grid {grid:?}, block {block:?}, {smem_bytes} B shared memory) failed: {source}")]
     Launch {
+        /// The kernel's entry point.
         entry: String,
+        /// CTAs in x, y, z.
         grid: [u32; 3],
+        /// Threads per CTA in x, y, z.
         block: [u32; 3],
+        /// Dynamic shared memory per CTA.
         smem_bytes: u32,
+        /// The driver's error.
         source: DriverError,
     },
     /// The loaded PTX lacks a kernel the host table names.
     #[error("PTX module has no entry point `{name}`")]
-    MissingEntry { name: String },
+    MissingEntry {
+        /// The entry point looked for.
+        name: String,
+    },
 }
 
 /// The crate's result type.

@@ -55,8 +55,11 @@ pub const WINDOW_STATS_MERGE_ENTRY: &str = "window_stats_merge";
 
 /// Entry points of the compression step (dtype-agnostic: compaction copies bytes).
 pub const SCHED_HIST_ENTRY: &str = "sched_hist";
+/// Per-group budget and threshold of the schedule.
 pub const SCHED_BUDGET_ENTRY: &str = "sched_budget";
+/// One radix digit of the schedule's threshold.
 pub const SCHED_DIGIT_ENTRY: &str = "sched_digit";
+/// Per head slot selection and compaction.
 pub const COMPACT_ENTRY: &str = "compact";
 
 /// Entry point of `append_kv` (one for every dtype: it copies bytes).

@@ -34,6 +34,8 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod allocator;
 pub mod backend;
 pub mod bench;

@@ -12,7 +12,9 @@ pub struct AggregateRef<'a> {
     pub window: u32,
     /// `[num_seqs]`: the first `window_lens[seq]` queries of a row are its last prompt tokens.
     pub window_lens: &'a [u32],
+    /// Softmax scale applied to `q . k`.
     pub scale: f32,
+    /// Squared attention (L2) or attention (L1).
     pub metric: Metric,
     /// `[num_seqs]`.
     pub metric_skip: &'a [i32],

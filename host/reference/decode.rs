@@ -6,6 +6,7 @@ use crate::dtype::{read_elem, write_elem};
 
 /// Metric recording of one reference decode (SPEC §3).
 pub struct RecordArgs<'a> {
+    /// Squared attention (L2) or attention (L1).
     pub metric: Metric,
     /// `[num_seqs]`: the newest position of each sequence.
     pub last_position: &'a [i32],

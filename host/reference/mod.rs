@@ -22,24 +22,39 @@ use crate::dtype::read_elem;
 
 /// The cache arrays on the host that attention reads (`metric` is passed apart, to be written).
 pub struct HostCache<'a> {
+    /// Shape of the cache.
     pub geometry: Geometry,
+    /// Element type of `k_pool`/`v_pool`.
     pub dtype: DType,
+    /// `[num_blocks, B, D]` K bytes of the cache dtype.
     pub k_pool: &'a [u8],
+    /// V bytes, laid out as `k_pool`.
     pub v_pool: &'a [u8],
+    /// `[num_blocks, B]` token positions.
     pub position: &'a [i32],
+    /// `[num_seqs, L, H, max_blocks_per_head]` block ids, -1 unused.
     pub block_tables: &'a [i32],
+    /// `[num_seqs, L, H]` live KVs per head slot.
     pub context_lens: &'a [i32],
 }
 
 /// The cache arrays on the host, for kernels that write them.
 pub struct HostCacheMut<'a> {
+    /// Shape of the cache.
     pub geometry: Geometry,
+    /// Element type of `k_pool`/`v_pool`.
     pub dtype: DType,
+    /// `[num_blocks, B, D]` K bytes of the cache dtype.
     pub k_pool: &'a mut [u8],
+    /// V bytes, laid out as `k_pool`.
     pub v_pool: &'a mut [u8],
+    /// `[num_blocks, B]` running eviction scores.
     pub metric: &'a mut [f32],
+    /// `[num_blocks, B]` token positions.
     pub position: &'a mut [i32],
+    /// `[num_seqs, L, H, max_blocks_per_head]` block ids, -1 unused.
     pub block_tables: &'a mut [i32],
+    /// `[num_seqs, L, H]` live KVs per head slot.
     pub context_lens: &'a mut [i32],
 }
 

@@ -9,7 +9,9 @@ use crate::compress::{Budget, Mode};
 /// One sequence's inputs (validated by the caller).
 #[derive(Clone, Copy, Debug)]
 pub struct SeqInput {
+    /// Sequence row.
     pub seq: u32,
+    /// What the sequence gives back.
     pub budget: Budget,
     /// Protected window `W`.
     pub protected: u32,
@@ -18,6 +20,7 @@ pub struct SeqInput {
 /// A head slot's schedule.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeadSchedule {
+    /// Index of the head slot `(seq, layer, kv_head)`.
     pub head_slot: u64,
     /// Logical indices evicted, ascending.
     pub evicted: Vec<u32>,

@@ -4,8 +4,11 @@
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// IEEE binary16.
     F16 = 0,
+    /// bfloat16: f32's exponent, 8 bits of mantissa.
     Bf16 = 1,
+    /// IEEE binary32.
     F32 = 2,
 }
 

@@ -108,6 +108,7 @@ impl Geometry {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct CacheView {
+    /// Shape of the cache the pointers below address.
     pub geometry: Geometry,
     /// `[num_blocks, B, D]`, cache dtype.
     pub k_pool: u64,

@@ -6,6 +6,7 @@
 //! This crate is `no_std`, depends on nothing but `bytemuck`, and compiles both for the host
 //! and for `nvptx64-nvidia-cuda`, so a layout can never differ between the two sides.
 #![no_std]
+#![warn(missing_docs)]
 
 pub mod dtype;
 pub mod geometry;

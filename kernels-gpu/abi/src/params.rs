@@ -11,6 +11,7 @@ use crate::geometry::CacheView;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
 pub struct DecodeParams {
+    /// The cache read (and, with recording, whose metric is written).
     pub cache: CacheView,
     /// `[num_seqs, Hq, D]`, cache dtype.
     pub q: u64,
@@ -90,6 +91,7 @@ impl DecodeParams {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
 pub struct AppendParams {
+    /// The cache written.
     pub cache: CacheView,
     /// `[num_tokens, H, D]`, cache dtype.
     pub k_new: u64,
@@ -149,6 +151,7 @@ impl AppendParams {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
 pub struct AggregateParams {
+    /// The cache read, whose metric is written.
     pub cache: CacheView,
     /// `[num_seqs, window, Hq, D]`, cache dtype.
     pub q: u64,
@@ -221,6 +224,7 @@ impl AggregateParams {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
 pub struct CompressParams {
+    /// The cache scheduled and compacted.
     pub cache: CacheView,
     /// `[num_work_seqs, compress::SEQ_IN_WORDS]`: sequence row, budget kind and value,
     /// protected window, last position.
@@ -307,26 +311,36 @@ impl CompressParams {
 pub mod compress {
     /// Radix select over 32-bit metric keys: 4 passes of 8 bits.
     pub const RADIX_PASSES: u32 = 4;
+    /// Bins of one radix pass.
     pub const RADIX_BINS: u32 = 256;
 
     /// `seq_in` words.
     pub const SEQ_IN_WORDS: u32 = 5;
+    /// Sequence row.
     pub const SEQ_IN_SEQ: u32 = 0;
+    /// One of `BUDGET_BLOCKS`, `BUDGET_RATE`, `BUDGET_TOKENS`.
     pub const SEQ_IN_BUDGET_KIND: u32 = 1;
     /// Blocks, tokens, or the f32 bits of a rate.
     pub const SEQ_IN_BUDGET_VALUE: u32 = 2;
+    /// Protected window `W`.
     pub const SEQ_IN_PROTECTED: u32 = 3;
     /// i32 bits.
     pub const SEQ_IN_LAST_POSITION: u32 = 4;
 
+    /// An exact block count.
     pub const BUDGET_BLOCKS: u32 = 0;
+    /// A compression rate.
     pub const BUDGET_RATE: u32 = 1;
+    /// A token count per head slot.
     pub const BUDGET_TOKENS: u32 = 2;
 
     /// `seq_out` words.
     pub const SEQ_OUT_WORDS: u32 = 3;
+    /// Blocks the budget asked for, after the mode's rounding.
     pub const SEQ_OUT_REQUESTED: u32 = 0;
+    /// Blocks freed.
     pub const SEQ_OUT_TAKEN: u32 = 1;
+    /// 1 when a rate or token budget was clamped.
     pub const SEQ_OUT_CLAMPED: u32 = 2;
 
     /// `heads` words.

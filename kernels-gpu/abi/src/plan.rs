@@ -14,8 +14,11 @@ pub const VECTOR_BYTES: u32 = 16;
 /// Grid, block and dynamic shared memory of one launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LaunchDims {
+    /// CTAs in x, y, z.
     pub grid: [u32; 3],
+    /// Threads per CTA in x, y, z.
     pub block: [u32; 3],
+    /// Dynamic shared memory per CTA.
     pub smem_bytes: u32,
 }
 
@@ -205,7 +208,9 @@ pub struct DecodePlan {
     pub decode: LaunchDims,
     /// Grid `(Hq, num_seqs)`; `None` when every head slot fits one partition.
     pub merge: Option<LaunchDims>,
+    /// KVs per partition (a multiple of the block size).
     pub partition_kvs: u32,
+    /// Partitions of the longest head slot.
     pub num_partitions: u32,
     /// Rows `(seq, q_head, partition)` of the partials (0 without a merge).
     pub partial_rows: u64,
@@ -567,7 +572,9 @@ pub struct AggregatePlan {
     pub merge: Option<LaunchDims>,
     /// Grid `(ceil(max_len / SCORE_KEYS), H, num_seqs)`.
     pub scores: LaunchDims,
+    /// Key splits of pass 1 (1: no merge).
     pub key_splits: u32,
+    /// Keys per split of pass 1.
     pub split_kvs: u32,
     /// Query row chunks of `AGG_ROWS` per `(seq, kv_head)`.
     pub row_chunks: u32,
@@ -714,8 +721,11 @@ pub struct CompressPlan {
     pub digit: LaunchDims,
     /// Grid `(W)`.
     pub compact: LaunchDims,
+    /// Histogram CTAs per work head slot.
     pub chunks_per_head: u32,
+    /// Head slots compressed, `W`.
     pub num_work_heads: u32,
+    /// Selection groups (budgets shared by `group_heads` head slots).
     pub num_groups: u32,
 }
 
