@@ -63,3 +63,8 @@ pub use error::{Error, Result};
 pub use kvc_abi as abi;
 pub use kvc_abi::Geometry;
 pub use tensor::Tensor;
+
+/// The example of docs/INTEGRATION.md, compiled and run as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/INTEGRATION.md")]
+pub struct IntegrationGuide;

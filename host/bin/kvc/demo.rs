@@ -3,8 +3,8 @@
 //! The data (docs/DEMO.md): per head slot, keys are noise plus a head-specific direction `u`
 //! scaled by a per-token weight: a few heavy hitters, four needles, a recency ramp; focused
 //! heads weigh these strongly, diffuse heads weakly. Queries (the observation window and the
-//! held-out future queries) point along `u`. Values are noise, so an evicted KV that mattered
-//! changes the output. Everything is seeded.
+//! held-out future queries) point along `u`. Values are a per-head mean plus noise, so an
+//! evicted KV that mattered changes the output. Everything is seeded.
 //!
 //! Pipeline: append the prompt of every layer, aggregate the observation window's squared
 //! attention into the metrics, then for each rate and each method (variable per-head rates,
