@@ -205,13 +205,7 @@ pub(crate) fn decode(
     ];
     tensor("q", q, cache.dtype(), &shape, &cache.backend())?;
     tensor("out", out, cache.dtype(), &shape, &cache.backend())?;
-    if !args.scale.is_finite() {
-        return Err(Error::invalid(
-            "scale",
-            args.scale,
-            "a finite softmax scale",
-        ));
-    }
+    finite_scale(args.scale)?;
     if args.partition_kvs == Some(0) {
         return Err(Error::invalid(
             "partition_kvs",
@@ -225,15 +219,29 @@ pub(crate) fn decode(
     Ok(())
 }
 
-/// One `metric_skip >= 0` per sequence row.
-pub(crate) fn metric_skip(g: &Geometry, metric_skip: &[i32]) -> Result<()> {
-    if metric_skip.len() != g.num_seqs as usize {
+/// A finite softmax scale.
+fn finite_scale(scale: f32) -> Result<()> {
+    if !scale.is_finite() {
+        return Err(Error::invalid("scale", scale, "a finite softmax scale"));
+    }
+    Ok(())
+}
+
+/// `arg` has one value per sequence row.
+fn one_per_seq(g: &Geometry, arg: &'static str, len: usize) -> Result<()> {
+    if len != g.num_seqs as usize {
         return Err(Error::invalid(
-            "metric_skip",
-            format!("{} values", metric_skip.len()),
+            arg,
+            format!("{len} values"),
             format!("one per sequence row ({})", g.num_seqs),
         ));
     }
+    Ok(())
+}
+
+/// One `metric_skip >= 0` per sequence row.
+pub(crate) fn metric_skip(g: &Geometry, metric_skip: &[i32]) -> Result<()> {
+    one_per_seq(g, "metric_skip", metric_skip.len())?;
     if let Some((seq, skip)) = metric_skip.iter().enumerate().find(|(_, &s)| s < 0) {
         return Err(Error::invalid(
             "metric_skip",
@@ -257,13 +265,7 @@ pub(crate) fn append(
 ) -> Result<u64> {
     let g = cache.geometry();
     layer(&g, layer_idx)?;
-    if new_tokens.len() != g.num_seqs as usize {
-        return Err(Error::invalid(
-            "new_tokens",
-            format!("{} counts", new_tokens.len()),
-            format!("one count per sequence row ({})", g.num_seqs),
-        ));
-    }
+    one_per_seq(&g, "new_tokens", new_tokens.len())?;
     let num_tokens: u64 = new_tokens.iter().map(|&n| n as u64).sum();
     let shape = [
         num_tokens as usize,
@@ -335,13 +337,7 @@ pub(crate) fn aggregate(
         g.head_dim as usize,
     ];
     tensor("q", q, cache.dtype(), &shape, &cache.backend())?;
-    if args.window_lens.len() != g.num_seqs as usize {
-        return Err(Error::invalid(
-            "window_lens",
-            format!("{} values", args.window_lens.len()),
-            format!("one per sequence row ({})", g.num_seqs),
-        ));
-    }
+    one_per_seq(&g, "window_lens", args.window_lens.len())?;
     for (seq, &w) in args.window_lens.iter().enumerate() {
         let written = cache.last_position(seq as u32) as i64 + 1;
         if w as usize > window || w as i64 > written {
@@ -372,13 +368,7 @@ pub(crate) fn aggregate(
             ),
         });
     }
-    if !args.scale.is_finite() {
-        return Err(Error::invalid(
-            "scale",
-            args.scale,
-            "a finite softmax scale",
-        ));
-    }
+    finite_scale(args.scale)?;
     Ok(())
 }
 

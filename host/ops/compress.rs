@@ -4,8 +4,8 @@
 //! allocator follow what the device did.
 
 use kvc_abi::params::compress::{
-    BUDGET_BLOCKS, BUDGET_RATE, BUDGET_TOKENS, HEAD_BELOW, HEAD_BLOCKS, HEAD_EVICTIONS, HEAD_WORDS,
-    RADIX_PASSES, SEQ_IN_WORDS, SEQ_OUT_CLAMPED, SEQ_OUT_REQUESTED, SEQ_OUT_TAKEN, SEQ_OUT_WORDS,
+    BUDGET_BLOCKS, BUDGET_RATE, BUDGET_TOKENS, HEAD_BELOW, HEAD_BLOCKS, HEAD_EVICTIONS,
+    RADIX_PASSES, SEQ_IN_WORDS, SEQ_OUT_CLAMPED, SEQ_OUT_REQUESTED, SEQ_OUT_TAKEN,
 };
 use kvc_abi::params::CompressParams;
 use kvc_abi::plan::{plan_compress, HIST_CHUNK_KVS};
@@ -109,18 +109,18 @@ pub(crate) fn compress(
         compact_ms: gpu.elapsed_ms(&events[1], &events[2])?,
         ..CompressTimes::default()
     };
-    let word = |at: u64, i: u32, field: u32, width: u32| {
-        results[(at / 4) as usize + (i * width + field) as usize]
-    };
+    let seq_out =
+        |s: u32, field: u32| results[(seq_out_at / 4 + params.seq_out_word(s, field)) as usize];
+    let head = |w: u32, field: u32| results[(heads_at / 4 + params.head_word(w, field)) as usize];
     let seq_reports: Vec<SeqReport> = args
         .seqs
         .iter()
         .enumerate()
         .map(|(s, &seq)| SeqReport {
             seq,
-            requested_blocks: word(seq_out_at, s as u32, SEQ_OUT_REQUESTED, SEQ_OUT_WORDS),
-            freed_blocks: word(seq_out_at, s as u32, SEQ_OUT_TAKEN, SEQ_OUT_WORDS),
-            clamped: word(seq_out_at, s as u32, SEQ_OUT_CLAMPED, SEQ_OUT_WORDS) != 0,
+            requested_blocks: seq_out(s as u32, SEQ_OUT_REQUESTED),
+            freed_blocks: seq_out(s as u32, SEQ_OUT_TAKEN),
+            clamped: seq_out(s as u32, SEQ_OUT_CLAMPED) != 0,
         })
         .collect();
     if results[(status_at / 4) as usize] != 0 {
@@ -142,10 +142,10 @@ pub(crate) fn compress(
         for i in 0..heads_per_seq {
             let w = s as u32 * heads_per_seq + i;
             let head_slot = g.head_slot(seq, i / g.num_kv_heads, i % g.num_kv_heads);
-            let blocks = word(heads_at, w, HEAD_BLOCKS, HEAD_WORDS);
-            let evicted = word(heads_at, w, HEAD_EVICTIONS, HEAD_WORDS);
+            let blocks = head(w, HEAD_BLOCKS);
+            let evicted = head(w, HEAD_EVICTIONS);
             if blocks > 0 {
-                times.moved_kvs += word(heads_at, w, HEAD_BELOW, HEAD_WORDS) as u64;
+                times.moved_kvs += head(w, HEAD_BELOW) as u64;
                 let len = cache.context_lens[head_slot as usize] as u32;
                 let first = g.block_table_at(head_slot, g.blocks_for(len - evicted)) as usize;
                 let released = &mut cache.block_tables[first..first + blocks as usize];
