@@ -1,6 +1,12 @@
-//! The host block allocator over the one physical pool (SPEC §2): a free list and an
-//! allocated bit per block. Allocation is all-or-nothing; freeing a block that is not
-//! allocated is an error, not a corruption.
+//! The host block allocator over the one physical pool (SPEC §2): a free list. Allocation is
+//! all-or-nothing; freeing a block that is not allocated is an error, not a corruption.
+//!
+//! The free list is the allocator's only state. In a cache, which head slot owns each handed-out
+//! block is the block tables' business (one owner per block, checked by
+//! [`crate::PagedKvCache::verify`]), so the cache gives blocks back unchecked
+//! ([`BlockAllocator::free_owned`]): per block one write, no bookkeeping at random addresses.
+//! A compression step returns millions of blocks, and a per-block "allocated" bitset cost more
+//! host time than the rest of the step's host work (docs/PERF.md).
 
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -10,35 +16,33 @@ use crate::error::{Error, Result};
 /// Free list over blocks `0..num_blocks`.
 #[derive(Clone, Debug)]
 pub struct BlockAllocator {
-    /// Free blocks; the next allocation pops from the end.
+    /// Free blocks; the next allocation pops from the end. Its buffer has room for every
+    /// block, written once at construction, so that taking back the blocks of a compression
+    /// step neither reallocates nor page-faults.
     free: Vec<u32>,
-    /// One bit per block: handed out. A bitset (one bit, not one byte, per block) keeps the
-    /// random accesses of freeing millions of blocks in cache.
-    allocated: Vec<u64>,
     num_blocks: u32,
 }
 
 impl BlockAllocator {
     /// All `num_blocks` blocks free; they are handed out in ascending order.
     pub fn new(num_blocks: u32) -> Self {
-        Self::from_in_use(vec![false; num_blocks as usize])
+        Self::from_in_use(&vec![false; num_blocks as usize])
     }
 
     /// An allocator whose allocated blocks are exactly those `in_use` marks.
-    pub(crate) fn from_in_use(in_use: Vec<bool>) -> Self {
-        let num_blocks = in_use.len() as u32;
-        let mut allocated = vec![0u64; in_use.len().div_ceil(64)];
-        for (b, _) in in_use.iter().enumerate().filter(|(_, &used)| used) {
-            allocated[b / 64] |= 1 << (b % 64);
-        }
-        let free = (0..num_blocks)
-            .rev()
-            .filter(|&b| !in_use[b as usize])
-            .collect();
+    pub(crate) fn from_in_use(in_use: &[bool]) -> Self {
+        // Written, not just reserved (`vec![0; n]` would map zero pages lazily).
+        let mut free = Vec::with_capacity(in_use.len());
+        free.resize(in_use.len(), u32::MAX);
+        free.clear();
+        free.extend(
+            (0..in_use.len() as u32)
+                .rev()
+                .filter(|&b| !in_use[b as usize]),
+        );
         Self {
             free,
-            allocated,
-            num_blocks,
+            num_blocks: in_use.len() as u32,
         }
     }
 
@@ -57,18 +61,28 @@ impl BlockAllocator {
         self.num_blocks - self.num_free()
     }
 
-    /// Whether `block` is handed out (false for ids outside the pool).
-    pub fn is_allocated(&self, block: u32) -> bool {
-        block < self.num_blocks && self.allocated[block as usize / 64] >> (block % 64) & 1 == 1
+    /// One bit per block of the pool: free. Fails on a block listed twice or outside the pool
+    /// (a corrupted free list).
+    pub(crate) fn free_set(&self) -> Result<Vec<u64>> {
+        let mut set = vec![0u64; (self.num_blocks as usize).div_ceil(64)];
+        for &b in &self.free {
+            let (word, bit) = (b as usize / 64, 1u64 << (b % 64));
+            if b >= self.num_blocks || set[word] & bit != 0 {
+                return Err(Error::invalid(
+                    "allocator",
+                    format!("free block {b}"),
+                    format!("free blocks of 0..{}, each listed once", self.num_blocks),
+                ));
+            }
+            set[word] |= bit;
+        }
+        Ok(set)
     }
 
-    fn set_allocated(&mut self, block: u32, allocated: bool) {
-        let (word, bit) = (block as usize / 64, block % 64);
-        if allocated {
-            self.allocated[word] |= 1 << bit;
-        } else {
-            self.allocated[word] &= !(1 << bit);
-        }
+    /// Whether `block` is handed out (false for ids outside the pool). Scans the free list:
+    /// for checks and tests, not for hot paths.
+    pub fn is_allocated(&self, block: u32) -> bool {
+        block < self.num_blocks && !self.free.contains(&block)
     }
 
     /// Randomises the order in which free blocks are handed out, so that head slots get
@@ -85,48 +99,33 @@ impl BlockAllocator {
                 free: self.num_free() as u64,
             });
         }
-        let blocks = self.free.split_off(self.free.len() - n as usize);
-        for &b in &blocks {
-            self.set_allocated(b, true);
-        }
-        Ok(blocks)
+        Ok(self.free.split_off(self.free.len() - n as usize))
     }
 
     /// Takes `blocks` back. Rejects, changing nothing, an id outside the pool, a block that is
-    /// not allocated, or one named twice.
+    /// not allocated, or one named twice. Checking costs a pass over the free list and a bit
+    /// per pool block; the cache's own returns skip it ([`BlockAllocator::free_owned`]).
     pub fn free(&mut self, blocks: &[u32]) -> Result<()> {
         let num_blocks = self.num_blocks();
-        let rejected = |b: u32| {
-            Error::invalid(
-                "blocks",
-                b,
-                format!("an allocated block of 0..{num_blocks}, named once"),
-            )
-        };
-        if let Some(&b) = blocks.iter().find(|&&b| !self.is_allocated(b)) {
-            return Err(rejected(b));
-        }
-        // Clearing the allocated bit as we go finds a block named twice; undo on the way out.
-        for (i, &b) in blocks.iter().enumerate() {
-            if !self.is_allocated(b) {
-                for &undo in &blocks[..i] {
-                    self.set_allocated(undo, true);
-                }
-                return Err(rejected(b));
+        let mut taken = self.free_set()?;
+        for &b in blocks {
+            let (word, bit) = (b as usize / 64, 1u64 << (b % 64));
+            if b >= num_blocks || taken[word] & bit != 0 {
+                return Err(Error::invalid(
+                    "blocks",
+                    b,
+                    format!("an allocated block of 0..{num_blocks}, named once"),
+                ));
             }
-            self.set_allocated(b, false);
+            taken[word] |= bit;
         }
         self.free.extend_from_slice(blocks);
         Ok(())
     }
 
     /// Takes back blocks the cache's own tables just released: owned by exactly one head slot
-    /// each, so allocated and distinct by construction (checked only in debug builds).
+    /// each, so allocated and distinct by construction.
     pub(crate) fn free_owned(&mut self, blocks: &[u32]) {
-        for &b in blocks {
-            debug_assert!(self.is_allocated(b), "block {b} released twice");
-            self.set_allocated(b, false);
-        }
         self.free.extend_from_slice(blocks);
     }
 }

@@ -193,7 +193,7 @@ impl PagedKvCache {
         };
         Ok(Self {
             config,
-            allocator: BlockAllocator::from_in_use(owned),
+            allocator: BlockAllocator::from_in_use(&owned),
             block_tables: snapshot.block_tables,
             context_lens: snapshot.context_lens,
             last_position: snapshot.last_position,
@@ -310,8 +310,9 @@ impl PagedKvCache {
                 "the host's block tables and lengths on the device",
             ));
         }
+        let free = self.allocator.free_set()?;
         for (block, &owned) in owned.iter().enumerate() {
-            if owned != self.allocator.is_allocated(block as u32) {
+            if owned == (free[block / 64] >> (block % 64) & 1 == 1) {
                 return Err(Error::invalid(
                     "cache",
                     format!("block {block} owned {owned}, allocated {}", !owned),
@@ -442,7 +443,7 @@ impl PagedKvCache {
                 patches.push(Patch::len(&g, head_slot, 0));
             }
         }
-        self.allocator.free(&blocks)?;
+        self.allocator.free_owned(&blocks);
         for layer in 0..g.num_layers {
             for kv_head in 0..g.num_kv_heads {
                 let head_slot = g.head_slot(seq, layer, kv_head);
