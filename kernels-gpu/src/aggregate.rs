@@ -30,14 +30,15 @@
 
 use kvc_abi::params::{record, AggregateParams};
 use kvc_abi::plan::{
-    aggregate_smem, tile_row_bytes, AGG_ROWS, AGG_WARPS, SCORE_HALO, SCORE_KEYS, SCORE_TILE_KEYS,
+    aggregate_smem, tile_row_bytes, AggregateSmem, AGG_ROWS, AGG_WARPS, SCORE_HALO, SCORE_KEYS, SCORE_TILE_KEYS,
     STATS_TILE_KEYS, VECTOR_BYTES, WARP_SIZE,
 };
 
 use crate::gpu::math::{exp2, fma, fmax, opaque, Bf16, CacheElem, F16, F32};
-use crate::gpu::mem::{load, load_chunk_nc, load_nc, store};
+use crate::gpu::mem::{load, load_nc, store};
 use crate::gpu::mma::{
-    ldmatrix_x2, ldmatrix_x4, mma_bf16, mma_f16, shared_addr, store_shared_chunk,
+    copy_async_chunk, ldmatrix_x2, ldmatrix_x4, mma_bf16, mma_f16, shared_addr,
+    wait_async_copies,
 };
 use crate::gpu::smem::dynamic_f32;
 use crate::gpu::thread::{
@@ -208,11 +209,13 @@ impl QkTile for F32 {
 }
 
 /// Stages `rows` rows of `row_bytes - 16` bytes into shared memory at `tile`, the whole CTA
-/// copying 16-byte chunks; `src(row)` is the global address of a row, or `None` for a zero
-/// row.
+/// issuing asynchronous 16-byte copies (none waits on another), then waiting for its own;
+/// `src(row)` is the global address of a row, or `None` for a zero row. The caller's barrier
+/// makes the tile visible to the CTA.
 ///
 /// # Safety
-/// Every thread calls it; each `Some` address holds a readable row; the tile holds `rows` rows.
+/// Every thread calls it; each `Some` address holds a readable row no thread writes; the tile
+/// holds `rows` rows; `src` reads nothing the copies write.
 #[inline(always)]
 unsafe fn stage_rows(tile: *mut u8, row_bytes: u32, rows: u32, src: impl Fn(u32) -> Option<u64>) {
     let chunks_per_row = (row_bytes - VECTOR_BYTES) / VECTOR_BYTES;
@@ -220,15 +223,18 @@ unsafe fn stage_rows(tile: *mut u8, row_bytes: u32, rows: u32, src: impl Fn(u32)
     let mut chunk = thread_idx_x();
     while chunk < rows * chunks_per_row {
         let (row, col) = (chunk / chunks_per_row, chunk % chunks_per_row);
-        // SAFETY: forwarded from the caller.
-        let value = match src(row) {
-            Some(addr) => unsafe { load_chunk_nc(addr + (col * VECTOR_BYTES) as u64) },
-            None => [0; 4],
+        let offset = col * VECTOR_BYTES;
+        // SAFETY: row < rows, col < chunks_per_row; the source as the caller promised.
+        unsafe {
+            copy_async_chunk(
+                base + row * row_bytes + offset,
+                src(row).map(|addr| addr + offset as u64),
+            )
         };
-        // SAFETY: row < rows, col < chunks_per_row.
-        unsafe { store_shared_chunk(base + row * row_bytes + col * VECTOR_BYTES, value) };
         chunk += THREADS;
     }
+    // SAFETY: this thread's copies.
+    unsafe { wait_async_copies() };
 }
 
 /// Per-sequence inputs: (window length, last position, metric_skip).
@@ -268,45 +274,82 @@ unsafe fn stage_queries<T: CacheElem>(
     }
 }
 
+/// The key tile's shared-memory arrays: rows, their global addresses (0: no key), positions.
+#[derive(Clone, Copy)]
+struct KeyTile {
+    rows: *mut u8,
+    addresses: *mut u64,
+    positions: *mut i32,
+}
+
+impl KeyTile {
+    /// The arrays in the dynamic shared memory at `base`, laid out by `smem`.
+    ///
+    /// # Safety
+    /// `base` is the start of dynamic shared memory of at least `smem.bytes` bytes.
+    #[inline(always)]
+    unsafe fn at(base: *mut u8, smem: &AggregateSmem) -> Self {
+        // SAFETY: offsets inside the reserved shared memory.
+        unsafe {
+            Self {
+                rows: base.add(smem.k_tile as usize),
+                addresses: base.add(smem.key_rows as usize) as *mut u64,
+                positions: base.add(smem.positions as usize) as *mut i32,
+            }
+        }
+    }
+}
+
 /// Stages keys `first..first + count` of a head slot (as i64: halo keys may be negative) and
-/// their positions; keys outside `0..len` become zero rows with position `NO_KEY`.
+/// their positions; keys outside `0..len` become zero rows with position `NO_KEY`. First one
+/// thread per key finds its row and position (independent loads), then, after a barrier, the
+/// CTA copies the rows without waiting on any table.
+///
+/// # Safety
+/// Every thread calls it; the tile holds `count` keys; `head_slot`'s first `len` KVs are in
+/// validated pool blocks.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn stage_keys<T: CacheElem>(
     p: &AggregateParams,
-    k_tile: *mut u8,
-    positions: *mut i32,
+    tile: KeyTile,
     row_bytes: u32,
     head_slot: u64,
-    first: i64,
-    count: u32,
+    (first, count): (i64, u32),
     len: u32,
 ) {
     let geom = p.cache.geometry;
     let table = p.cache.block_tables + geom.block_table_at(head_slot, 0) * 4;
-    let slot_of = |k: u32| -> Option<u64> {
+    let mut k = thread_idx_x();
+    while k < count {
         let key = first + k as i64;
-        if key < 0 || key >= len as i64 {
-            return None;
+        let (address, position) = if key < 0 || key >= len as i64 {
+            (0, NO_KEY)
+        } else {
+            let key = key as u32;
+            // SAFETY: key < len: its block is a validated pool block of the head slot.
+            unsafe {
+                let block = load_nc::<i32>(table, geom.logical_block(key) as u64) as u32;
+                let slot = geom.pool_slot(block, geom.slot_in_block(key));
+                (
+                    p.cache.k_pool + slot * geom.head_dim as u64 * T::BYTES as u64,
+                    load_nc::<i32>(p.cache.position, slot),
+                )
+            }
+        };
+        // SAFETY: k < count entries of each array.
+        unsafe {
+            *tile.addresses.add(k as usize) = address;
+            *tile.positions.add(k as usize) = position;
         }
-        let key = key as u32;
-        // SAFETY: key < len: its block is a validated pool block of the head slot.
-        let block = unsafe { load_nc::<i32>(table, geom.logical_block(key) as u64) } as u32;
-        Some(geom.pool_slot(block, geom.slot_in_block(key)))
-    };
-    // SAFETY: a valid key's slot lies in the pool; positions holds `count` words.
+        k += THREADS;
+    }
+    // SAFETY: all threads reach it; then the addresses are read, never written, by the copies.
     unsafe {
-        stage_rows(k_tile, row_bytes, count, |k| {
-            slot_of(k).map(|slot| p.cache.k_pool + slot * geom.head_dim as u64 * T::BYTES as u64)
+        sync_threads();
+        stage_rows(tile.rows, row_bytes, count, |k| {
+            let address = *tile.addresses.add(k as usize);
+            (address != 0).then_some(address)
         });
-        let mut k = thread_idx_x();
-        while k < count {
-            *positions.add(k as usize) = match slot_of(k) {
-                Some(slot) => load_nc::<i32>(p.cache.position, slot),
-                None => NO_KEY,
-            };
-            k += THREADS;
-        }
     }
 }
 
@@ -349,13 +392,7 @@ pub unsafe fn window_stats_body<T: CacheElem + QkTile, const D: usize>(p: &Aggre
     let row_bytes = tile_row_bytes(D as u32, T::BYTES);
     let base = dynamic_f32() as *mut u8;
     // SAFETY: offsets from aggregate_smem, whose size the launch reserved.
-    let (q_tile, k_tile, positions) = unsafe {
-        (
-            base.add(smem.q_tile as usize),
-            base.add(smem.k_tile as usize),
-            base.add(smem.positions as usize) as *mut i32,
-        )
-    };
+    let (q_tile, keys) = unsafe { (base.add(smem.q_tile as usize), KeyTile::at(base, &smem)) };
     let (lane, warp) = (lane_id(), warp_id());
     let (gid, tig) = (lane / 4, lane % 4);
     let row0 = warp * 16;
@@ -379,12 +416,10 @@ pub unsafe fn window_stats_body<T: CacheElem + QkTile, const D: usize>(p: &Aggre
             sync_threads();
             stage_keys::<T>(
                 p,
-                k_tile,
-                positions,
+                keys,
                 row_bytes,
                 head_slot,
-                tile_start as i64,
-                STATS_TILE_KEYS,
+                (tile_start as i64, STATS_TILE_KEYS),
                 key_hi,
             );
             sync_threads();
@@ -392,11 +427,11 @@ pub unsafe fn window_stats_body<T: CacheElem + QkTile, const D: usize>(p: &Aggre
         let mut score = [[0.0f32; 4]; STATS_NTILES];
         for (nt, s) in score.iter_mut().enumerate() {
             // SAFETY: the key tile is staged.
-            let c = unsafe { T::qk::<D>(&a, q_tile, k_tile, row_bytes, row0, nt as u32 * 8) };
+            let c = unsafe { T::qk::<D>(&a, q_tile, keys.rows, row_bytes, row0, nt as u32 * 8) };
             for e in 0..4 {
                 let key = nt as u32 * 8 + 2 * tig + (e as u32 & 1);
                 // SAFETY: key < STATS_TILE_KEYS staged positions.
-                let position = unsafe { *positions.add(key as usize) };
+                let position = unsafe { *keys.positions.add(key as usize) };
                 s[e] = if position <= seen[e / 2] {
                     c[e] * p.scale_log2
                 } else {
@@ -538,11 +573,10 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
     let row_bytes = tile_row_bytes(D as u32, T::BYTES);
     let base = dynamic_f32() as *mut u8;
     // SAFETY: offsets from aggregate_smem, whose size the launch reserved.
-    let (q_tile, k_tile, positions, columns) = unsafe {
+    let (q_tile, keys, columns) = unsafe {
         (
             base.add(smem.q_tile as usize),
-            base.add(smem.k_tile as usize),
-            base.add(smem.positions as usize) as *mut i32,
+            KeyTile::at(base, &smem),
             base.add(smem.columns as usize) as *mut f32,
         )
     };
@@ -555,12 +589,10 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
     unsafe {
         stage_keys::<T>(
             p,
-            k_tile,
-            positions,
+            keys,
             row_bytes,
             head_slot,
-            first,
-            SCORE_TILE_KEYS,
+            (first, SCORE_TILE_KEYS),
             len,
         )
     };
@@ -589,12 +621,12 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
         }
         for (nt, acc_nt) in acc.iter_mut().enumerate() {
             // SAFETY: the key tile is staged.
-            let c = unsafe { T::qk::<D>(&a, q_tile, k_tile, row_bytes, row0, nt as u32 * 8) };
+            let c = unsafe { T::qk::<D>(&a, q_tile, keys.rows, row_bytes, row0, nt as u32 * 8) };
             for e in 0..4 {
                 let key = nt as u32 * 8 + 2 * tig + (e as u32 & 1);
                 let r = e / 2;
                 // SAFETY: key < SCORE_TILE_KEYS staged positions.
-                let position = unsafe { *positions.add(key as usize) };
+                let position = unsafe { *keys.positions.add(key as usize) };
                 if position <= counted_to[r] {
                     let a = exp2(c[e] * p.scale_log2 - stats[r].0) * stats[r].1;
                     acc_nt[e & 1] += if p.record == record::L2 { a * a } else { a };

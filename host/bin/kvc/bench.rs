@@ -84,6 +84,21 @@ fn bench_device() -> Result<(std::sync::Arc<kvcompress::gpu::Gpu>, f64), Box<dyn
     Ok((gpu, copy_gbps))
 }
 
+/// The JSON report of one benchmark: the card, the kernel, the geometry, the copy bandwidth of
+/// this run and the rows.
+fn report_json(
+    gpu: &kvcompress::gpu::Gpu,
+    kernel: &str,
+    model: &ModelArgs,
+    copy_gbps: f64,
+    rows: Vec<serde_json::Value>,
+) -> serde_json::Value {
+    json!({
+        "device": gpu.name(), "kernel": kernel, "model": model.describe(),
+        "copy_gbps": copy_gbps, "results": rows,
+    })
+}
+
 /// Prints a report as JSON, or as a markdown table of `columns` (key, header, decimals).
 fn print_report(
     report: &serde_json::Value,
@@ -178,10 +193,7 @@ pub fn bench_compress(
             "compact_gbps_on_moved": moves_gbps, "compact_fraction_of_copy": moves_gbps / copy_gbps,
         }));
     }
-    let report = json!({
-        "device": gpu.name(), "kernel": "compress", "model": model.describe(),
-        "copy_gbps": copy_gbps, "results": rows,
-    });
+    let report = report_json(&gpu, "compress", model, copy_gbps, rows);
     let columns = [
         ("shape", "batch x context", 0),
         ("schedule_ms", "schedule ms", 3),
@@ -253,10 +265,7 @@ pub fn bench_decode(shapes: &[String], model: &ModelArgs, opts: &BenchOpts) -> A
             "l2_record_over_off": recorded.median_ms() / ms,
         }));
     }
-    let report = json!({
-        "device": gpu.name(), "kernel": "decode", "model": model.describe(),
-        "copy_gbps": copy_gbps, "results": rows,
-    });
+    let report = report_json(&gpu, "decode", model, copy_gbps, rows);
     let columns = [
         ("shape", "batch x context", 0),
         ("median_ms", "median ms", 4),
@@ -269,6 +278,56 @@ pub fn bench_decode(shapes: &[String], model: &ModelArgs, opts: &BenchOpts) -> A
     print_report(
         &report,
         &format!("decode {}", model.describe()),
+        &columns,
+        opts.json,
+    );
+    Ok(())
+}
+
+pub fn bench_append(shapes: &[String], model: &ModelArgs, opts: &BenchOpts) -> AnyResult {
+    let (gpu, copy_gbps) = bench_device()?;
+    let backend = Backend::Cuda(gpu.clone());
+    let mut rows = Vec::new();
+    for shape in shapes {
+        let (batch, tokens) = parse_shape(shape)?;
+        // Every call appends to a layer of its own, so the cache never fills and each call
+        // allocates and writes fresh blocks, as in an engine.
+        let (warmup, reps) = (2, opts.reps.clamp(3, 20));
+        let layers = (warmup + reps) as u32;
+        let mut cache = PagedKvCache::new(&backend, model.config(batch, tokens, layers))?;
+        let rows_shape = [
+            (batch * tokens) as usize,
+            model.kv_heads as usize,
+            model.head_dim as usize,
+        ];
+        let k = Tensor::full(&backend, model.dtype.into(), &rows_shape, 0.25)?;
+        let v = Tensor::full(&backend, model.dtype.into(), &rows_shape, -0.5)?;
+        let positions: Vec<i32> = (0..batch).flat_map(|_| 0..tokens as i32).collect();
+        let new_tokens = vec![tokens; batch as usize];
+        let timing = time_gpu(&gpu, warmup, reps, |i| {
+            cache.append_kv(i as u32, &k, &v, &positions, &new_tokens)
+        })?;
+        // K and V rows, each read from the new tensors and written into the pool.
+        let kv_bytes = 2 * model.layer_k_bytes(batch, tokens);
+        let ms = timing.median_ms();
+        let gbps = 2.0 * kv_bytes as f64 / (ms * 1e6);
+        rows.push(json!({
+            "shape": shape, "batch": batch, "tokens_per_seq": tokens, "median_ms": ms,
+            "min_ms": timing.min_ms(), "kv_bytes": kv_bytes, "gbps": gbps,
+            "fraction_of_copy": gbps / copy_gbps,
+        }));
+    }
+    let report = report_json(&gpu, "append", model, copy_gbps, rows);
+    let columns = [
+        ("shape", "batch x new tokens", 0),
+        ("median_ms", "median ms (host + device)", 4),
+        ("min_ms", "min ms", 4),
+        ("gbps", "GB/s (K+V read + written)", 0),
+        ("fraction_of_copy", "of copy", 2),
+    ];
+    print_report(
+        &report,
+        &format!("append_kv, one layer {}", model.describe()),
         &columns,
         opts.json,
     );
@@ -322,10 +381,7 @@ pub fn bench_aggregate(
             "fraction_of_copy": gbps / copy_gbps,
         }));
     }
-    let report = json!({
-        "device": gpu.name(), "kernel": "aggregate", "model": model.describe(),
-        "copy_gbps": copy_gbps, "results": rows,
-    });
+    let report = report_json(&gpu, "aggregate", model, copy_gbps, rows);
     let columns = [
         ("prompt", "prompt", 0),
         ("window", "window", 0),

@@ -84,6 +84,16 @@ enum BenchKernel {
         #[command(flatten)]
         opts: BenchOpts,
     },
+    /// Appending new KVs: a decode step's one token per sequence, and a prefill's prompt.
+    Append {
+        /// Batch x new tokens per sequence, comma-separated.
+        #[arg(long, default_value = "256x1,16x2048,1x32768", value_delimiter = ',')]
+        shapes: Vec<String>,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        opts: BenchOpts,
+    },
     /// Observation-window aggregation after a prefill of one sequence, one layer.
     Aggregate {
         /// Prompt lengths, comma-separated.
@@ -203,6 +213,11 @@ fn main() -> ExitCode {
                 model,
                 opts,
             } => bench::bench_compress(&shapes, layers, rate, &model, &opts),
+            BenchKernel::Append {
+                shapes,
+                model,
+                opts,
+            } => bench::bench_append(&shapes, &model, &opts),
             BenchKernel::Aggregate {
                 prompts,
                 window,

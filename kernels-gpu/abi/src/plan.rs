@@ -521,6 +521,9 @@ pub struct AggregateSmem {
     pub q_tile: u32,
     /// `[keys]` rows of `tile_row_bytes`: the key tile.
     pub k_tile: u32,
+    /// `[keys]` u64 global addresses of the key tile's rows (0: no key), found before the
+    /// rows are copied so that the copies wait on no table load.
+    pub key_rows: u32,
     /// `[keys]` i32 positions of the key tile.
     pub positions: u32,
     /// Pass 2: `[AGG_WARPS, G, SCORE_TILE_KEYS]` f32 per-warp column sums, written after the
@@ -542,7 +545,8 @@ pub const fn aggregate_smem(
     let row = tile_row_bytes(head_dim, elem_bytes);
     let q_tile = 0;
     let k_tile = q_tile + AGG_ROWS * row;
-    let positions = k_tile + keys * row;
+    let key_rows = k_tile + keys * row;
+    let positions = key_rows + keys * 8;
     let tiles = positions + keys * 4;
     let column_bytes = if columns {
         AGG_WARPS * group_size * SCORE_TILE_KEYS * 4
@@ -552,6 +556,7 @@ pub const fn aggregate_smem(
     AggregateSmem {
         q_tile,
         k_tile,
+        key_rows,
         positions,
         columns: 0,
         bytes: if tiles > column_bytes {

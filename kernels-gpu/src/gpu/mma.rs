@@ -108,22 +108,37 @@ pub unsafe fn mma_bf16(a: [u32; 4], b: [u32; 2], c: [f32; 4]) -> [f32; 4] {
     [d0, d1, d2, d3]
 }
 
-/// Stores 16 bytes to shared memory.
+/// Starts an asynchronous copy (`cp.async`, sm_80+) of 16 bytes from global `src` to shared
+/// `dst`, or of 16 zero bytes when `src` is `None` (nothing is read). The thread must
+/// [`wait_async_copies`] (and the CTA synchronise) before the bytes are read.
 ///
 /// # Safety
-/// `addr` is a 16-byte-aligned shared address of 16 writable bytes.
+/// `dst` is a 16-byte-aligned shared address of 16 writable bytes; a `Some` address is a
+/// 16-byte-aligned global address of 16 bytes no thread writes during the kernel.
 #[inline(always)]
-pub unsafe fn store_shared_chunk(addr: u32, value: [u32; 4]) {
-    // SAFETY: forwarded from the caller.
+pub unsafe fn copy_async_chunk(dst: u32, src: Option<u64>) {
+    let (addr, bytes) = match src {
+        Some(addr) => (addr, 16u32),
+        None => (0, 0),
+    };
+    // SAFETY: forwarded from the caller; with a source size of 0 nothing is read.
     unsafe {
         asm!(
-            "st.shared.v4.u32 [{addr}], {{{a}, {b}, {c}, {d}}};",
-            addr = in(reg32) addr,
-            a = in(reg32) value[0],
-            b = in(reg32) value[1],
-            c = in(reg32) value[2],
-            d = in(reg32) value[3],
+            "cp.async.cg.shared.global [{dst}], [{src}], 16, {bytes};",
+            dst = in(reg32) dst,
+            src = in(reg64) addr,
+            bytes = in(reg32) bytes,
             options(nostack),
         );
     }
+}
+
+/// Waits until this thread's asynchronous copies have landed.
+///
+/// # Safety
+/// None beyond the copies' own; other threads see the bytes only after a barrier.
+#[inline(always)]
+pub unsafe fn wait_async_copies() {
+    // SAFETY: waits on this thread's own copies.
+    unsafe { asm!("cp.async.wait_all;", options(nostack)) };
 }
