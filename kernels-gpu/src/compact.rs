@@ -9,7 +9,8 @@
 //! 2. Compact: `n' = n - c_h`. Holes (evicted KVs below `n'`, ascending) and movers (retained
 //!    KVs at `n'` and above, descending) are found a tile of `COMPACT_TILE` KVs at a time (each
 //!    thread examines `BATCH` at once, so their loads overlap) and appended in order to two
-//!    shared queues with block-wide ballots; the i-th mover fills the i-th hole. The moves of a
+//!    shared queues with block-wide ballots until each holds `COMPACT_ROUND` (or the scan
+//!    ends); the i-th mover fills the i-th hole. The moves of a
 //!    round run as one flat parallel copy over `(move, K or V, 16-byte chunk)`. Sources (`>=
 //!    n'`) are never destinations (`< n'`), and a hole is read before it is filled, so the
 //!    moves need no ordering among themselves.
@@ -23,7 +24,7 @@ use kvc_abi::params::compress::{
 };
 use kvc_abi::params::CompressParams;
 use kvc_abi::plan::{
-    compact_smem, COMPACT_QUEUE, COMPACT_TILE, COMPRESS_THREADS, COMPRESS_WARPS, VECTOR_BYTES,
+    compact_smem, COMPACT_QUEUE, COMPACT_ROUND, COMPACT_TILE, COMPRESS_THREADS, COMPRESS_WARPS, VECTOR_BYTES,
 };
 
 use crate::gpu::mem::{load, load_chunk, store, store_chunk, Chunk};
@@ -48,7 +49,7 @@ const S_DONE: usize = 4;
 const S_HOLES: usize = 5;
 const S_MOVERS: usize = 6;
 /// 16-byte copies each thread keeps in flight.
-const COPIES: usize = 4;
+const COPIES: usize = 8;
 
 /// Which evictable KVs go: those whose top `level` key bits are `<= prefix`.
 #[derive(Clone, Copy)]
@@ -283,7 +284,7 @@ unsafe fn move_tail_into_holes(
         }
         sync_threads();
         loop {
-            while *words.add(STATE_AT + S_HOLES) < COMPRESS_THREADS && hole_cursor < kept {
+            while *words.add(STATE_AT + S_HOLES) < COMPACT_ROUND && hole_cursor < kept {
                 let idx: [u32; BATCH] =
                     core::array::from_fn(|u| hole_cursor + u as u32 * COMPRESS_THREADS + thread);
                 let kv = kv_batch(p, view, head_slot, idx, len);
@@ -293,7 +294,7 @@ unsafe fn move_tail_into_holes(
                 append(words, HOLES_AT, STATE_AT + S_HOLES, idx, flag);
                 hole_cursor += COMPACT_TILE;
             }
-            while *words.add(STATE_AT + S_MOVERS) < COMPRESS_THREADS && mover_cursor > kept {
+            while *words.add(STATE_AT + S_MOVERS) < COMPACT_ROUND && mover_cursor > kept {
                 let back: [u32; BATCH] =
                     core::array::from_fn(|u| u as u32 * COMPRESS_THREADS + thread + 1);
                 let idx: [u32; BATCH] =

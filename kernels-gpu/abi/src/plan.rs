@@ -691,9 +691,12 @@ pub const HIST_CHUNK_KVS: u32 = 4096;
 pub const COMPRESS_WARPS: u32 = COMPRESS_THREADS / WARP_SIZE;
 /// Logical KVs one compaction scan tile covers (each thread examines 8 at once).
 pub const COMPACT_TILE: u32 = 8 * COMPRESS_THREADS;
+/// Moves a compaction round gathers before it copies: each queue is refilled while it holds
+/// fewer. Larger rounds mean fewer barriers and more copies in flight per round.
+pub const COMPACT_ROUND: u32 = 4 * COMPRESS_THREADS;
 /// Capacity of each of the compaction kernel's hole and mover queues: refilled while below
-/// `COMPRESS_THREADS` entries, a tile adds at most `COMPACT_TILE`.
-pub const COMPACT_QUEUE: u32 = COMPRESS_THREADS + COMPACT_TILE;
+/// `COMPACT_ROUND` entries, a tile adds at most `COMPACT_TILE`.
+pub const COMPACT_QUEUE: u32 = COMPACT_ROUND + COMPACT_TILE;
 
 /// Shared memory of the compaction kernel, in u32 words from the start.
 pub mod compact_smem {
