@@ -129,3 +129,30 @@ impl BlockAllocator {
         self.free.extend_from_slice(blocks);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::BlockAllocator;
+    use rand::Rng;
+
+    #[test]
+    fn free_set_marks_free_blocks_and_rejects_a_corrupted_list() {
+        let mut rng = rand::rng();
+        let num_blocks = rng.random_range(65..300u32);
+        // Block 0 free, the rest at random.
+        let in_use: Vec<bool> = (0..num_blocks)
+            .map(|b| b > 0 && rng.random_bool(0.5))
+            .collect();
+        let mut alloc = BlockAllocator::from_in_use(&in_use);
+        let set = alloc.free_set().unwrap();
+        for (b, &used) in in_use.iter().enumerate() {
+            assert_eq!(set[b / 64] >> (b % 64) & 1 == 1, !used, "block {b}");
+        }
+        // A block listed twice, or one outside the pool, is a corrupted free list.
+        let mut twice = alloc.clone();
+        twice.free.push(alloc.free[0]);
+        assert!(twice.free_set().is_err());
+        alloc.free.push(num_blocks);
+        assert!(alloc.free_set().is_err());
+    }
+}
