@@ -34,10 +34,10 @@ use kvc_abi::plan::{
     STATS_TILE_KEYS, VECTOR_BYTES, WARP_SIZE,
 };
 
-use crate::gpu::math::{exp2, fma, fmax, opaque, Bf16, CacheElem, F16, F32};
+use crate::gpu::math::{exp2, fma, fmax, opaque, CacheElem, F32};
 use crate::gpu::mem::{load, load_nc, store};
 use crate::gpu::mma::{
-    copy_async_chunk, ldmatrix_x2, ldmatrix_x4, mma_bf16, mma_f16, shared_addr,
+    copy_async_chunk, ldmatrix_x2, ldmatrix_x4, shared_addr, Mma16,
     wait_async_copies,
 };
 use crate::gpu::smem::dynamic_f32;
@@ -79,59 +79,22 @@ pub trait QkTile: CacheElem {
     ) -> [f32; 4];
 }
 
-/// A fragments of a 16-bit type by `ldmatrix.x4`, one per 16 dims.
-#[inline(always)]
-unsafe fn load_a_16bit<const D: usize>(
-    q_tile: *const u8,
-    row_bytes: u32,
-    row0: u32,
-) -> [u32; MAX_A] {
-    let lane = lane_id();
-    let row = row0 + lane % 8 + 8 * ((lane / 8) % 2);
-    let col_bytes = 16 * (lane / 16);
-    let base = shared_addr(q_tile) + row * row_bytes + col_bytes;
-    let mut a = [0u32; MAX_A];
-    for ks in 0..D / 16 {
-        // SAFETY: forwarded from the caller; row < AGG_ROWS, the column inside the row.
-        let frag = unsafe { ldmatrix_x4(base + ks as u32 * 32) };
-        a[4 * ks..4 * ks + 4].copy_from_slice(&frag);
-    }
-    a
-}
-
-/// B fragments of a 16-bit type by `ldmatrix.x2` and one MMA per 16 dims.
-#[inline(always)]
-unsafe fn qk_16bit<const D: usize>(
-    a: &[u32; MAX_A],
-    k_tile: *const u8,
-    row_bytes: u32,
-    key0: u32,
-    mma: unsafe fn([u32; 4], [u32; 2], [f32; 4]) -> [f32; 4],
-) -> [f32; 4] {
-    let lane = lane_id();
-    let key = key0 + lane % 8;
-    let col_bytes = 16 * ((lane / 8) % 2);
-    let base = shared_addr(k_tile) + key * row_bytes + col_bytes;
-    let mut c = [0.0f32; 4];
-    for ks in 0..D / 16 {
-        // SAFETY: forwarded from the caller; key < the staged keys.
-        unsafe {
-            let b = ldmatrix_x2(base + ks as u32 * 32);
-            c = mma(
-                [a[4 * ks], a[4 * ks + 1], a[4 * ks + 2], a[4 * ks + 3]],
-                b,
-                c,
-            );
+/// The 16-bit types: A fragments by `ldmatrix.x4` (one per 16 dims), B fragments by
+/// `ldmatrix.x2` and one tensor-core MMA per 16 dims.
+impl<T: CacheElem + Mma16> QkTile for T {
+    #[inline(always)]
+    unsafe fn load_a<const D: usize>(q_tile: *const u8, row_bytes: u32, row0: u32) -> [u32; MAX_A] {
+        let lane = lane_id();
+        let row = row0 + lane % 8 + 8 * ((lane / 8) % 2);
+        let col_bytes = 16 * (lane / 16);
+        let base = shared_addr(q_tile) + row * row_bytes + col_bytes;
+        let mut a = [0u32; MAX_A];
+        for ks in 0..D / 16 {
+            // SAFETY: forwarded from the caller; row < AGG_ROWS, the column inside the row.
+            let frag = unsafe { ldmatrix_x4(base + ks as u32 * 32) };
+            a[4 * ks..4 * ks + 4].copy_from_slice(&frag);
         }
-    }
-    c
-}
-
-impl QkTile for F16 {
-    #[inline(always)]
-    unsafe fn load_a<const D: usize>(q_tile: *const u8, row_bytes: u32, row0: u32) -> [u32; MAX_A] {
-        // SAFETY: forwarded.
-        unsafe { load_a_16bit::<D>(q_tile, row_bytes, row0) }
+        a
     }
 
     #[inline(always)]
@@ -143,29 +106,23 @@ impl QkTile for F16 {
         _: u32,
         key0: u32,
     ) -> [f32; 4] {
-        // SAFETY: forwarded.
-        unsafe { qk_16bit::<D>(a, k_tile, row_bytes, key0, mma_f16) }
-    }
-}
-
-impl QkTile for Bf16 {
-    #[inline(always)]
-    unsafe fn load_a<const D: usize>(q_tile: *const u8, row_bytes: u32, row0: u32) -> [u32; MAX_A] {
-        // SAFETY: forwarded.
-        unsafe { load_a_16bit::<D>(q_tile, row_bytes, row0) }
-    }
-
-    #[inline(always)]
-    unsafe fn qk<const D: usize>(
-        a: &[u32; MAX_A],
-        _: *const u8,
-        k_tile: *const u8,
-        row_bytes: u32,
-        _: u32,
-        key0: u32,
-    ) -> [f32; 4] {
-        // SAFETY: forwarded.
-        unsafe { qk_16bit::<D>(a, k_tile, row_bytes, key0, mma_bf16) }
+        let lane = lane_id();
+        let key = key0 + lane % 8;
+        let col_bytes = 16 * ((lane / 8) % 2);
+        let base = shared_addr(k_tile) + key * row_bytes + col_bytes;
+        let mut c = [0.0f32; 4];
+        for ks in 0..D / 16 {
+            // SAFETY: forwarded from the caller; key < the staged keys.
+            unsafe {
+                let b = ldmatrix_x2(base + ks as u32 * 32);
+                c = T::mma(
+                    [a[4 * ks], a[4 * ks + 1], a[4 * ks + 2], a[4 * ks + 3]],
+                    b,
+                    c,
+                );
+            }
+        }
+        c
     }
 }
 

@@ -11,6 +11,8 @@
 
 use core::arch::asm;
 
+use crate::gpu::math::{Bf16, F16};
+
 /// The 32-bit shared-memory address of a pointer into dynamic shared memory.
 #[inline(always)]
 pub fn shared_addr<T>(ptr: *const T) -> u32 {
@@ -66,47 +68,41 @@ pub unsafe fn ldmatrix_x2(addr: u32) -> [u32; 2] {
     [a, b]
 }
 
-/// `d = a * b + c` for f16 inputs, f32 accumulators.
-///
-/// # Safety
-/// The warp is converged.
-#[inline(always)]
-pub unsafe fn mma_f16(a: [u32; 4], b: [u32; 2], c: [f32; 4]) -> [f32; 4] {
-    let (d0, d1, d2, d3): (f32, f32, f32, f32);
-    // SAFETY: a register-only warp instruction.
-    unsafe {
-        asm!(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{{d0}, {d1}, {d2}, {d3}}}, {{{a0}, {a1}, {a2}, {a3}}}, {{{b0}, {b1}}}, {{{c0}, {c1}, {c2}, {c3}}};",
-            d0 = out(reg32) d0, d1 = out(reg32) d1, d2 = out(reg32) d2, d3 = out(reg32) d3,
-            a0 = in(reg32) a[0], a1 = in(reg32) a[1], a2 = in(reg32) a[2], a3 = in(reg32) a[3],
-            b0 = in(reg32) b[0], b1 = in(reg32) b[1],
-            c0 = in(reg32) c[0], c1 = in(reg32) c[1], c2 = in(reg32) c[2], c3 = in(reg32) c[3],
-            options(pure, nomem, nostack),
-        );
-    }
-    [d0, d1, d2, d3]
+/// A 16-bit input type of `mma.sync.m16n8k16` (f32 accumulators).
+pub trait Mma16 {
+    /// `d = a * b + c`.
+    ///
+    /// # Safety
+    /// The warp is converged.
+    unsafe fn mma(a: [u32; 4], b: [u32; 2], c: [f32; 4]) -> [f32; 4];
 }
 
-/// `d = a * b + c` for bf16 inputs, f32 accumulators.
-///
-/// # Safety
-/// The warp is converged.
-#[inline(always)]
-pub unsafe fn mma_bf16(a: [u32; 4], b: [u32; 2], c: [f32; 4]) -> [f32; 4] {
-    let (d0, d1, d2, d3): (f32, f32, f32, f32);
-    // SAFETY: a register-only warp instruction.
-    unsafe {
-        asm!(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {{{d0}, {d1}, {d2}, {d3}}}, {{{a0}, {a1}, {a2}, {a3}}}, {{{b0}, {b1}}}, {{{c0}, {c1}, {c2}, {c3}}};",
-            d0 = out(reg32) d0, d1 = out(reg32) d1, d2 = out(reg32) d2, d3 = out(reg32) d3,
-            a0 = in(reg32) a[0], a1 = in(reg32) a[1], a2 = in(reg32) a[2], a3 = in(reg32) a[3],
-            b0 = in(reg32) b[0], b1 = in(reg32) b[1],
-            c0 = in(reg32) c[0], c1 = in(reg32) c[1], c2 = in(reg32) c[2], c3 = in(reg32) c[3],
-            options(pure, nomem, nostack),
-        );
-    }
-    [d0, d1, d2, d3]
+/// Implements [`Mma16`] for `$elem` with the PTX input type `$ptx`.
+macro_rules! mma16 {
+    ($elem:ty, $ptx:literal) => {
+        impl Mma16 for $elem {
+            #[inline(always)]
+            unsafe fn mma(a: [u32; 4], b: [u32; 2], c: [f32; 4]) -> [f32; 4] {
+                let (d0, d1, d2, d3): (f32, f32, f32, f32);
+                // SAFETY: a register-only warp instruction.
+                unsafe {
+                    asm!(
+                        concat!("mma.sync.aligned.m16n8k16.row.col.f32.", $ptx, ".", $ptx, ".f32 {{{d0}, {d1}, {d2}, {d3}}}, {{{a0}, {a1}, {a2}, {a3}}}, {{{b0}, {b1}}}, {{{c0}, {c1}, {c2}, {c3}}};"),
+                        d0 = out(reg32) d0, d1 = out(reg32) d1, d2 = out(reg32) d2, d3 = out(reg32) d3,
+                        a0 = in(reg32) a[0], a1 = in(reg32) a[1], a2 = in(reg32) a[2], a3 = in(reg32) a[3],
+                        b0 = in(reg32) b[0], b1 = in(reg32) b[1],
+                        c0 = in(reg32) c[0], c1 = in(reg32) c[1], c2 = in(reg32) c[2], c3 = in(reg32) c[3],
+                        options(pure, nomem, nostack),
+                    );
+                }
+                [d0, d1, d2, d3]
+            }
+        }
+    };
 }
+
+mma16!(F16, "f16");
+mma16!(Bf16, "bf16");
 
 /// Starts an asynchronous copy (`cp.async`, sm_80+) of 16 bytes from global `src` to shared
 /// `dst`, or of 16 zero bytes when `src` is `None` (nothing is read). The thread must
