@@ -609,9 +609,21 @@ pub struct AggregateArgs<'a> {
     pub pool_kernel: u32,
 }
 
-impl AggregateArgs<'_> {
+impl<'a> AggregateArgs<'a> {
     /// The pooling width of SPEC §4's default.
     pub const DEFAULT_POOL_KERNEL: u32 = 7;
+
+    /// The usual options: scale `1 / sqrt(head_dim)`, squared attention (L2), max-pool
+    /// [`AggregateArgs::DEFAULT_POOL_KERNEL`].
+    pub fn for_head_dim(head_dim: u32, metric_skip: &'a [i32], window_lens: &'a [u32]) -> Self {
+        Self {
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            metric: Metric::L2,
+            metric_skip,
+            window_lens,
+            pool_kernel: Self::DEFAULT_POOL_KERNEL,
+        }
+    }
 }
 
 /// What attention statistic accumulates into `metric` (SPEC §3, §4).

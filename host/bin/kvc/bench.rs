@@ -361,13 +361,8 @@ pub fn bench_aggregate(
             .map(|i| ((i * 7919) % 200) as f32 / 50.0 - 2.0)
             .collect();
         let q = Tensor::from_f32(&backend, model.dtype.into(), &q_shape, &q)?;
-        let args = AggregateArgs {
-            scale: 1.0 / (model.head_dim as f32).sqrt(),
-            metric: Metric::L2,
-            metric_skip: &[0],
-            window_lens: &[w],
-            pool_kernel: AggregateArgs::DEFAULT_POOL_KERNEL,
-        };
+        let window_lens = [w];
+        let args = AggregateArgs::for_head_dim(model.head_dim, &[0], &window_lens);
         let reps = if w > 4096 { 3 } else { opts.reps };
         let timing = time_gpu(&gpu, 2, reps, |i| {
             cache.aggregate(i as u32 % layers, &q, &args)

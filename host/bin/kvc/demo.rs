@@ -389,13 +389,7 @@ pub fn demo(args: DemoArgs) -> AnyResult {
             }
         }
         let q = Tensor::from_f32(&backend, DType::F16, &shape, &ordered)?;
-        let agg = AggregateArgs {
-            scale: 1.0 / (head_dim as f32).sqrt(),
-            metric: Metric::L2,
-            metric_skip: &metric_skip,
-            window_lens: &window_lens,
-            pool_kernel: AggregateArgs::DEFAULT_POOL_KERNEL,
-        };
+        let agg = AggregateArgs::for_head_dim(head_dim, &metric_skip, &window_lens);
         let start = Instant::now();
         base.aggregate(layer, &q, &agg)?;
         backend.synchronize()?;

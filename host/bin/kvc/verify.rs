@@ -96,13 +96,7 @@ pub fn verify(model: Preset, batch: u32, context: u32, layers: u32, seed: u64) -
             .map(|_| rng.random_range(-3.0..3.0))
             .collect();
         let window_lens = vec![window; batch as usize];
-        let agg = AggregateArgs {
-            scale: 1.0 / (head_dim as f32).sqrt(),
-            metric: Metric::L2,
-            metric_skip: &skip,
-            window_lens: &window_lens,
-            pool_kernel: AggregateArgs::DEFAULT_POOL_KERNEL,
-        };
+        let agg = AggregateArgs::for_head_dim(head_dim, &skip, &window_lens);
         for cache in caches.iter_mut() {
             let qt = Tensor::from_f32(
                 &cache.backend(),

@@ -627,7 +627,16 @@ pub fn plan_aggregate(
         .min(by_memory);
     let split_kvs = key_tiles.div_ceil(key_splits) * STATS_TILE_KEYS;
     let key_splits = max_context_len.div_ceil(split_kvs).max(1);
-    let elem = dtype.elem_bytes();
+    let smem_bytes = |keys, columns| {
+        aggregate_smem(
+            geometry.head_dim,
+            dtype.elem_bytes(),
+            geometry.group_size,
+            keys,
+            columns,
+        )
+        .bytes
+    };
     let stats = LaunchDims {
         grid: [
             row_chunks * key_splits,
@@ -635,14 +644,7 @@ pub fn plan_aggregate(
             geometry.num_seqs,
         ],
         block: threads,
-        smem_bytes: aggregate_smem(
-            geometry.head_dim,
-            elem,
-            geometry.group_size,
-            STATS_TILE_KEYS,
-            false,
-        )
-        .bytes,
+        smem_bytes: smem_bytes(STATS_TILE_KEYS, false),
     };
     let merge = (key_splits > 1).then_some(LaunchDims {
         grid: [
@@ -660,14 +662,7 @@ pub fn plan_aggregate(
             geometry.num_seqs,
         ],
         block: threads,
-        smem_bytes: aggregate_smem(
-            geometry.head_dim,
-            elem,
-            geometry.group_size,
-            SCORE_TILE_KEYS,
-            true,
-        )
-        .bytes,
+        smem_bytes: smem_bytes(SCORE_TILE_KEYS, true),
     };
     AggregatePlan {
         stats,
