@@ -108,14 +108,60 @@ impl DeviceArrays {
     }
 }
 
+/// Pools, metric and position of the CPU backend, in the layouts of SPEC §2.
+pub(crate) struct HostArrays {
+    pub(crate) k_pool: Vec<u8>,
+    pub(crate) v_pool: Vec<u8>,
+    pub(crate) metric: Vec<f32>,
+    pub(crate) position: Vec<i32>,
+}
+
+impl HostArrays {
+    /// The cache as the reference reads it, with the metric apart (decode and aggregation
+    /// write it).
+    pub(crate) fn view<'a>(
+        &'a mut self,
+        geometry: Geometry,
+        dtype: DType,
+        block_tables: &'a [i32],
+        context_lens: &'a [i32],
+    ) -> (HostCache<'a>, &'a mut [f32]) {
+        let cache = HostCache {
+            geometry,
+            dtype,
+            k_pool: &self.k_pool,
+            v_pool: &self.v_pool,
+            position: &self.position,
+            block_tables,
+            context_lens,
+        };
+        (cache, &mut self.metric)
+    }
+
+    /// The cache as the reference changes it.
+    pub(crate) fn view_mut<'a>(
+        &'a mut self,
+        geometry: Geometry,
+        dtype: DType,
+        block_tables: &'a mut [i32],
+        context_lens: &'a mut [i32],
+    ) -> HostCacheMut<'a> {
+        HostCacheMut {
+            geometry,
+            dtype,
+            k_pool: &mut self.k_pool,
+            v_pool: &mut self.v_pool,
+            metric: &mut self.metric,
+            position: &mut self.position,
+            block_tables,
+            context_lens,
+        }
+    }
+}
+
 /// Pools, metric and position: host vectors on the CPU backend, device buffers on CUDA.
 pub(crate) enum Arrays {
-    Host {
-        k_pool: Vec<u8>,
-        v_pool: Vec<u8>,
-        metric: Vec<f32>,
-        position: Vec<i32>,
-    },
+    Host(HostArrays),
     Cuda(Box<DeviceArrays>),
 }
 
@@ -175,12 +221,12 @@ impl PagedKvCache {
             }
         }
         let arrays = match backend {
-            Backend::Cpu => Arrays::Host {
+            Backend::Cpu => Arrays::Host(HostArrays {
                 k_pool: snapshot.k_pool,
                 v_pool: snapshot.v_pool,
                 metric: snapshot.metric,
                 position: snapshot.position,
-            },
+            }),
             Backend::Cuda(gpu) => Arrays::Cuda(Box::new(DeviceArrays {
                 gpu: gpu.clone(),
                 k_pool: gpu.upload(&snapshot.k_pool)?,
@@ -219,7 +265,7 @@ impl PagedKvCache {
     /// The backend holding the pools.
     pub fn backend(&self) -> Backend {
         match &self.arrays {
-            Arrays::Host { .. } => Backend::Cpu,
+            Arrays::Host(_) => Backend::Cpu,
             Arrays::Cuda(d) => Backend::Cuda(d.gpu.clone()),
         }
     }
@@ -268,16 +314,11 @@ impl PagedKvCache {
     /// device, so the copy shows what the kernels see.
     pub fn snapshot(&self) -> Result<CacheSnapshot> {
         Ok(match &self.arrays {
-            Arrays::Host {
-                k_pool,
-                v_pool,
-                metric,
-                position,
-            } => CacheSnapshot {
-                k_pool: k_pool.clone(),
-                v_pool: v_pool.clone(),
-                metric: metric.clone(),
-                position: position.clone(),
+            Arrays::Host(host) => CacheSnapshot {
+                k_pool: host.k_pool.clone(),
+                v_pool: host.v_pool.clone(),
+                metric: host.metric.clone(),
+                position: host.position.clone(),
                 block_tables: self.block_tables.clone(),
                 context_lens: self.context_lens.clone(),
                 last_position: self.last_position.clone(),
@@ -355,25 +396,16 @@ impl PagedKvCache {
         }
         let backend_error = || validate::backend_mismatch("k");
         match &mut self.arrays {
-            Arrays::Host {
-                k_pool,
-                v_pool,
-                metric,
-                position,
-            } => {
+            Arrays::Host(host) => {
                 let (Storage::Host(k_new), Storage::Host(v_new)) = (&k.storage, &v.storage) else {
                     return Err(backend_error());
                 };
-                let cache = HostCacheMut {
-                    geometry: g,
-                    dtype: self.config.dtype,
-                    k_pool,
-                    v_pool,
-                    metric,
-                    position,
-                    block_tables: &mut self.block_tables,
-                    context_lens: &mut self.context_lens,
-                };
+                let cache = host.view_mut(
+                    g,
+                    self.config.dtype,
+                    &mut self.block_tables,
+                    &mut self.context_lens,
+                );
                 reference::append_kv(cache, layer, k_new, v_new, positions, new_tokens);
             }
             Arrays::Cuda(d) => {
@@ -470,24 +502,9 @@ impl PagedKvCache {
         let max_context_len = self.max_context_len(layer);
         let window = q.shape()[1] as u32;
         match (&mut self.arrays, &q.storage) {
-            (
-                Arrays::Host {
-                    k_pool,
-                    v_pool,
-                    metric,
-                    position,
-                },
-                Storage::Host(q),
-            ) => {
-                let cache = HostCache {
-                    geometry: g,
-                    dtype: self.config.dtype,
-                    k_pool,
-                    v_pool,
-                    position,
-                    block_tables: &self.block_tables,
-                    context_lens: &self.context_lens,
-                };
+            (Arrays::Host(host), Storage::Host(q)) => {
+                let (cache, metric) =
+                    host.view(g, self.config.dtype, &self.block_tables, &self.context_lens);
                 let reference_args = AggregateRef {
                     q,
                     window,
@@ -540,25 +557,9 @@ impl PagedKvCache {
         let g = self.geometry();
         let max_context_len = self.max_context_len(layer);
         match (&mut self.arrays, &q.storage, &mut out.storage) {
-            (
-                Arrays::Host {
-                    k_pool,
-                    v_pool,
-                    metric,
-                    position,
-                },
-                Storage::Host(q),
-                Storage::Host(out),
-            ) => {
-                let cache = HostCache {
-                    geometry: g,
-                    dtype: self.config.dtype,
-                    k_pool,
-                    v_pool,
-                    position,
-                    block_tables: &self.block_tables,
-                    context_lens: &self.context_lens,
-                };
+            (Arrays::Host(host), Storage::Host(q), Storage::Host(out)) => {
+                let (cache, metric) =
+                    host.view(g, self.config.dtype, &self.block_tables, &self.context_lens);
                 let record = args.record.map(|r| RecordArgs {
                     metric: r.metric,
                     last_position: &self.last_position,

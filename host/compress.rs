@@ -105,7 +105,7 @@ pub struct CompressReport {
 
 use crate::cache::{Arrays, PagedKvCache};
 use crate::error::{Error, Result};
-use crate::reference::{self, HostCache, HostCacheMut, SeqInput, SeqSchedule};
+use crate::reference::{self, SeqInput, SeqSchedule};
 use crate::validate;
 
 impl PagedKvCache {
@@ -125,7 +125,7 @@ impl PagedKvCache {
     ) -> Result<(CompressReport, CompressTimes)> {
         validate::compress(self, args)?;
         match &self.arrays {
-            Arrays::Host { .. } => self.compress_on_host(args),
+            Arrays::Host(_) => self.compress_on_host(args),
             Arrays::Cuda(_) => crate::ops::compress::compress(self, args),
         }
     }
@@ -133,25 +133,12 @@ impl PagedKvCache {
     fn compress_on_host(&mut self, args: &CompressArgs) -> Result<(CompressReport, CompressTimes)> {
         let start = std::time::Instant::now();
         let g = self.geometry();
-        let Arrays::Host {
-            k_pool,
-            v_pool,
-            metric,
-            position,
-        } = &mut self.arrays
-        else {
+        let Arrays::Host(host) = &mut self.arrays else {
             return Err(validate::backend_mismatch("cache"));
         };
         let schedules: Vec<SeqSchedule> = {
-            let view = HostCache {
-                geometry: g,
-                dtype: self.config.dtype,
-                k_pool,
-                v_pool,
-                position,
-                block_tables: &self.block_tables,
-                context_lens: &self.context_lens,
-            };
+            let (view, metric) =
+                host.view(g, self.config.dtype, &self.block_tables, &self.context_lens);
             args.seqs
                 .iter()
                 .zip(args.budgets.iter().zip(args.protected))
@@ -182,16 +169,12 @@ impl PagedKvCache {
             ..CompressTimes::default()
         };
         let start = std::time::Instant::now();
-        let mut cache = HostCacheMut {
-            geometry: g,
-            dtype: self.config.dtype,
-            k_pool,
-            v_pool,
-            metric,
-            position,
-            block_tables: &mut self.block_tables,
-            context_lens: &mut self.context_lens,
-        };
+        let mut cache = host.view_mut(
+            g,
+            self.config.dtype,
+            &mut self.block_tables,
+            &mut self.context_lens,
+        );
         let mut report = CompressReport {
             seqs: Vec::new(),
             heads: Vec::new(),
