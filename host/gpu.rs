@@ -27,8 +27,10 @@ pub const PTX_SOURCE: &str = env!("KVC_PTX_SOURCE");
 pub const HEAD_DIMS: [u32; 3] = [64, 128, 256];
 /// Group sizes (query heads per KV head) with kernel instantiations.
 pub const GROUP_SIZES: [u32; 4] = [1, 2, 4, 8];
-/// Block sizes the cache accepts (any power of two works in the kernels; these are tested).
+/// Block sizes the cache accepts (powers of two of at least `MIN_BLOCK_SIZE`; these are tested).
 pub const BLOCK_SIZES: [u32; 3] = [8, 16, 32];
+// The decode kernel sizes its block-id table by the smallest block size.
+const _: () = assert!(BLOCK_SIZES[0] >= kvc_abi::plan::MIN_BLOCK_SIZE);
 
 /// Entry point of the decode kernel for `dtype`, head dimension `head_dim` and group size `g`.
 pub fn decode_entry(dtype: DType, head_dim: u32, group_size: u32) -> String {

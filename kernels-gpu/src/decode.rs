@@ -15,7 +15,8 @@
 //! unnormalised accumulators and `(max, sum)` for `decode_merge`.
 //!
 //! Metric recording (`record` L2 or L1): every lane stashes the scores of its rows in shared
-//! memory; at the end the CTA normalises them with the head slot's global max and sum and adds
+//! memory, and while a row is loaded its position and metric are copied into the stash too
+//! (`cp.async`), so the record phase reads no global memory; at the end the CTA normalises them with the head slot's global max and sum and adds
 //! `sum over g of a^2` (or `a`) to the metric of each recorded KV, one thread per KV (a
 //! deterministic order, no float atomics). With a split, the global max and sum need every
 //! partition: a CTA publishes its `(max, sum)`, counts itself in (release), and waits until all
@@ -31,9 +32,11 @@
 
 use kvc_abi::params::{record, DecodeParams};
 use kvc_abi::plan::{decode_smem, decode_tile, DecodeTile, DECODE_WARPS, WARP_SIZE};
+use kvc_abi::Geometry;
 
 use crate::gpu::math::{exp2, fma, fmax, store_elem, CacheElem};
-use crate::gpu::mem::{load, load_chunk, load_chunk_nc, load_nc, Chunk};
+use crate::gpu::mem::{load, load_chunk, load_chunk_nc, Chunk};
+use crate::gpu::mma::{copy_async_word, shared_addr, wait_async_copies};
 use crate::gpu::smem::dynamic_f32;
 use crate::gpu::sync::{atomic_add_relaxed, fence_gpu, load_acquire, nanosleep, red_add_release};
 use crate::gpu::thread::{
@@ -46,9 +49,6 @@ use crate::gpu::warp::{shfl_xor, sum_within};
 const MAX_LANE_ROWS: usize = 8;
 const MAX_LANE_LOADS: usize = 8;
 const MAX_LANE_ELEMS: usize = 8;
-
-/// Rows each thread records at once (see `record_metrics`).
-const RECORD_BATCH: usize = 8;
 
 /// Compile-time shape of one instantiation.
 struct Shape<T, const D: usize, const G: usize>(T);
@@ -128,16 +128,17 @@ pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize>(p: &Deco
     let lane = lane_id();
     let warp = warp_id();
     let recording = p.record != record::OFF;
-    let smem = decode_smem(G as u32, D as u32, 0);
+    let smem = decode_smem(G as u32, D as u32, T::BYTES, 0);
     let words = dynamic_f32();
-    // SAFETY: every thread of the CTA calls this, before any early exit.
-    let (partition, kv_head, seq) = unsafe { work_item(p, words.add(smem.ticket as usize)) };
-
-    let head_slot = geom.head_slot(seq, p.layer_idx, kv_head);
-    // SAFETY: head_slot < num_head_slots: the grid covers (num_seqs, H) and layer_idx < L.
-    let len = unsafe { load::<i32>(p.cache.context_lens, head_slot) } as u32;
-    let start = partition * p.partition_kvs;
-    let end = len.min(start + p.partition_kvs);
+    // SAFETY: every thread of the CTA calls this first.
+    let work = unsafe { begin::<T, G>(p) };
+    let Work {
+        kv_head,
+        seq,
+        start,
+        end,
+        ..
+    } = work;
 
     // This lane's columns of the G queries, pre-scaled into the log2 domain.
     let mut q = [[0.0f32; MAX_LANE_ELEMS]; G];
@@ -155,7 +156,8 @@ pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize>(p: &Deco
     }
 
     let mut state = Softmax::<G>::new();
-    let table = p.cache.block_tables + geom.block_table_at(head_slot, 0) * 4;
+    // SAFETY: every thread of the CTA calls it.
+    let blocks = unsafe { BlockIds::load::<T, G>(p, &work) };
     let mut tile_start = start + warp * tile.tile_rows;
     while tile_start < end {
         // Issue every K and V load of the tile before the first use.
@@ -166,14 +168,12 @@ pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize>(p: &Deco
             let row = tile_start + tile.lane_row(lane, i as u32);
             live[i] = row < end;
             let row = if live[i] { row } else { end - 1 };
-            // SAFETY: row < len, so its logical block is within the head slot's table.
-            let block_id = unsafe { load::<i32>(table, geom.logical_block(row) as u64) } as u32;
+            // SAFETY: start <= row < end.
+            let block_id = unsafe { blocks.get(geom, row) };
             let row_elem = geom.kv_elem(block_id, geom.slot_in_block(row));
             if recording && live[i] && lane.is_multiple_of(tile.lanes_per_row) {
-                let slot = geom.pool_slot(block_id, geom.slot_in_block(row)) as u32;
-                let word = smem.stash_word(G as u32, row - start, G as u32);
                 // SAFETY: row - start < partition_kvs, the stash's rows.
-                unsafe { *(words.add(word as usize) as *mut u32) = slot };
+                unsafe { stash_row_state::<T, G>(p, row - start, block_id, row) };
             }
             for c in 0..chunks {
                 let byte = (row_elem + tile.lane_elem(lane, c as u32) as u64) * elem_bytes;
@@ -271,8 +271,160 @@ pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize>(p: &Deco
             }
         }
     }
-    // SAFETY: every thread of the CTA reaches this barrier (no thread returned early).
-    unsafe { sync_threads() };
+    // SAFETY: every thread of the CTA calls it, after writing its warp's state.
+    unsafe { finish::<T, D, G>(p, &work, &blocks) };
+}
+
+/// The block ids of the logical blocks of a CTA's partition, read once into shared memory
+/// (`DecodeSmem::blocks`) so that no K or V load waits on a table load.
+pub(crate) struct BlockIds {
+    first_block: u32,
+    ids: *mut u32,
+}
+
+impl BlockIds {
+    /// Reads the block ids of rows `[work.start, work.end)`; ends with a CTA barrier.
+    ///
+    /// # Safety
+    /// Every thread of the CTA calls it.
+    #[inline(always)]
+    pub(crate) unsafe fn load<T: CacheElem, const G: usize>(p: &DecodeParams, work: &Work) -> Self {
+        let geom = p.cache.geometry;
+        let smem = decode_smem(G as u32, geom.head_dim, T::BYTES, 0);
+        let table = p.cache.block_tables + geom.block_table_at(work.head_slot, 0) * 4;
+        let first_block = geom.logical_block(work.start);
+        let count = if work.start < work.end {
+            geom.logical_block(work.end - 1) + 1 - first_block
+        } else {
+            0
+        };
+        let ids = dynamic_f32().wrapping_add(smem.blocks as usize) as *mut u32;
+        let mut i = thread_idx_x();
+        while i < count {
+            // SAFETY: the blocks of rows < len are within the head slot's table; at most
+            // partition_kvs / MIN_BLOCK_SIZE of them, the region's size.
+            unsafe { *ids.add(i as usize) = load::<u32>(table, (first_block + i) as u64) };
+            i += DECODE_WARPS * WARP_SIZE;
+        }
+        // SAFETY: every thread of the CTA reaches it.
+        unsafe { sync_threads() };
+        Self { first_block, ids }
+    }
+
+    /// The block id of row `row` of the head slot.
+    ///
+    /// # Safety
+    /// `work.start <= row < work.end` of the `load` that made `self`.
+    #[inline(always)]
+    pub(crate) unsafe fn get(&self, geom: Geometry, row: u32) -> u32 {
+        // SAFETY: forwarded from the caller: the block is in the region `load` filled.
+        unsafe {
+            *self
+                .ids
+                .add((geom.logical_block(row) - self.first_block) as usize)
+        }
+    }
+}
+
+/// Starts copying the position and metric of row `row` (block `block_id`) into stash row
+/// `stash_row`, so that recording needs no global load after the main loop.
+///
+/// # Safety
+/// `stash_row < partition_kvs`; the row is live.
+#[inline(always)]
+pub(crate) unsafe fn stash_row_state<T: CacheElem, const G: usize>(
+    p: &DecodeParams,
+    stash_row: u32,
+    block_id: u32,
+    row: u32,
+) {
+    let geom = p.cache.geometry;
+    let smem = decode_smem(G as u32, geom.head_dim, T::BYTES, 0);
+    let base = shared_addr(dynamic_f32());
+    let slot = geom.pool_slot(block_id, geom.slot_in_block(row));
+    // SAFETY: stash words of this row (the launch reserved partition_kvs rows); slot is a
+    // live KV's pool slot. Positions are not written during decode; the metric is written
+    // only by this CTA's record phase, after `finish` waited for the copies.
+    unsafe {
+        copy_async_word(
+            base + smem.stash_word(G as u32, stash_row, G as u32) * 4,
+            p.cache.position + slot * 4,
+        );
+        copy_async_word(
+            base + smem.stash_word(G as u32, stash_row, G as u32 + 1) * 4,
+            p.cache.metric + slot * 4,
+        );
+    }
+}
+
+/// The work of one CTA: partition `partition` of head slot `(seq, layer_idx, kv_head)` (index
+/// `head_slot`, `len` live KVs), rows `[start, end)` of it.
+pub(crate) struct Work {
+    pub partition: u32,
+    pub kv_head: u32,
+    pub seq: u32,
+    pub head_slot: u64,
+    pub len: u32,
+    pub start: u32,
+    pub end: u32,
+}
+
+/// The CTA's work (see [`work_item`]).
+///
+/// # Safety
+/// Every thread of the CTA calls it once, first.
+#[inline(always)]
+pub(crate) unsafe fn begin<T: CacheElem, const G: usize>(p: &DecodeParams) -> Work {
+    let geom = p.cache.geometry;
+    let smem = decode_smem(G as u32, geom.head_dim, T::BYTES, 0);
+    // SAFETY: forwarded from the caller; the ticket word is in the decode_smem map.
+    let (partition, kv_head, seq) =
+        unsafe { work_item(p, dynamic_f32().add(smem.ticket as usize)) };
+    let head_slot = geom.head_slot(seq, p.layer_idx, kv_head);
+    // SAFETY: head_slot < num_head_slots: the grid covers (num_seqs, H) and layer_idx < L.
+    let len = unsafe { load::<i32>(p.cache.context_lens, head_slot) } as u32;
+    let start = partition * p.partition_kvs;
+    Work {
+        partition,
+        kv_head,
+        seq,
+        head_slot,
+        len,
+        start,
+        end: len.min(start + p.partition_kvs),
+    }
+}
+
+/// The CTA's end, once every warp has written its `(max, sum)` and accumulators (`ml_word`,
+/// `acc_word`) and, when recording, its rows' scores and pool slots: merges the warps, writes
+/// the output (or the partition's partials) and records the metrics.
+///
+/// # Safety
+/// Every thread of the CTA calls it, after its warp's writes.
+#[inline(always)]
+pub(crate) unsafe fn finish<T: CacheElem, const D: usize, const G: usize>(
+    p: &DecodeParams,
+    work: &Work,
+    blocks: &BlockIds,
+) {
+    let smem = decode_smem(G as u32, D as u32, T::BYTES, 0);
+    let words = dynamic_f32();
+    let &Work {
+        partition,
+        kv_head,
+        seq,
+        len,
+        start,
+        end,
+        ..
+    } = work;
+    let recording = p.record != record::OFF;
+    // SAFETY: every thread of the CTA reaches this barrier (no thread returned early); the
+    // stash copies of every thread have landed after it.
+    unsafe {
+        wait_async_copies();
+        sync_threads();
+    }
     let thread = thread_idx_x();
     if (thread as usize) < G {
         let g = thread;
@@ -348,7 +500,7 @@ pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize>(p: &Deco
 
     if recording && start < end {
         // SAFETY: every thread of the CTA takes this uniform branch.
-        unsafe { record_metrics::<G>(p, seq, kv_head, start, end, len) };
+        unsafe { record_metrics::<T, G>(p, seq, kv_head, start, end, len, blocks) };
     }
 }
 
@@ -383,16 +535,17 @@ unsafe fn work_item(p: &DecodeParams, ticket_word: *mut f32) -> (u32, u32, u32) 
 /// # Safety
 /// Called by every thread of the CTA after the output phase, with the stash filled.
 #[inline(always)]
-unsafe fn record_metrics<const G: usize>(
+unsafe fn record_metrics<T: CacheElem, const G: usize>(
     p: &DecodeParams,
     seq: u32,
     kv_head: u32,
     start: u32,
     end: u32,
     len: u32,
+    blocks: &BlockIds,
 ) {
     let geom = p.cache.geometry;
-    let smem = decode_smem(G as u32, geom.head_dim, 0);
+    let smem = decode_smem(G as u32, geom.head_dim, T::BYTES, 0);
     let words = dynamic_f32();
     let thread = thread_idx_x();
     if p.num_partitions > 1 {
@@ -455,50 +608,39 @@ unsafe fn record_metrics<const G: usize>(
     // SAFETY: thresholds holds [num_seqs] i32.
     let threshold = unsafe { load::<i32>(p.thresholds, seq as u64) };
     let threads = DECODE_WARPS * WARP_SIZE;
-    let mut first = start + thread;
-    while first < end {
-        // RECORD_BATCH rows per thread at once, so that their loads overlap; the pool slot of
-        // each row was stashed by the main loop, so position and metric load together.
-        let mut slot = [0u64; RECORD_BATCH];
-        let mut position = [0i32; RECORD_BATCH];
-        let mut metric = [0.0f32; RECORD_BATCH];
-        for k in 0..RECORD_BATCH {
-            let row = first + k as u32 * threads;
-            if row < end {
-                let word = smem.stash_word(G as u32, row - start, G as u32);
-                // SAFETY: the stash holds the pool slot of every live row of the partition;
-                // slot < num_blocks * B; positions are not written during decode, and only
-                // this thread touches this KV's metric.
-                unsafe {
-                    slot[k] = *(words.add(word as usize) as *const u32) as u64;
-                    position[k] = load_nc::<i32>(p.cache.position, slot[k]);
-                    metric[k] = load::<f32>(p.cache.metric, slot[k]);
-                }
-            }
-        }
-        for k in 0..RECORD_BATCH {
-            let row = first + k as u32 * threads;
-            if row < end && position[k] <= threshold {
-                let mut value = 0.0f32;
-                for g in 0..G as u32 {
-                    // SAFETY: inside the decode_smem map (row - start < partition_kvs).
-                    let (score, max, inv_sum) = unsafe {
-                        (
-                            *words.add(smem.stash_word(G as u32, row - start, g) as usize),
-                            *words.add((smem.record_ml + 2 * g) as usize),
-                            *words.add((smem.record_ml + 2 * g + 1) as usize),
-                        )
-                    };
-                    let a = exp2(score - max) * inv_sum;
-                    value += if p.record == record::L2 { a * a } else { a };
-                }
-                // SAFETY: as the loads above.
-                unsafe {
-                    crate::gpu::mem::store::<f32>(p.cache.metric, slot[k], metric[k] + value)
+    let mut row = start + thread;
+    while row < end {
+        // The main loop copied each live row's position and metric into the stash.
+        // SAFETY: stash words of a live row of the partition.
+        let (position, metric) = unsafe {
+            (
+                *(words.add(smem.stash_word(G as u32, row - start, G as u32) as usize)
+                    as *const i32),
+                *words.add(smem.stash_word(G as u32, row - start, G as u32 + 1) as usize),
+            )
+        };
+        if position <= threshold {
+            let mut value = 0.0f32;
+            for g in 0..G as u32 {
+                // SAFETY: inside the decode_smem map (row - start < partition_kvs).
+                let (score, max, inv_sum) = unsafe {
+                    (
+                        *words.add(smem.stash_word(G as u32, row - start, g) as usize),
+                        *words.add((smem.record_ml + 2 * g) as usize),
+                        *words.add((smem.record_ml + 2 * g + 1) as usize),
+                    )
                 };
+                let a = exp2(score - max) * inv_sum;
+                value += if p.record == record::L2 { a * a } else { a };
+            }
+            // SAFETY: start <= row < end; the slot of a live KV, whose metric only this
+            // thread writes.
+            unsafe {
+                let slot = geom.pool_slot(blocks.get(geom, row), geom.slot_in_block(row));
+                crate::gpu::mem::store::<f32>(p.cache.metric, slot, metric + value);
             }
         }
-        first += RECORD_BATCH as u32 * threads;
+        row += threads;
     }
 }
 

@@ -118,15 +118,138 @@ pub const fn decode_tile(head_dim: u32, elem_bytes: u32, group_size: u32) -> Dec
     }
 }
 
+/// The smallest block size the kernels support (partition starts are multiples of it).
+pub const MIN_BLOCK_SIZE: u32 = 8;
+
+/// Rows of one tile of the tensor-core decode (16-bit caches): the `k = 16` of one
+/// `mma.m16n8k16` of `P V`.
+pub const MMA_TILE_ROWS: u32 = 16;
+
+/// Tiles one warp of the tensor-core decode loads per step: 2 for `D = 64`, else 1, so that a
+/// step is at least 8 KiB of K and V per warp.
+pub const fn mma_tiles_per_step(head_dim: u32) -> u32 {
+    if head_dim <= 64 {
+        2
+    } else {
+        1
+    }
+}
+
+/// Steps of K and V each warp of the tensor-core decode has in shared memory: it copies step
+/// `i + 1` in (`cp.async`) while it computes on step `i`.
+pub const MMA_STAGES: u32 = 2;
+
+/// 16-byte chunks of K and V together one lane copies per step: `D / 16` of each per tile.
+pub const fn mma_lane_chunks(head_dim: u32) -> u32 {
+    mma_tiles_per_step(head_dim) * head_dim / 8
+}
+
+/// Staged 16-byte chunks of K (and as many of V) of one tile: 16 rows of `D / 8`.
+pub const fn mma_tile_chunks(head_dim: u32) -> u32 {
+    MMA_TILE_ROWS * MmaTile::row_chunks(head_dim)
+}
+
+/// How a lane of the tensor-core decode maps onto rows and columns (`mma.m16n8k16`, with
+/// `gid = lane / 4`, `tig = lane % 4`; see the fragment layouts in the kernel's `gpu::mma`).
+/// The query heads of the group are the rows `m` of `S = Q K^T` and of `O = P V` (at most 8
+/// of 16 are used). A dot product does not care in which order its terms come, so the columns
+/// are assigned to make every load a 16-byte one: K rows and the query load the same 8
+/// consecutive elements into the 4 registers of two `k16` steps, and V is loaded along rows
+/// and paired into B fragments with byte permutes, its output columns permuted to match.
+pub struct MmaTile;
+
+impl MmaTile {
+    /// Tile row (key) whose K lane `lane` loads for the `n8` half `half` of `S`.
+    #[inline(always)]
+    pub const fn k_row(lane: u32, half: u32) -> u32 {
+        8 * half + lane / 4
+    }
+
+    /// First element of the 8 that lane `lane` loads of a K row (and of its query row) for
+    /// `k16` steps `2 chunk` and `2 chunk + 1`.
+    #[inline(always)]
+    pub const fn k_elem(lane: u32, chunk: u32) -> u32 {
+        32 * chunk + 8 * (lane % 4)
+    }
+
+    /// Tile row whose score lane `lane` holds in element `e` of the `S` half `half` (the
+    /// accumulator columns `2 tig + e`); the same row is `k` index `8 half + 2 tig + e` of the
+    /// `P V` step.
+    #[inline(always)]
+    pub const fn score_row(lane: u32, half: u32, e: u32) -> u32 {
+        8 * half + 2 * (lane % 4) + e
+    }
+
+    /// Tile row of the `r`-th (0..4) V row lane `lane` loads: rows `2 tig`, `2 tig + 1`,
+    /// `2 tig + 8`, `2 tig + 9`, the `k` rows of its B fragments.
+    #[inline(always)]
+    pub const fn v_row(lane: u32, r: u32) -> u32 {
+        2 * (lane % 4) + r % 2 + 8 * (r / 2)
+    }
+
+    /// First element of the 8 that lane `lane` loads of a V row in chunk `chunk` (each chunk
+    /// covers 64 columns).
+    #[inline(always)]
+    pub const fn v_elem(lane: u32, chunk: u32) -> u32 {
+        64 * chunk + 8 * (lane / 4)
+    }
+
+    /// 16-byte chunks in a row of `head_dim` 16-bit elements.
+    #[inline(always)]
+    pub const fn row_chunks(head_dim: u32) -> u32 {
+        head_dim / 8
+    }
+
+    /// Chunk (0..16 * row_chunks) where 16-byte chunk `chunk` of tile row `row` is staged in
+    /// shared memory: rows one after another, chunks permuted within each group of 8 by an
+    /// XOR with the row, so that the fragment reads ([`Self::k_row`], [`Self::v_row`]) of any
+    /// 8 lanes hit 8 different bank groups.
+    #[inline(always)]
+    pub const fn staged_chunk(head_dim: u32, row: u32, chunk: u32) -> u32 {
+        let swizzle = (((row >> 1) & 3) << 1) ^ ((row & 1) << 2);
+        row * Self::row_chunks(head_dim) + (chunk ^ swizzle)
+    }
+
+    /// Tile row and chunk lane `lane` copies in its `i`-th copy of a tile: consecutive lanes
+    /// take consecutive chunks of a row, so every copy instruction reads whole rows.
+    #[inline(always)]
+    pub const fn copy_chunk(head_dim: u32, i: u32, lane: u32) -> (u32, u32) {
+        let n = i * 32 + lane;
+        (
+            n / Self::row_chunks(head_dim),
+            n % Self::row_chunks(head_dim),
+        )
+    }
+
+    /// Output column of accumulator element `half` (0: column `2 tig`, 1: `2 tig + 1`) of the
+    /// `n8` tile for V chunk `chunk`, word `word` (0..4) and element `e` (0..2) of that word.
+    #[inline(always)]
+    pub const fn out_elem(lane: u32, chunk: u32, word: u32, e: u32, half: u32) -> u32 {
+        64 * chunk + 8 * (2 * (lane % 4) + half) + 2 * word + e
+    }
+}
+
+/// Rows one warp of the decode kernel covers per step: [`mma_tiles_per_step`] tiles of
+/// [`MMA_TILE_ROWS`] on the tensor-core path (16-bit caches), else [`decode_tile`]'s
+/// `tile_rows`.
+pub const fn decode_warp_rows(head_dim: u32, elem_bytes: u32, group_size: u32) -> u32 {
+    if elem_bytes == 2 {
+        MMA_TILE_ROWS * mma_tiles_per_step(head_dim)
+    } else {
+        decode_tile(head_dim, elem_bytes, group_size).tile_rows
+    }
+}
+
 /// Words a decode CTA keeps in shared memory per partition when it records metrics: `G`
-/// scores and the pool slot of each row, `partition_kvs * (G + 1)` words at most (40 KiB).
+/// scores, the position and the metric of each row, `partition_kvs * (G + 2)` words at most
+/// (36 KiB, so that two recording CTAs of the tensor-core path fit an SM).
 /// Partitions are never longer than this allows, recording or not, so that recording never
 /// changes the split (and the output bits).
-pub const STASH_WORDS: u32 = 10240;
+pub const STASH_WORDS: u32 = 9216;
 
 /// Longest partition for group size `group_size`: the stash bound, in whole 64-row tiles.
 pub const fn max_partition_kvs(group_size: u32) -> u32 {
-    STASH_WORDS / (group_size + 1) / 64 * 64
+    STASH_WORDS / (group_size + 2) / 64 * 64
 }
 
 /// A split policy must keep at least this fraction of the device's resident CTA slots busy
@@ -149,8 +272,15 @@ pub struct DecodeSmem {
     pub record_ml: u32,
     /// One u32: the CTA's ticket (work index) when the grid is ticketed.
     pub ticket: u32,
-    /// `[partition_kvs, G + 1]` words (only when recording): the `G` log2-domain scores of
-    /// each row of the partition, then its pool slot (as u32 bits).
+    /// `[DECODE_WARPS, MMA_STAGES, 32 * mma_lane_chunks]` 16-byte chunks (16-bit caches
+    /// only): each warp's steps of K and V in flight, per stage the K tiles then the V tiles,
+    /// each [`mma_tile_chunks`] laid out by [`MmaTile::staged_chunk`].
+    pub staging: u32,
+    /// `[max_partition_kvs(G) / MIN_BLOCK_SIZE]` u32: the block ids of the partition's
+    /// logical blocks, loaded once so that no load of K or V waits on a table load.
+    pub blocks: u32,
+    /// `[partition_kvs, G + 2]` words (only when recording): the `G` log2-domain scores of
+    /// each row of the partition, then its position and its metric.
     pub stash: u32,
     /// Bytes in all.
     pub bytes: u32,
@@ -170,29 +300,52 @@ impl DecodeSmem {
     }
 
     /// Word of row `row` (relative to the partition start), head `g`, in `stash`; `g = G`
-    /// is the row's pool slot.
+    /// is the row's position, `g = G + 1` its metric (copied in while the row is loaded).
     #[inline(always)]
     pub const fn stash_word(&self, group_size: u32, row: u32, g: u32) -> u32 {
-        self.stash + row * (group_size + 1) + g
+        self.stash + row * (group_size + 2) + g
+    }
+
+    /// Word of staged chunk `chunk` of `(warp, stage)` in `staging`.
+    #[inline(always)]
+    pub const fn staging_word(&self, head_dim: u32, warp: u32, stage: u32, chunk: u32) -> u32 {
+        let chunks = mma_lane_chunks(head_dim) * WARP_SIZE;
+        self.staging + ((warp * MMA_STAGES + stage) * chunks + chunk) * 4
     }
 }
 
-/// The decode shared-memory map for group size `group_size` and head dimension `head_dim`,
-/// with room for `stash_kvs` rows of scores (0 when not recording).
-pub const fn decode_smem(group_size: u32, head_dim: u32, stash_kvs: u32) -> DecodeSmem {
-    let warp_ml = 0;
+/// The decode shared-memory map for group size `group_size`, head dimension `head_dim` and
+/// element size `elem_bytes` (2: the tensor-core path, which stages K and V), with room for
+/// `stash_kvs` rows of scores (0 when not recording).
+pub const fn decode_smem(
+    group_size: u32,
+    head_dim: u32,
+    elem_bytes: u32,
+    stash_kvs: u32,
+) -> DecodeSmem {
+    let staging = 0;
+    let staging_words = if elem_bytes == 2 {
+        DECODE_WARPS * MMA_STAGES * mma_lane_chunks(head_dim) * WARP_SIZE * 4
+    } else {
+        0
+    };
+    let blocks = staging + staging_words;
+    let blocks_words = max_partition_kvs(group_size) / MIN_BLOCK_SIZE;
+    let warp_ml = blocks + blocks_words;
     let warp_acc = warp_ml + DECODE_WARPS * group_size * 2;
     let cta_ml = warp_acc + DECODE_WARPS * group_size * head_dim;
     let record_ml = cta_ml + group_size * 2;
     let ticket = record_ml + group_size * 2;
     let stash = ticket + 1;
-    let words = stash + stash_kvs * (group_size + 1);
+    let words = stash + stash_kvs * (group_size + 2);
     DecodeSmem {
         warp_ml,
         warp_acc,
         cta_ml,
         record_ml,
         ticket,
+        staging,
+        blocks,
         stash,
         bytes: words * 4,
     }
@@ -273,8 +426,8 @@ pub fn plan_decode(
     partition_kvs: Option<u32>,
     record: bool,
 ) -> DecodePlan {
-    let tile = decode_tile(geometry.head_dim, dtype.elem_bytes(), geometry.group_size);
-    let cta_rows = tile.tile_rows * DECODE_WARPS;
+    let warp_rows = decode_warp_rows(geometry.head_dim, dtype.elem_bytes(), geometry.group_size);
+    let cta_rows = warp_rows * DECODE_WARPS;
     let head_slots = (geometry.num_seqs * geometry.num_kv_heads).max(1);
     let resident = props.num_sms * kernel.ctas_per_sm.max(1);
     let longest = max_partition_kvs(geometry.group_size) / cta_rows * cta_rows;
@@ -289,7 +442,13 @@ pub fn plan_decode(
     let decode = LaunchDims {
         grid: [num_partitions, geometry.num_kv_heads, geometry.num_seqs],
         block: [DECODE_WARPS * WARP_SIZE, 1, 1],
-        smem_bytes: decode_smem(geometry.group_size, geometry.head_dim, stash_kvs).bytes,
+        smem_bytes: decode_smem(
+            geometry.group_size,
+            geometry.head_dim,
+            dtype.elem_bytes(),
+            stash_kvs,
+        )
+        .bytes,
     };
     let (merge, partial_rows) = if num_partitions > 1 {
         let dims = LaunchDims {
@@ -406,6 +565,99 @@ mod tests {
                     let t = decode_tile(d, bytes, g);
                     assert!(t.lane_elems() == 4 || t.lane_elems() == 8);
                     assert_eq!(t.lanes_per_row * t.lane_elems(), d);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mma_tile_loads_every_element_once_and_writes_every_column_once() {
+        let rows = MMA_TILE_ROWS as usize;
+        for d in [64u32, 128, 256] {
+            let n = rows * d as usize;
+            let (mut k, mut v) = ([0u32; 16 * 256], [0u32; 16 * 256]);
+            for lane in 0..WARP_SIZE {
+                for half in 0..2 {
+                    for chunk in 0..d / 32 {
+                        let row = MmaTile::k_row(lane, half) as usize;
+                        for e in 0..8 {
+                            k[row * d as usize + (MmaTile::k_elem(lane, chunk) + e) as usize] += 1;
+                        }
+                    }
+                }
+                for r in 0..4 {
+                    for chunk in 0..d / 64 {
+                        let row = MmaTile::v_row(lane, r) as usize;
+                        for e in 0..8 {
+                            v[row * d as usize + (MmaTile::v_elem(lane, chunk) + e) as usize] += 1;
+                        }
+                    }
+                }
+            }
+            assert!(k[..n].iter().chain(&v[..n]).all(|&c| c == 1), "D={d}");
+            // The 4 lanes of a group (one query row) hold every score row and every output
+            // column exactly once.
+            for gid in 0..8 {
+                let mut scores = [0u32; 16];
+                let mut cols = [0u32; 256];
+                for tig in 0..4 {
+                    let lane = 4 * gid + tig;
+                    for half in 0..2 {
+                        for e in 0..2 {
+                            scores[MmaTile::score_row(lane, half, e) as usize] += 1;
+                            for chunk in 0..d / 64 {
+                                for word in 0..4 {
+                                    cols[MmaTile::out_elem(lane, chunk, word, e, half) as usize] +=
+                                        1;
+                                }
+                            }
+                        }
+                    }
+                }
+                let cols = &cols[..d as usize];
+                assert!(scores.iter().chain(cols).all(|&c| c == 1), "D={d}");
+            }
+        }
+    }
+
+    #[test]
+    fn staged_tiles_are_permutations_read_without_bank_conflicts() {
+        for d in [64u32, 128, 256] {
+            let mut seen = [false; 16 * 32];
+            for i in 0..mma_tile_chunks(d) / 32 {
+                for lane in 0..32 {
+                    let (row, chunk) = MmaTile::copy_chunk(d, i, lane);
+                    let at = MmaTile::staged_chunk(d, row, chunk) as usize;
+                    assert!(!seen[at], "D={d}");
+                    seen[at] = true;
+                }
+            }
+            assert!(seen[..mma_tile_chunks(d) as usize].iter().all(|&s| s));
+            // A 16-byte shared access is served 8 lanes at a time; 8 lanes without a
+            // conflict touch 8 different groups of 4 banks (chunk index mod 8).
+            for phase in 0..4 {
+                let lanes = phase * 8..phase * 8 + 8;
+                for half in 0..2 {
+                    for c in 0..d / 32 {
+                        let mut mask = 0u32;
+                        for l in lanes.clone() {
+                            let chunk = MmaTile::k_elem(l, c) / 8;
+                            mask |=
+                                1 << (MmaTile::staged_chunk(d, MmaTile::k_row(l, half), chunk) % 8);
+                        }
+                        assert_eq!(mask, 0xff, "K, D={d}");
+                    }
+                }
+                for r in 0..4 {
+                    for c in 0..d / 64 {
+                        let mut mask = 0u32;
+                        for l in lanes.clone() {
+                            let chunk = MmaTile::v_elem(l, c) / 8;
+                            mask |=
+                                1 << (MmaTile::staged_chunk(d, MmaTile::v_row(l, r), chunk) % 8);
+                        }
+                        assert_eq!(mask, 0xff, "V, D={d}");
+                    }
                 }
             }
         }

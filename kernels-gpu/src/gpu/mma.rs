@@ -75,12 +75,42 @@ pub trait Mma16 {
     /// # Safety
     /// The warp is converged.
     unsafe fn mma(a: [u32; 4], b: [u32; 2], c: [f32; 4]) -> [f32; 4];
+
+    /// `(x0, x1)` as two packed pairs of this type, `hi` (rounded to nearest) and `lo` (the
+    /// rounded remainder), so that `hi + lo` carries about twice this type's precision; `x0`
+    /// goes in the low half of each word.
+    fn split(x0: f32, x1: f32) -> (u32, u32);
 }
 
-/// Implements [`Mma16`] for `$elem` with the PTX input type `$ptx`.
+/// Implements [`Mma16`] for `$elem` with the PTX input type `$ptx`; `$widen` turns the
+/// packed `hi` into the f32 registers `w0` (low half) and `w1` (high half).
 macro_rules! mma16 {
-    ($elem:ty, $ptx:literal) => {
+    ($elem:ty, $ptx:literal, $widen:literal) => {
         impl Mma16 for $elem {
+            #[inline(always)]
+            fn split(x0: f32, x1: f32) -> (u32, u32) {
+                let (hi, lo): (u32, u32);
+                // SAFETY: register-only arithmetic.
+                unsafe {
+                    asm!(
+                        concat!(
+                            "{{ .reg .b16 h0, h1; .reg .b32 w0, w1, r0, r1;\n",
+                            "cvt.rn.", $ptx, "x2.f32 {hi}, {x1}, {x0};\n",
+                            $widen, "\n",
+                            "sub.f32 r0, {x0}, w0;\n",
+                            "sub.f32 r1, {x1}, w1;\n",
+                            "cvt.rn.", $ptx, "x2.f32 {lo}, r1, r0; }}"
+                        ),
+                        hi = out(reg32) hi,
+                        lo = out(reg32) lo,
+                        x0 = in(reg32) x0,
+                        x1 = in(reg32) x1,
+                        options(pure, nomem, nostack),
+                    );
+                }
+                (hi, lo)
+            }
+
             #[inline(always)]
             unsafe fn mma(a: [u32; 4], b: [u32; 2], c: [f32; 4]) -> [f32; 4] {
                 let (d0, d1, d2, d3): (f32, f32, f32, f32);
@@ -101,8 +131,36 @@ macro_rules! mma16 {
     };
 }
 
-mma16!(F16, "f16");
-mma16!(Bf16, "bf16");
+mma16!(
+    F16,
+    "f16",
+    "mov.b32 {{h0, h1}}, {hi}; cvt.f32.f16 w0, h0; cvt.f32.f16 w1, h1;"
+);
+mma16!(
+    Bf16,
+    "bf16",
+    "shl.b32 w0, {hi}, 16; and.b32 w1, {hi}, 0xffff0000;"
+);
+
+/// The word of 16-bit halves `(a.lo, b.lo)` (`high` false) or `(a.hi, b.hi)` (`high` true),
+/// `a`'s half in the low half (`prmt`).
+#[inline(always)]
+pub fn pair_halves(a: u32, b: u32, high: bool) -> u32 {
+    let selector: u32 = if high { 0x7632 } else { 0x5410 };
+    let d: u32;
+    // SAFETY: register-only byte permute.
+    unsafe {
+        asm!(
+            "prmt.b32 {d}, {a}, {b}, {s};",
+            d = out(reg32) d,
+            a = in(reg32) a,
+            b = in(reg32) b,
+            s = in(reg32) selector,
+            options(pure, nomem, nostack),
+        );
+    }
+    d
+}
 
 /// Starts an asynchronous copy (`cp.async`, sm_80+) of 16 bytes from global `src` to shared
 /// `dst`, or of 16 zero bytes when `src` is `None` (nothing is read). The thread must
@@ -127,6 +185,69 @@ pub unsafe fn copy_async_chunk(dst: u32, src: Option<u64>) {
             options(nostack),
         );
     }
+}
+
+/// Starts an asynchronous copy (`cp.async`, sm_80+) of the 4 bytes at global `src` to shared
+/// `dst`; as [`copy_async_chunk`].
+///
+/// # Safety
+/// `dst` is a 4-byte-aligned shared address of 4 writable bytes; `src` a 4-byte-aligned global
+/// address of 4 bytes no thread writes until the copy has landed.
+#[inline(always)]
+pub unsafe fn copy_async_word(dst: u32, src: u64) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        asm!(
+            "cp.async.ca.shared.global [{dst}], [{src}], 4;",
+            dst = in(reg32) dst,
+            src = in(reg64) src,
+            options(nostack),
+        );
+    }
+}
+
+/// Closes the group of this thread's asynchronous copies started since the last commit (an
+/// empty group when there were none).
+///
+/// # Safety
+/// None.
+#[inline(always)]
+pub unsafe fn commit_async_copies() {
+    // SAFETY: bookkeeping of this thread's own copies.
+    unsafe { asm!("cp.async.commit_group;", options(nostack)) };
+}
+
+/// Waits until every committed group of this thread's copies but the most recent one has
+/// landed; the landed bytes are then visible to this thread.
+///
+/// # Safety
+/// None beyond the copies' own.
+#[inline(always)]
+pub unsafe fn wait_async_copies_but_last() {
+    // SAFETY: waits on this thread's own copies.
+    unsafe { asm!("cp.async.wait_group 1;", options(nostack)) };
+}
+
+/// Loads 16 bytes from shared memory.
+///
+/// # Safety
+/// `addr` is a 16-byte-aligned shared address of 16 readable bytes.
+#[inline(always)]
+pub unsafe fn load_shared_chunk(addr: u32) -> [u32; 4] {
+    let (a, b, c, d): (u32, u32, u32, u32);
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        asm!(
+            "ld.shared.v4.u32 {{{a}, {b}, {c}, {d}}}, [{addr}];",
+            a = out(reg32) a,
+            b = out(reg32) b,
+            c = out(reg32) c,
+            d = out(reg32) d,
+            addr = in(reg32) addr,
+            options(readonly, nostack),
+        );
+    }
+    [a, b, c, d]
 }
 
 /// Waits until this thread's asynchronous copies have landed.

@@ -121,3 +121,14 @@ pub unsafe fn inclusive_scan_u32(mut value: u32) -> u32 {
     }
     value
 }
+
+/// Waits until every lane of the warp arrives; memory accesses before it are ordered before
+/// those after it among the lanes (`bar.warp.sync`).
+///
+/// # Safety
+/// Every lane of the warp must execute the same call.
+#[inline(always)]
+pub unsafe fn sync_warp() {
+    // SAFETY: the caller guarantees a converged warp.
+    unsafe { core::arch::asm!("bar.warp.sync 0xffffffff;", options(nostack)) };
+}
