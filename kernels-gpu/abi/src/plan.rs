@@ -242,7 +242,8 @@ pub const fn decode_warp_rows(head_dim: u32, elem_bytes: u32, group_size: u32) -
 
 /// Words a decode CTA keeps in shared memory per partition when it records metrics: `G`
 /// scores, the position and the metric of each row, `partition_kvs * (G + 2)` words at most
-/// (36 KiB, so that two recording CTAs of the tensor-core path fit an SM).
+/// (36 KiB: two recording CTAs of the tensor-core path fit a 228 KiB SM for `D <= 128` and
+/// `G <= 4`; see the test `recording_ctas_of_the_tensor_core_path_pair_up`).
 /// Partitions are never longer than this allows, recording or not, so that recording never
 /// changes the split (and the output bits).
 pub const STASH_WORDS: u32 = 9216;
@@ -661,6 +662,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn recording_ctas_of_the_tensor_core_path_pair_up() {
+        // An H100/H200 SM has 228 KiB of shared memory, 1 KiB of it reserved per CTA.
+        let fits_two = |g: u32, d: u32| {
+            2 * (decode_smem(g, d, 2, max_partition_kvs(g)).bytes + 1024) <= 228 * 1024
+        };
+        for g in [1, 2, 4] {
+            for d in [64, 128] {
+                assert!(fits_two(g, d), "G={g} D={d}");
+            }
+        }
+        // Documented exceptions: G = 8 at D = 128 (its accumulators) and D = 256 (its staging)
+        // record with one CTA per SM.
+        assert!(!fits_two(8, 128) && !fits_two(4, 256));
+        // Without recording, three f16 D=128 CTAs fit (registers, not shared memory, hold the
+        // kernel at two).
+        assert!(3 * (decode_smem(4, 128, 2, 0).bytes + 1024) <= 228 * 1024);
     }
 
     fn geometry(num_seqs: u32) -> Geometry {
