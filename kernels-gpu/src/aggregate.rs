@@ -30,15 +30,14 @@
 
 use kvc_abi::params::{record, AggregateParams};
 use kvc_abi::plan::{
-    aggregate_smem, tile_row_bytes, AggregateSmem, AGG_ROWS, AGG_WARPS, SCORE_HALO, SCORE_KEYS, SCORE_TILE_KEYS,
-    STATS_TILE_KEYS, VECTOR_BYTES, WARP_SIZE,
+    aggregate_smem, tile_row_bytes, AggregateSmem, AGG_ROWS, AGG_WARPS, SCORE_HALO, SCORE_KEYS,
+    SCORE_TILE_KEYS, STATS_TILE_KEYS, VECTOR_BYTES, WARP_SIZE,
 };
 
 use crate::gpu::math::{exp2, fma, fmax, opaque, CacheElem, F32};
 use crate::gpu::mem::{load, load_nc, store};
 use crate::gpu::mma::{
-    copy_async_chunk, ldmatrix_x2, ldmatrix_x4, shared_addr, Mma16,
-    wait_async_copies,
+    copy_async_chunk, ldmatrix_x2, ldmatrix_x4, shared_addr, wait_async_copies, Mma16,
 };
 use crate::gpu::smem::dynamic_f32;
 use crate::gpu::thread::{
@@ -543,16 +542,7 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
     let first = owned as i64 - SCORE_HALO as i64;
 
     // SAFETY: all threads take part.
-    unsafe {
-        stage_keys::<T>(
-            p,
-            keys,
-            row_bytes,
-            head_slot,
-            (first, SCORE_TILE_KEYS),
-            len,
-        )
-    };
+    unsafe { stage_keys::<T>(p, keys, row_bytes, head_slot, (first, SCORE_TILE_KEYS), len) };
     let mut acc = [[0.0f32; 2]; SCORE_NTILES];
     let mut row_base = 0;
     while row_base < rows {

@@ -24,7 +24,8 @@ use kvc_abi::params::compress::{
 };
 use kvc_abi::params::CompressParams;
 use kvc_abi::plan::{
-    compact_smem, COMPACT_QUEUE, COMPACT_ROUND, COMPACT_TILE, COMPRESS_THREADS, COMPRESS_WARPS, VECTOR_BYTES,
+    compact_smem, COMPACT_QUEUE, COMPACT_ROUND, COMPACT_TILE, COMPRESS_THREADS, COMPRESS_WARPS,
+    VECTOR_BYTES,
 };
 
 use crate::gpu::mem::{load, load_chunk, store, store_chunk, Chunk};
