@@ -5,49 +5,48 @@ use core::arch::asm;
 /// A 16-byte chunk as four 32-bit words.
 pub type Chunk = [u32; 4];
 
-/// Loads 16 bytes of read-only data through the non-coherent cache.
-///
-/// # Safety
-/// `addr` is a 16-byte-aligned global address of 16 readable bytes that no thread writes
-/// during the kernel.
-#[inline(always)]
-pub unsafe fn load_chunk_nc(addr: u64) -> Chunk {
-    let (a, b, c, d): (u32, u32, u32, u32);
-    // SAFETY: the caller guarantees the address is valid, aligned and read-only.
-    unsafe {
-        asm!(
-            "ld.global.nc.v4.u32 {{{a}, {b}, {c}, {d}}}, [{addr}];",
-            a = out(reg32) a,
-            b = out(reg32) b,
-            c = out(reg32) c,
-            d = out(reg32) d,
-            addr = in(reg64) addr,
-            options(pure, readonly, nostack),
-        );
-    }
-    [a, b, c, d]
+/// Defines `unsafe fn $name(addr) -> Chunk`: one PTX instruction `$op` that loads four 32-bit
+/// registers from `[addr]` (`$class` is the address's register class). The caller's safety
+/// contract is the function's own documentation.
+macro_rules! load_words {
+    ($(#[$doc:meta])* $name:ident($addr:ty, $class:ident) = $op:literal, $($option:ident),*) => {
+        $(#[$doc])*
+        #[inline(always)]
+        pub unsafe fn $name(addr: $addr) -> Chunk {
+            let (a, b, c, d): (u32, u32, u32, u32);
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                core::arch::asm!(
+                    concat!($op, " {{{a}, {b}, {c}, {d}}}, [{addr}];"),
+                    a = out(reg32) a,
+                    b = out(reg32) b,
+                    c = out(reg32) c,
+                    d = out(reg32) d,
+                    addr = in($class) addr,
+                    options($($option),*),
+                );
+            }
+            [a, b, c, d]
+        }
+    };
+}
+pub(crate) use load_words;
+
+load_words! {
+    /// Loads 16 bytes of read-only data through the non-coherent cache.
+    ///
+    /// # Safety
+    /// `addr` is a 16-byte-aligned global address of 16 readable bytes that no thread writes
+    /// during the kernel.
+    load_chunk_nc(u64, reg64) = "ld.global.nc.v4.u32", pure, readonly, nostack
 }
 
-/// Loads 16 bytes.
-///
-/// # Safety
-/// `addr` is a 16-byte-aligned global address of 16 readable bytes.
-#[inline(always)]
-pub unsafe fn load_chunk(addr: u64) -> Chunk {
-    let (a, b, c, d): (u32, u32, u32, u32);
-    // SAFETY: the caller guarantees the address is valid and aligned.
-    unsafe {
-        asm!(
-            "ld.global.v4.u32 {{{a}, {b}, {c}, {d}}}, [{addr}];",
-            a = out(reg32) a,
-            b = out(reg32) b,
-            c = out(reg32) c,
-            d = out(reg32) d,
-            addr = in(reg64) addr,
-            options(readonly, nostack),
-        );
-    }
-    [a, b, c, d]
+load_words! {
+    /// Loads 16 bytes.
+    ///
+    /// # Safety
+    /// `addr` is a 16-byte-aligned global address of 16 readable bytes.
+    load_chunk(u64, reg64) = "ld.global.v4.u32", readonly, nostack
 }
 
 /// Stores 16 bytes.

@@ -12,6 +12,7 @@
 use core::arch::asm;
 
 use crate::gpu::math::{Bf16, F16};
+use crate::gpu::mem::{load_words, Chunk};
 
 /// The 32-bit shared-memory address of a pointer into dynamic shared memory.
 #[inline(always)]
@@ -24,28 +25,14 @@ pub fn shared_addr<T>(ptr: *const T) -> u32 {
     addr as u32
 }
 
-/// Four 8x8 b16 matrices from shared memory; lanes `8m..8m+8` give the row addresses of
-/// matrix `m`, and lane `l` receives row `l / 4`, columns `2 (l % 4)..+2` of each.
-///
-/// # Safety
-/// Every lane's address is a 16-byte-aligned shared address of 16 readable bytes; the warp
-/// is converged.
-#[inline(always)]
-pub unsafe fn ldmatrix_x4(addr: u32) -> [u32; 4] {
-    let (a, b, c, d): (u32, u32, u32, u32);
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        asm!(
-            "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{a}, {b}, {c}, {d}}}, [{addr}];",
-            a = out(reg32) a,
-            b = out(reg32) b,
-            c = out(reg32) c,
-            d = out(reg32) d,
-            addr = in(reg32) addr,
-            options(readonly, nostack),
-        );
-    }
-    [a, b, c, d]
+load_words! {
+    /// Four 8x8 b16 matrices from shared memory; lanes `8m..8m+8` give the row addresses of
+    /// matrix `m`, and lane `l` receives row `l / 4`, columns `2 (l % 4)..+2` of each.
+    ///
+    /// # Safety
+    /// Every lane's address is a 16-byte-aligned shared address of 16 readable bytes; the warp
+    /// is converged.
+    ldmatrix_x4(u32, reg32) = "ldmatrix.sync.aligned.m8n8.x4.shared.b16", readonly, nostack
 }
 
 /// Two 8x8 b16 matrices (lanes 0..16 give the addresses).
@@ -228,26 +215,12 @@ pub unsafe fn wait_async_copies_but_last() {
     unsafe { asm!("cp.async.wait_group 1;", options(nostack)) };
 }
 
-/// Loads 16 bytes from shared memory.
-///
-/// # Safety
-/// `addr` is a 16-byte-aligned shared address of 16 readable bytes.
-#[inline(always)]
-pub unsafe fn load_shared_chunk(addr: u32) -> [u32; 4] {
-    let (a, b, c, d): (u32, u32, u32, u32);
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        asm!(
-            "ld.shared.v4.u32 {{{a}, {b}, {c}, {d}}}, [{addr}];",
-            a = out(reg32) a,
-            b = out(reg32) b,
-            c = out(reg32) c,
-            d = out(reg32) d,
-            addr = in(reg32) addr,
-            options(readonly, nostack),
-        );
-    }
-    [a, b, c, d]
+load_words! {
+    /// Loads 16 bytes from shared memory.
+    ///
+    /// # Safety
+    /// `addr` is a 16-byte-aligned shared address of 16 readable bytes.
+    load_shared_chunk(u32, reg32) = "ld.shared.v4.u32", readonly, nostack
 }
 
 /// Waits until this thread's asynchronous copies have landed.
