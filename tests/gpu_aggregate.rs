@@ -21,12 +21,12 @@ fn check(
     prompts: &[u32],
     window: usize,
     window_lens: &[u32],
-    args: (Metric, &[i32], u32),
+    args: (Metric, &[i32], u32, f32),
     q_amplitude: f32,
 ) {
     let seed = fresh_seed();
     let mut rng = rng(seed);
-    let (metric, skip, pool) = args;
+    let (metric, skip, pool, scale_sign) = args;
     let h = config.num_kv_heads as usize;
     let lens: Vec<u32> = prompts
         .iter()
@@ -44,7 +44,7 @@ fn check(
     ];
     let q_values = random_values(config.dtype, shape.iter().product(), q_amplitude, &mut rng);
     let args = AggregateArgs {
-        scale: 1.0 / (config.head_dim as f32).sqrt(),
+        scale: scale_sign / (config.head_dim as f32).sqrt(),
         metric,
         metric_skip: skip,
         window_lens,
@@ -74,18 +74,20 @@ fn aggregation_matches_reference_for_every_dtype_head_dim_block_and_group_size()
     else {
         return;
     };
-    let variants: [(Metric, [i32; 3], u32); 4] = [
-        (Metric::L2, [0, 0, 0], 7),
-        (Metric::L1, [2, 0, 5], 1),
-        (Metric::L2, [1, 3, 0], 17),
-        (Metric::L1, [0, 0, 0], 3),
+    // (metric, metric_skip per sequence, pool width, sign of the scale): a negative scale
+    // takes the kernels' general path where a positive one takes the fast path.
+    let variants: [(Metric, [i32; 3], u32, f32); 4] = [
+        (Metric::L2, [0, 0, 0], 7, 1.0),
+        (Metric::L1, [2, 0, 5], 1, 1.0),
+        (Metric::L2, [1, 3, 0], 17, -1.0),
+        (Metric::L1, [0, 0, 0], 3, 1.0),
     ];
     let mut n = 0;
     for dtype in DType::ALL {
         for head_dim in HEAD_DIMS {
             for block_size in BLOCK_SIZES {
                 for group_size in GROUP_SIZES {
-                    let (metric, skip, pool) = variants[n % variants.len()];
+                    let (metric, skip, pool, sign) = variants[n % variants.len()];
                     n += 1;
                     // Three prompts: long enough for several key tiles, one shorter than the
                     // window extent, one of a single token; two layers, the last one read.
@@ -96,7 +98,7 @@ fn aggregation_matches_reference_for_every_dtype_head_dim_block_and_group_size()
                         .collect();
                     let config =
                         config_for(dtype, head_dim, block_size, group_size, 3, 2, 2, &lens, 4);
-                    let name = format!("{} d{head_dim} b{block_size} g{group_size} {metric:?} skip {skip:?} pool {pool}", dtype.name());
+                    let name = format!("{} d{head_dim} b{block_size} g{group_size} {metric:?} skip {skip:?} pool {pool} scale sign {sign}", dtype.name());
                     check(
                         &gpu,
                         &name,
@@ -104,7 +106,7 @@ fn aggregation_matches_reference_for_every_dtype_head_dim_block_and_group_size()
                         &prompts,
                         24,
                         &[24, 20, 1],
-                        (metric, &skip, pool),
+                        (metric, &skip, pool, sign),
                         4.0,
                     );
                 }
@@ -154,7 +156,7 @@ fn aggregation_matches_reference_on_long_prompts_and_full_windows() {
             prompts,
             window,
             window_lens,
-            (Metric::L2, &skip, 7),
+            (Metric::L2, &skip, 7, 1.0),
             6.0,
         );
     }

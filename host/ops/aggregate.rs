@@ -3,7 +3,7 @@
 
 use cudarc::driver::CudaSlice;
 use kvc_abi::params::AggregateParams;
-use kvc_abi::plan::{aggregate_smem, plan_aggregate, AGG_WARPS, STATS_TILE_KEYS, WARP_SIZE};
+use kvc_abi::plan::{aggregate_smem, plan_aggregate, AGG_WARPS, WARP_SIZE};
 use kvc_abi::{DType, Geometry};
 
 use crate::cache::{AggregateArgs, DeviceArrays};
@@ -30,18 +30,25 @@ pub(crate) fn aggregate(
     job: AggregateJob,
 ) -> Result<()> {
     let gpu = &d.gpu;
-    let stats_entry = window_stats_entry(dtype, g.head_dim);
-    let smem = aggregate_smem(
-        g.head_dim,
-        dtype.elem_bytes(),
-        g.group_size,
-        STATS_TILE_KEYS,
-        false,
-    )
-    .bytes;
-    let kernel = gpu.kernel_props(&stats_entry, AGG_WARPS * WARP_SIZE, smem)?;
-    let resident = gpu.props().num_sms * kernel.ctas_per_sm.max(1);
-    let plan = plan_aggregate(&g, dtype, job.window, job.max_context_len, resident);
+    let (stats_entry, scores_entry) = (
+        window_stats_entry(dtype, g.head_dim),
+        window_scores_entry(dtype, g.head_dim),
+    );
+    let resident = |entry: &str, columns: bool| -> Result<u32> {
+        let smem = aggregate_smem(g.head_dim, dtype.elem_bytes(), g.group_size, columns).bytes;
+        let kernel = gpu.kernel_props(entry, AGG_WARPS * WARP_SIZE, smem)?;
+        Ok(gpu.props().num_sms * kernel.ctas_per_sm.max(1))
+    };
+    let plan = plan_aggregate(
+        &g,
+        dtype,
+        job.window,
+        job.max_context_len,
+        (
+            resident(&stats_entry, false)?,
+            resident(&scores_entry, true)?,
+        ),
+    );
     let mut workspace = gpu.workspace(plan.workspace_bytes(g.num_seqs))?;
     gpu.write_at(
         bytemuck::cast_slice(&job.seq_info),
@@ -62,7 +69,7 @@ pub(crate) fn aggregate(
         scale_log2: job.args.scale * std::f32::consts::LOG2_E,
         record: job.args.metric.code(),
         pool_half: job.args.pool_kernel / 2,
-        reserved: 0,
+        score_kvs: plan.score_kvs,
     };
     // SAFETY: validate::aggregate checked q, the window lengths (within q and the prompt),
     // metric_skip, the pool width (within the kernels' halo) and the scale; the cache's tables
@@ -72,11 +79,7 @@ pub(crate) fn aggregate(
         if let Some(merge) = plan.merge {
             gpu.launch(WINDOW_STATS_MERGE_ENTRY, merge, &params)?;
         }
-        gpu.launch(
-            &window_scores_entry(dtype, g.head_dim),
-            plan.scores,
-            &params,
-        )?;
+        gpu.launch(&scores_entry, plan.scores, &params)?;
     }
     Ok(())
 }

@@ -3,60 +3,82 @@
 //!
 //! Rows are the window's query vectors of one `(seq, kv_head)`: row `r = i * G + g` is query
 //! `i` (prompt position `last - (w - 1 - i)`) of query head `g` of the group, so the keys of a
-//! KV head are read once for all `G` heads. Both passes tile rows by 16 per warp
-//! (`AGG_WARPS` warps, `AGG_ROWS` rows a CTA) and keys by 8, and compute `Q K^T` tiles with
-//! tensor-core `mma.sync.m16n8k16` for f16/bf16 (A fragments from `ldmatrix` on the staged
-//! query rows, B fragments from `ldmatrix` on the staged key rows, which is K row-major = B
-//! "col"), or with scalar FMAs on the same fragment layout for f32.
+//! KV head are read once for all `G` heads. A CTA holds `agg_rows` rows (`AGG_WARPS` warps of
+//! `agg_row_tiles` 16-row MMA tiles each) and streams keys through shared memory in tiles of
+//! `agg_tile_keys`, `AGG_STAGES` deep (`cp.async`: the next tiles land while one is computed;
+//! each copying thread reads its key's block id one tile ahead). A warp computes `Q K^T` in
+//! groups of 32 keys with tensor-core `mma.sync.m16n8k16` for f16/bf16 (A fragments held in
+//! registers for the whole walk, each key fragment from `ldmatrix` shared by the warp's row
+//! tiles), or scalar FMAs on the same fragment layout for f32.
 //!
-//! - `window_stats`: grid `(row_chunk * key_splits + split, kv_head, seq)`. A CTA stages its
-//!   64 query rows once and walks its key split in tiles of `STATS_TILE_KEYS`; each thread keeps
-//!   the online (max, sum) of its two rows over its columns. One split writes `stats` (max,
-//!   1/sum); several write `partials`, merged by `window_stats_merge` (one thread per row).
-//! - `window_scores`: grid `(key_tile, kv_head, seq)`. A CTA owns `SCORE_KEYS` keys and also
-//!   scores `SCORE_HALO` keys on each side, so that it can max-pool its own keys. It walks all
-//!   rows in chunks of 64, turns scores into probabilities with the row stats, and sums `a^2`
-//!   (or `a`) per key; a thread's two rows belong to one query head (`gid % G`), so columns are
-//!   summed per head by shuffles over the lanes of the same head, then over warps in shared
-//!   memory in a fixed order (deterministic). Then each owned key's metric gets the group sum
-//!   of its max-pooled column, one thread per key.
+//! - `window_stats`: grid `(row_chunk * key_splits + split, kv_head, seq)`. Each thread keeps
+//!   the online (max, sum) of its rows over its own columns, merged over the row's four lanes
+//!   at the end. One split writes `stats` (max, 1/sum); several write `partials`, merged by
+//!   `window_stats_merge` (one warp per row).
+//! - `window_scores`: grid `(key_range, kv_head, seq)`. A CTA owns `score_kvs` keys and also
+//!   scores `SCORE_HALO` keys on each side, so that it can max-pool its own keys. Per key tile
+//!   it turns scores into probabilities with the row stats and sums `a^2` (or `a`) per key and
+//!   query head: over a thread's rows (all of one head, `gid % G`), over the lanes of that head
+//!   by shuffles, then over warps in shared memory in a fixed order (deterministic), into the
+//!   CTA's column sums. At the end each owned key's metric gets the group sum of its
+//!   max-pooled columns, one thread per key.
 //!
 //! Masks: a row sees keys with position `<= p_i` (pass 1) and counts those with position
-//! `<= p_i - metric_skip` (pass 2). Rows past the window, keys past the head slot and halo
-//! keys outside it have position sentinels that mask them; their staged rows are zero.
+//! `<= p_i - metric_skip` (pass 2). Keys past the head slot have the position `NO_KEY` and zero
+//! rows; rows past the window are zero and see nothing. A group of 32 keys that every row of
+//! the warp sees takes a path without the masks (the common case for a window at the end of
+//! its prompt; rows past the window then add zero: zero query, stats (0, 0)), and one that no
+//! row sees is skipped (the upper triangle of a full-range window).
 //!
 //! Host-validated: window lengths within the prompt and `q`'s window extent, `pool_half <=
 //! SCORE_HALO`, the head slots' blocks in the pool.
 
 use kvc_abi::params::{record, AggregateParams};
 use kvc_abi::plan::{
-    aggregate_smem, tile_row_bytes, AggregateSmem, AGG_ROWS, AGG_WARPS, SCORE_HALO, SCORE_KEYS,
-    SCORE_TILE_KEYS, STATS_TILE_KEYS, VECTOR_BYTES, WARP_SIZE,
+    agg_row_tiles, agg_rows, agg_tile_keys, aggregate_smem, tile_row_bytes, AGG_GROUP_KEYS,
+    AGG_ID_SLOTS, AGG_STAGES, AGG_WARPS, MAX_SCORE_KEYS, SCORE_COLUMNS, SCORE_HALO, VECTOR_BYTES,
+    WARP_SIZE,
 };
 
 use crate::gpu::math::{exp2, fma, fmax, opaque, CacheElem, F32};
-use crate::gpu::mem::{load, load_nc, store};
+use crate::gpu::mem::{load, store};
 use crate::gpu::mma::{
-    copy_async_chunk, ldmatrix_x2, ldmatrix_x4, shared_addr, wait_async_copies, Mma16,
+    commit_async_copies, copy_async_chunk, copy_async_word, ldmatrix_x4, shared_addr,
+    wait_async_copies, wait_async_copies_but_last, Mma16,
 };
 use crate::gpu::smem::dynamic_f32;
 use crate::gpu::thread::{
     block_idx_x, block_idx_y, block_idx_z, lane_id, sync_threads, thread_idx_x, warp_id,
 };
-use crate::gpu::warp::shfl_xor;
+use crate::gpu::warp::{ballot, shfl_xor};
 
-/// Most `u32` registers of one warp's A fragments: `4 * D / 16` for `D = 256`.
+/// Most `u32` registers of one row tile's A fragments: `4 * D / 16` for `D = 256`.
 const MAX_A: usize = 64;
 /// Threads per CTA.
 const THREADS: u32 = AGG_WARPS * WARP_SIZE;
-/// Position of a staged key that no row may see (past the head slot, or halo outside it).
+/// Position of a staged key that no row may see (past the range).
 const NO_KEY: i32 = i32::MAX;
-/// Score-tile width in 8-key MMA tiles.
-const SCORE_NTILES: usize = (SCORE_TILE_KEYS / 8) as usize;
-const STATS_NTILES: usize = (STATS_TILE_KEYS / 8) as usize;
+/// 8-key MMA tiles in a group.
+const GROUP_NTILES: usize = (AGG_GROUP_KEYS / 8) as usize;
+/// Owned keys of a pass-2 CTA per thread, at most.
+const OWNED_PER_THREAD: usize = (MAX_SCORE_KEYS / THREADS) as usize;
+const _: () = assert!(MAX_SCORE_KEYS.is_multiple_of(THREADS));
+/// Most 8-key MMA tiles in a key tile (64 keys).
+const MAX_TILE_NTILES: usize = 8;
+/// C fragments of a warp's (up to two) row tiles against a group: `[row tile][n-tile][4]`.
+type Group = [[[f32; 4]; GROUP_NTILES]; 2];
+/// Positions of a lane's two columns in each n-tile of a group.
+type GroupPositions = [[i32; 2]; GROUP_NTILES];
 
-/// `Q K^T` on one warp's 16 rows and 8 keys, over `D` dims, in the fragment layout of
-/// `mma.m16n8k16` (see `gpu::mma`).
+// `pairwise` combines a lane's 8 columns of a group.
+const _: () = assert!(2 * GROUP_NTILES == 8);
+
+// `stream_keys` waits for all copies but the most recent group: one tile in flight behind the
+// one computed, i.e. three stages.
+const _: () = assert!(AGG_STAGES == 3);
+
+/// `Q K^T` on one warp's row tiles and groups of 32 keys, over `D` dims, in the fragment
+/// layout of `mma.m16n8k16` (see `gpu::mma`).
 pub trait QkTile: CacheElem {
     /// This warp's A fragments for rows `row0..row0 + 16` of the staged query rows.
     ///
@@ -64,22 +86,24 @@ pub trait QkTile: CacheElem {
     /// The rows are staged at `q_tile` (shared) with `row_bytes` a row; the warp is converged.
     unsafe fn load_a<const D: usize>(q_tile: *const u8, row_bytes: u32, row0: u32) -> [u32; MAX_A];
 
-    /// The C fragment of rows `row0..+16` against keys `key0..+8`.
+    /// The C fragments of row tiles `row0 + 16 m` (`m < row_tiles`) against keys
+    /// `key0..key0 + 32`; `a[m]` holds tile `m`'s A fragments.
     ///
     /// # Safety
     /// As `load_a`, with the keys staged at `k_tile`.
-    unsafe fn qk<const D: usize>(
-        a: &[u32; MAX_A],
+    unsafe fn qk_group<const D: usize>(
+        a: &[[u32; MAX_A]; 2],
+        row_tiles: u32,
         q_tile: *const u8,
         k_tile: *const u8,
         row_bytes: u32,
         row0: u32,
         key0: u32,
-    ) -> [f32; 4];
+    ) -> Group;
 }
 
-/// The 16-bit types: A fragments by `ldmatrix.x4` (one per 16 dims), B fragments by
-/// `ldmatrix.x2` and one tensor-core MMA per 16 dims.
+/// The 16-bit types: A fragments by `ldmatrix.x4` (one per 16 dims), key fragments of two
+/// 8-key tiles per `ldmatrix.x4`, one tensor-core MMA per row tile, 8 keys and 16 dims.
 impl<T: CacheElem + Mma16> QkTile for T {
     #[inline(always)]
     unsafe fn load_a<const D: usize>(q_tile: *const u8, row_bytes: u32, row0: u32) -> [u32; MAX_A] {
@@ -89,7 +113,7 @@ impl<T: CacheElem + Mma16> QkTile for T {
         let base = shared_addr(q_tile) + row * row_bytes + col_bytes;
         let mut a = [0u32; MAX_A];
         for ks in 0..D / 16 {
-            // SAFETY: forwarded from the caller; row < AGG_ROWS, the column inside the row.
+            // SAFETY: forwarded from the caller; the row is staged, the column inside it.
             let frag = unsafe { ldmatrix_x4(base + ks as u32 * 32) };
             a[4 * ks..4 * ks + 4].copy_from_slice(&frag);
         }
@@ -97,28 +121,42 @@ impl<T: CacheElem + Mma16> QkTile for T {
     }
 
     #[inline(always)]
-    unsafe fn qk<const D: usize>(
-        a: &[u32; MAX_A],
+    unsafe fn qk_group<const D: usize>(
+        a: &[[u32; MAX_A]; 2],
+        row_tiles: u32,
         _: *const u8,
         k_tile: *const u8,
         row_bytes: u32,
         _: u32,
         key0: u32,
-    ) -> [f32; 4] {
+    ) -> Group {
+        // Matrix `lane / 8` of an `ldmatrix.x4`: keys `+8` for matrices 2 and 3, dims `+8`
+        // for matrices 1 and 3, i.e. the (k-low, k-high) fragments of two 8-key tiles.
         let lane = lane_id();
-        let key = key0 + lane % 8;
-        let col_bytes = 16 * ((lane / 8) % 2);
-        let base = shared_addr(k_tile) + key * row_bytes + col_bytes;
-        let mut c = [0.0f32; 4];
+        let matrix = lane / 8;
+        let key = key0 + lane % 8 + 8 * (matrix / 2);
+        let base = shared_addr(k_tile) + key * row_bytes + 16 * (matrix % 2);
+        let mut c = [[[0.0f32; 4]; GROUP_NTILES]; 2];
         for ks in 0..D / 16 {
-            // SAFETY: forwarded from the caller; key < the staged keys.
-            unsafe {
-                let b = ldmatrix_x2(base + ks as u32 * 32);
-                c = T::mma(
-                    [a[4 * ks], a[4 * ks + 1], a[4 * ks + 2], a[4 * ks + 3]],
-                    b,
-                    c,
-                );
+            for pair in 0..GROUP_NTILES / 2 {
+                // SAFETY: forwarded from the caller; key + 16 pair < the staged keys.
+                let b =
+                    unsafe { ldmatrix_x4(base + (16 * pair as u32) * row_bytes + ks as u32 * 32) };
+                for m in 0..2 {
+                    if (m as u32) < row_tiles {
+                        let am = [
+                            a[m][4 * ks],
+                            a[m][4 * ks + 1],
+                            a[m][4 * ks + 2],
+                            a[m][4 * ks + 3],
+                        ];
+                        // SAFETY: register-only warp instructions of a converged warp.
+                        unsafe {
+                            c[m][2 * pair] = T::mma(am, [b[0], b[1]], c[m][2 * pair]);
+                            c[m][2 * pair + 1] = T::mma(am, [b[2], b[3]], c[m][2 * pair + 1]);
+                        }
+                    }
+                }
             }
         }
         c
@@ -131,33 +169,43 @@ impl QkTile for F32 {
         [0; MAX_A]
     }
 
-    /// The same C fragment by scalar FMAs (no f32 tensor-core MMA at full precision).
+    /// The same C fragments by scalar FMAs (no f32 tensor-core MMA at full precision).
     #[inline(always)]
-    unsafe fn qk<const D: usize>(
-        _: &[u32; MAX_A],
+    unsafe fn qk_group<const D: usize>(
+        _: &[[u32; MAX_A]; 2],
+        row_tiles: u32,
         q_tile: *const u8,
         k_tile: *const u8,
         row_bytes: u32,
         row0: u32,
         key0: u32,
-    ) -> [f32; 4] {
+    ) -> Group {
         let lane = lane_id();
         let (gid, tig) = (lane / 4, lane % 4);
         let row =
             |tile: *const u8, r: u32| tile.wrapping_add((r * row_bytes) as usize) as *const f32;
-        let (q0, q1) = (row(q_tile, row0 + gid), row(q_tile, row0 + gid + 8));
-        let (k0, k1) = (row(k_tile, key0 + 2 * tig), row(k_tile, key0 + 2 * tig + 1));
-        let mut c = [0.0f32; 4];
-        for d in 0..opaque(D as u32) as usize {
-            // SAFETY: forwarded; d < D lies inside each staged row.
-            unsafe {
-                let (a0, a1, b0, b1) = (*q0.add(d), *q1.add(d), *k0.add(d), *k1.add(d));
-                c = [
-                    fma(a0, b0, c[0]),
-                    fma(a0, b1, c[1]),
-                    fma(a1, b0, c[2]),
-                    fma(a1, b1, c[3]),
-                ];
+        let mut c = [[[0.0f32; 4]; GROUP_NTILES]; 2];
+        for (m, c_m) in c.iter_mut().enumerate() {
+            if m as u32 >= row_tiles {
+                continue;
+            }
+            let first = row0 + 16 * m as u32 + gid;
+            let (q0, q1) = (row(q_tile, first), row(q_tile, first + 8));
+            for (nt, c_nt) in c_m.iter_mut().enumerate() {
+                let key = key0 + 8 * nt as u32 + 2 * tig;
+                let (k0, k1) = (row(k_tile, key), row(k_tile, key + 1));
+                for d in 0..opaque(D as u32) as usize {
+                    // SAFETY: forwarded; d < D lies inside each staged row.
+                    unsafe {
+                        let (a0, a1, b0, b1) = (*q0.add(d), *q1.add(d), *k0.add(d), *k1.add(d));
+                        *c_nt = [
+                            fma(a0, b0, c_nt[0]),
+                            fma(a0, b1, c_nt[1]),
+                            fma(a1, b0, c_nt[2]),
+                            fma(a1, b1, c_nt[3]),
+                        ];
+                    }
+                }
             }
         }
         c
@@ -206,106 +254,26 @@ unsafe fn seq_info(p: &AggregateParams, seq: u32) -> (u32, i32, i32) {
     }
 }
 
-/// Stages query rows `row_base..row_base + AGG_ROWS` of `(seq, kv_head)` (zero past `rows`).
+/// Stages query rows `row_base..row_base + count` of `(seq, kv_head)` (zero past `rows`).
 #[inline(always)]
 unsafe fn stage_queries<T: CacheElem>(
     p: &AggregateParams,
     q_tile: *mut u8,
     row_bytes: u32,
-    seq: u32,
-    kv_head: u32,
-    row_base: u32,
+    (seq, kv_head): (u32, u32),
+    (row_base, count): (u32, u32),
     rows: u32,
 ) {
     let group = p.cache.geometry.group_size.max(1);
     // SAFETY: valid rows address [num_seqs, window, Hq, D] of T (host-validated shape).
     unsafe {
-        stage_rows(q_tile, row_bytes, AGG_ROWS, |r| {
+        stage_rows(q_tile, row_bytes, count, |r| {
             let row = row_base + r;
             (row < rows).then(|| {
                 p.q + p.query_elem(seq, row / group, kv_head * group + row % group)
                     * T::BYTES as u64
             })
         })
-    }
-}
-
-/// The key tile's shared-memory arrays: rows, their global addresses (0: no key), positions.
-#[derive(Clone, Copy)]
-struct KeyTile {
-    rows: *mut u8,
-    addresses: *mut u64,
-    positions: *mut i32,
-}
-
-impl KeyTile {
-    /// The arrays in the dynamic shared memory at `base`, laid out by `smem`.
-    ///
-    /// # Safety
-    /// `base` is the start of dynamic shared memory of at least `smem.bytes` bytes.
-    #[inline(always)]
-    unsafe fn at(base: *mut u8, smem: &AggregateSmem) -> Self {
-        // SAFETY: offsets inside the reserved shared memory.
-        unsafe {
-            Self {
-                rows: base.add(smem.k_tile as usize),
-                addresses: base.add(smem.key_rows as usize) as *mut u64,
-                positions: base.add(smem.positions as usize) as *mut i32,
-            }
-        }
-    }
-}
-
-/// Stages keys `first..first + count` of a head slot (as i64: halo keys may be negative) and
-/// their positions; keys outside `0..len` become zero rows with position `NO_KEY`. First one
-/// thread per key finds its row and position (independent loads), then, after a barrier, the
-/// CTA copies the rows without waiting on any table.
-///
-/// # Safety
-/// Every thread calls it; the tile holds `count` keys; `head_slot`'s first `len` KVs are in
-/// validated pool blocks.
-#[inline(always)]
-unsafe fn stage_keys<T: CacheElem>(
-    p: &AggregateParams,
-    tile: KeyTile,
-    row_bytes: u32,
-    head_slot: u64,
-    (first, count): (i64, u32),
-    len: u32,
-) {
-    let geom = p.cache.geometry;
-    let table = p.cache.block_tables + geom.block_table_at(head_slot, 0) * 4;
-    let mut k = thread_idx_x();
-    while k < count {
-        let key = first + k as i64;
-        let (address, position) = if key < 0 || key >= len as i64 {
-            (0, NO_KEY)
-        } else {
-            let key = key as u32;
-            // SAFETY: key < len: its block is a validated pool block of the head slot.
-            unsafe {
-                let block = load_nc::<i32>(table, geom.logical_block(key) as u64) as u32;
-                let slot = geom.pool_slot(block, geom.slot_in_block(key));
-                (
-                    p.cache.k_pool + slot * geom.head_dim as u64 * T::BYTES as u64,
-                    load_nc::<i32>(p.cache.position, slot),
-                )
-            }
-        };
-        // SAFETY: k < count entries of each array.
-        unsafe {
-            *tile.addresses.add(k as usize) = address;
-            *tile.positions.add(k as usize) = position;
-        }
-        k += THREADS;
-    }
-    // SAFETY: all threads reach it; then the addresses are read, never written, by the copies.
-    unsafe {
-        sync_threads();
-        stage_rows(tile.rows, row_bytes, count, |k| {
-            let address = *tile.addresses.add(k as usize);
-            (address != 0).then_some(address)
-        });
     }
 }
 
@@ -318,6 +286,387 @@ fn row_position(row: u32, rows: u32, group: u32, window_len: u32, last: i32) -> 
     } else {
         i32::MIN
     }
+}
+
+/// The shared-memory key tiles of an aggregation CTA.
+#[derive(Clone, Copy)]
+struct KeyTiles {
+    rows: *mut u8,
+    positions: *mut i32,
+    block_ids: *mut i32,
+    tile_keys: u32,
+    row_bytes: u32,
+}
+
+impl KeyTiles {
+    /// The rows of stage `stage`.
+    #[inline(always)]
+    fn rows(&self, stage: u32) -> *mut u8 {
+        self.rows
+            .wrapping_add((stage * self.tile_keys * self.row_bytes) as usize)
+    }
+
+    /// The positions of stage `stage`.
+    #[inline(always)]
+    fn positions(&self, stage: u32) -> *mut i32 {
+        self.positions
+            .wrapping_add((stage * self.tile_keys) as usize)
+    }
+
+    /// The block ids of the keys of id slot `slot` (-1: no key).
+    #[inline(always)]
+    fn block_ids(&self, slot: u32) -> *mut i32 {
+        self.block_ids
+            .wrapping_add((slot * self.tile_keys) as usize)
+    }
+}
+
+/// An aggregation CTA's shared memory, carved as `aggregate_smem` says.
+#[derive(Clone, Copy)]
+struct Layout {
+    q_tile: *mut u8,
+    tiles: KeyTiles,
+    parts: *mut f32,
+    columns: *mut f32,
+    owned_ids: *mut i32,
+}
+
+impl Layout {
+    /// The map for cache type `T`, head dimension `D`, group size `group`.
+    ///
+    /// # Safety
+    /// The launch reserved `aggregate_smem(..).bytes` of dynamic shared memory.
+    #[inline(always)]
+    unsafe fn new<T: CacheElem, const D: usize>(group: u32, columns: bool) -> Self {
+        let smem = aggregate_smem(D as u32, T::BYTES, group, columns);
+        let base = dynamic_f32() as *mut u8;
+        let at = |offset: u32| base.wrapping_add(offset as usize);
+        Self {
+            q_tile: at(smem.q_tile),
+            tiles: KeyTiles {
+                rows: at(smem.k_tiles),
+                positions: at(smem.positions) as *mut i32,
+                block_ids: at(smem.block_ids) as *mut i32,
+                tile_keys: agg_tile_keys(D as u32, T::BYTES),
+                row_bytes: tile_row_bytes(D as u32, T::BYTES),
+            },
+            parts: at(smem.parts) as *mut f32,
+            columns: at(smem.columns) as *mut f32,
+            owned_ids: at(smem.owned_ids) as *mut i32,
+        }
+    }
+}
+
+/// Streams keys `kstart..kend` (all below the head slot's length) of `head_slot` through the
+/// key tiles, `AGG_STAGES` deep, and calls `consume(t, rows, positions)` for each tile `t`
+/// once it has landed and the CTA has synchronised (so every warp is also done with tile
+/// `t - 1`). Keys of the last tile past `kend` are zero rows with position `NO_KEY`.
+///
+/// Nothing waits on a global load: the block ids of tile `j` are copied (`cp.async`, one
+/// thread per key, into slot `j % AGG_ID_SLOTS`) with tile `j - 2`'s rows, so they have
+/// landed, and a barrier has passed, when tile `j`'s rows are issued two iterations later;
+/// the slot is rewritten only after the barrier that follows that issue. The `THREADS / tile_keys` threads of
+/// a key copy interleaved 16-byte chunks of its row, so that a warp reads whole sectors.
+///
+/// Its first barrier comes before any copy into the tiles, so the query rows they overlay
+/// (16-bit types) may be read until the call.
+///
+/// # Safety
+/// Every thread calls it with the same range; `head_slot`'s first `kend` KVs are in validated
+/// pool blocks; the caller synchronises before it reuses the tiles.
+#[inline(always)]
+unsafe fn stream_keys<T: CacheElem>(
+    p: &AggregateParams,
+    tiles: KeyTiles,
+    head_slot: u64,
+    (kstart, kend): (u32, u32),
+    mut consume: impl FnMut(u32, *const u8, *const i32),
+) {
+    let geom = p.cache.geometry;
+    let table = p.cache.block_tables + geom.block_table_at(head_slot, 0) * 4;
+    let ntiles = (kend - kstart).div_ceil(tiles.tile_keys);
+    if ntiles == 0 {
+        return; // uniform over the CTA
+    }
+    let thread = thread_idx_x();
+    let per_key = THREADS / tiles.tile_keys;
+    let (key_local, part) = (thread / per_key, thread % per_key);
+    let chunks = (tiles.row_bytes - VECTOR_BYTES) / VECTOR_BYTES / per_key;
+    let key_of = |t: u32, local: u32| kstart + t * tiles.tile_keys + local;
+    // Thread k < tile_keys copies the block id of key k of tile j (-1 past the range).
+    let fetch_ids = |j: u32| {
+        if thread < tiles.tile_keys {
+            let key = key_of(j, thread);
+            let id = tiles
+                .block_ids(j % AGG_ID_SLOTS)
+                .wrapping_add(thread as usize);
+            // SAFETY: thread < tile_keys; key < kend is inside the head slot's table.
+            unsafe {
+                if j < ntiles && key < kend {
+                    let entry = table + geom.logical_block(key) as u64 * 4;
+                    copy_async_word(shared_addr(id), entry);
+                } else {
+                    *id = -1;
+                }
+            }
+        }
+    };
+    let issue = |j: u32| {
+        let stage = j % AGG_STAGES;
+        // SAFETY: key_local < tile_keys; the id landed before the last barrier.
+        let block = unsafe {
+            *tiles
+                .block_ids(j % AGG_ID_SLOTS)
+                .wrapping_add(key_local as usize)
+        };
+        let dst = shared_addr(tiles.rows(stage)) + key_local * tiles.row_bytes;
+        let slot = (block >= 0)
+            .then(|| geom.pool_slot(block as u32, geom.slot_in_block(key_of(j, key_local))));
+        let src = slot.map(|s| p.cache.k_pool + s * (tiles.row_bytes - VECTOR_BYTES) as u64);
+        for c in 0..chunks {
+            let bytes = (c * per_key + part) * VECTOR_BYTES;
+            // SAFETY: inside this key's staged row; the source is its K row in the pool.
+            unsafe { copy_async_chunk(dst + bytes, src.map(|a| a + bytes as u64)) };
+        }
+        if part == 0 {
+            let position = tiles.positions(stage).wrapping_add(key_local as usize);
+            // SAFETY: key_local < tile_keys; the slot is a pool slot.
+            unsafe {
+                match slot {
+                    Some(s) => copy_async_word(shared_addr(position), p.cache.position + s * 4),
+                    None => *position = NO_KEY,
+                }
+            }
+        }
+    };
+    // The ids of tiles 0 and 1, then tiles 0 and 1 with the ids of tiles 2 and 3.
+    fetch_ids(0);
+    fetch_ids(1);
+    // SAFETY: all threads reach the barrier; the ids are visible after it.
+    unsafe {
+        commit_async_copies();
+        wait_async_copies();
+        sync_threads();
+    }
+    for j in 0..AGG_STAGES - 1 {
+        if j < ntiles {
+            issue(j);
+        }
+        fetch_ids(j + 2);
+        // SAFETY: closes this thread's group.
+        unsafe { commit_async_copies() };
+    }
+    let mut t = 0;
+    while t < ntiles {
+        // SAFETY: all threads reach the barrier (same ntiles); after it, tile t and the ids
+        // of tile t + 2 have landed for every thread, and no warp reads tile t - 1's stage or
+        // the ids of tile t, which the next copies overwrite.
+        unsafe {
+            wait_async_copies_but_last();
+            sync_threads();
+        }
+        let next = t + AGG_STAGES - 1;
+        if next < ntiles {
+            issue(next);
+            fetch_ids(next + 2);
+        }
+        // SAFETY: closes this thread's group (possibly empty).
+        unsafe { commit_async_copies() };
+        let stage = t % AGG_STAGES;
+        consume(t, tiles.rows(stage), tiles.positions(stage));
+        t += 1;
+    }
+    // SAFETY: only empty groups remain.
+    unsafe { wait_async_copies() };
+}
+
+/// Positions of a lane's columns (`2 tig`, `2 tig + 1` of each n-tile) of the group at `key0`.
+///
+/// # Safety
+/// `positions` holds the staged tile's positions; `key0 + 32` keys are inside it.
+#[inline(always)]
+unsafe fn group_positions(positions: *const i32, key0: u32) -> GroupPositions {
+    let tig = lane_id() % 4;
+    let mut pos = [[0i32; 2]; GROUP_NTILES];
+    for (nt, pair) in pos.iter_mut().enumerate() {
+        let key = (key0 + 8 * nt as u32 + 2 * tig) as usize;
+        // SAFETY: inside the staged tile, as the caller promised.
+        *pair = unsafe { [*positions.add(key), *positions.add(key + 1)] };
+    }
+    pos
+}
+
+/// What the rows of a warp see of a group of keys.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// Every row every key: no masks.
+    All,
+    /// Some: masks per score.
+    Part,
+    /// No row any key: the group is skipped (its masked scores would add nothing).
+    Nothing,
+}
+
+/// What the warp's rows see of the group whose positions (this lane's columns) are `pos`,
+/// given the least and the most position this lane's rows see.
+///
+/// # Safety
+/// The warp is converged.
+#[inline(always)]
+unsafe fn group_seen(pos: &GroupPositions, (least, most): (i32, i32)) -> Seen {
+    let (mut all, mut any) = (true, false);
+    for pair in pos {
+        for &position in pair {
+            all &= position <= least;
+            any |= position <= most;
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if ballot(all) == u32::MAX {
+            Seen::All
+        } else if ballot(any) == 0 {
+            Seen::Nothing
+        } else {
+            Seen::Part
+        }
+    }
+}
+
+/// The first row of this warp in a chunk: warps take `row_tiles` 16-row tiles each.
+#[inline(always)]
+fn warp_row0(row_tiles: u32) -> u32 {
+    warp_id() * 16 * row_tiles
+}
+
+/// The rows of this lane in a chunk: `[row tile][half]`, `row0 + 16 m + 8 half + gid`.
+#[inline(always)]
+fn lane_rows(row0: u32) -> [[u32; 2]; 2] {
+    let gid = lane_id() / 4;
+    [
+        [row0 + gid, row0 + gid + 8],
+        [row0 + 16 + gid, row0 + 24 + gid],
+    ]
+}
+
+/// A warp's query rows in one chunk, held as A fragments, and the tiles it multiplies them with.
+struct WarpRows {
+    a: [[u32; MAX_A]; 2],
+    row_tiles: u32,
+    row0: u32,
+    q_tile: *const u8,
+    row_bytes: u32,
+}
+
+impl WarpRows {
+    /// Stages query rows `row_base..row_base + agg_rows` of `(seq, kv_head)` (zero past
+    /// `rows`) and returns this warp's, its A fragments loaded.
+    ///
+    /// # Safety
+    /// Every thread calls it; nothing reads the query rows' shared memory (or the key tiles
+    /// over it) meanwhile.
+    #[inline(always)]
+    unsafe fn stage<T: QkTile, const D: usize>(
+        p: &AggregateParams,
+        smem: &Layout,
+        (seq, kv_head): (u32, u32),
+        row_base: u32,
+        rows: u32,
+    ) -> Self {
+        let row_tiles = agg_row_tiles(D as u32, T::BYTES);
+        let row0 = warp_row0(row_tiles);
+        let row_bytes = smem.tiles.row_bytes;
+        let chunk_rows = agg_rows(D as u32, T::BYTES);
+        // SAFETY: all threads take part; rows past the window are zero.
+        unsafe {
+            stage_queries::<T>(
+                p,
+                smem.q_tile,
+                row_bytes,
+                (seq, kv_head),
+                (row_base, chunk_rows),
+                rows,
+            );
+            sync_threads();
+        }
+        let mut a = [[0u32; MAX_A]; 2];
+        for (m, a_m) in a.iter_mut().enumerate() {
+            if (m as u32) < row_tiles {
+                // SAFETY: the rows are staged; the warp is converged.
+                *a_m = unsafe { T::load_a::<D>(smem.q_tile, row_bytes, row0 + 16 * m as u32) };
+            }
+        }
+        Self {
+            a,
+            row_tiles,
+            row0,
+            q_tile: smem.q_tile,
+            row_bytes,
+        }
+    }
+
+    /// Calls `f(grp, c, pos, seen)` for each 32-key group `grp` of the staged tile whose first
+    /// key `first + 32 grp` is below `end` and which some row of the warp sees (`bounds`: the
+    /// least and the most position this lane's rows see): its C fragments, this lane's
+    /// positions of it and what the warp sees of it.
+    ///
+    /// # Safety
+    /// `tile` and `positions` are a staged key tile of `tile_keys` keys; the warp is converged.
+    #[inline(always)]
+    unsafe fn each_group<T: QkTile, const D: usize>(
+        &self,
+        (tile, positions, tile_keys): (*const u8, *const i32, u32),
+        (first, end): (u32, u32),
+        bounds: (i32, i32),
+        mut f: impl FnMut(usize, &Group, &GroupPositions, Seen),
+    ) {
+        for grp in 0..tile_keys / AGG_GROUP_KEYS {
+            let key0 = grp * AGG_GROUP_KEYS;
+            if first + key0 >= end {
+                continue; // past the range (uniform over the CTA)
+            }
+            // SAFETY: the tile is staged.
+            let pos = unsafe { group_positions(positions, key0) };
+            // SAFETY: the warp is converged.
+            let seen = unsafe { group_seen(&pos, bounds) };
+            if seen == Seen::Nothing {
+                continue; // uniform over the warp
+            }
+            // SAFETY: the tile is staged; the warp is converged.
+            let c = unsafe {
+                T::qk_group::<D>(
+                    &self.a,
+                    self.row_tiles,
+                    self.q_tile,
+                    tile,
+                    self.row_bytes,
+                    self.row0,
+                    key0,
+                )
+            };
+            f(grp as usize, &c, &pos, seen);
+        }
+    }
+}
+
+/// `f(0) op f(1) op ... op f(7)` (a lane's 8 columns of a group) combined by pairs, so that
+/// the dependency chain is 3 deep rather than 7.
+#[inline(always)]
+fn pairwise(f: impl Fn(usize) -> f32, op: impl Fn(f32, f32) -> f32) -> f32 {
+    let quad = |k: usize| op(op(f(k), f(k + 1)), op(f(k + 2), f(k + 3)));
+    op(quad(0), quad(4))
+}
+
+/// `(max, sum)` of two partial softmax sums in the log2 domain (`max` `-inf`: empty).
+#[inline(always)]
+fn merge_stats((max, sum): (f32, f32), (m, l): (f32, f32)) -> (f32, f32) {
+    let new_max = fmax(max, m);
+    let base = if new_max == f32::NEG_INFINITY {
+        0.0
+    } else {
+        new_max
+    };
+    (new_max, fma(sum, exp2(max - base), l * exp2(m - base)))
 }
 
 /// Pass 1 body for cache type `T` and head dimension `D`.
@@ -334,108 +683,132 @@ pub unsafe fn window_stats_body<T: CacheElem + QkTile, const D: usize>(p: &Aggre
     // SAFETY: seq < num_seqs (grid).
     let (window_len, last, _) = unsafe { seq_info(p, seq) };
     let rows = window_len * group;
-    let row_base = chunk * AGG_ROWS;
+    let chunk_rows = agg_rows(D as u32, T::BYTES);
+    let row_tiles = agg_row_tiles(D as u32, T::BYTES);
+    let row_base = chunk * chunk_rows;
     if row_base >= rows {
         return; // uniform over the CTA: no barrier is skipped by part of it
     }
     let head_slot = geom.head_slot(seq, p.layer_idx, kv_head);
     // SAFETY: head_slot is in range (grid and validated layer).
     let len = unsafe { load::<i32>(p.cache.context_lens, head_slot) } as u32;
-    let key_lo = split * p.split_kvs;
+    let key_lo = (split * p.split_kvs).min(len);
     let key_hi = len.min(key_lo + p.split_kvs);
 
-    let smem = aggregate_smem(D as u32, T::BYTES, group, STATS_TILE_KEYS, false);
-    let row_bytes = tile_row_bytes(D as u32, T::BYTES);
-    let base = dynamic_f32() as *mut u8;
-    // SAFETY: offsets from aggregate_smem, whose size the launch reserved.
-    let (q_tile, keys) = unsafe { (base.add(smem.q_tile as usize), KeyTile::at(base, &smem)) };
-    let (lane, warp) = (lane_id(), warp_id());
-    let (gid, tig) = (lane / 4, lane % 4);
-    let row0 = warp * 16;
-
-    // SAFETY: all threads take part; rows past the window are zero.
-    unsafe {
-        stage_queries::<T>(p, q_tile, row_bytes, seq, kv_head, row_base, rows);
-        sync_threads();
+    // SAFETY: the launch reserved the stats map.
+    let smem = unsafe { Layout::new::<T, D>(group, false) };
+    let tig = lane_id() % 4;
+    let row0 = warp_row0(row_tiles);
+    let my_rows = lane_rows(row_base + row0);
+    let seen = my_rows.map(|half| half.map(|r| row_position(r, rows, group, window_len, last)));
+    // The least and the most position this lane's rows see.
+    let mut bounds = (i32::MAX, i32::MIN);
+    for (m, half) in my_rows.iter().enumerate() {
+        for (i, &row) in half.iter().enumerate() {
+            if (m as u32) < row_tiles && row < rows {
+                bounds = (bounds.0.min(seen[m][i]), bounds.1.max(seen[m][i]));
+            }
+        }
     }
-    // SAFETY: the rows are staged; the warp is converged.
-    let a = unsafe { T::load_a::<D>(q_tile, row_bytes, row0) };
-    let my_rows = [row_base + row0 + gid, row_base + row0 + gid + 8];
-    let seen = my_rows.map(|r| row_position(r, rows, group, window_len, last));
-    let mut max = [f32::NEG_INFINITY; 2];
-    let mut sum = [0.0f32; 2];
+    let active = row_base + row0 < rows;
+    // SAFETY: all threads take part.
+    let warp_rows = unsafe { WarpRows::stage::<T, D>(p, &smem, (seq, kv_head), row_base, rows) };
+    let mut stats = [[(f32::NEG_INFINITY, 0.0f32); 2]; 2];
+    let tile_keys = smem.tiles.tile_keys;
 
-    let mut tile_start = key_lo;
-    while tile_start < key_hi {
-        // SAFETY: all threads take part; the barriers separate reuse of the key tile.
-        unsafe {
-            sync_threads();
-            stage_keys::<T>(
-                p,
-                keys,
-                row_bytes,
-                head_slot,
-                (tile_start as i64, STATS_TILE_KEYS),
-                key_hi,
-            );
-            sync_threads();
+    let consume = |t, tile, positions| {
+        if !active {
+            return; // uniform over the warp
         }
-        let mut score = [[0.0f32; 4]; STATS_NTILES];
-        for (nt, s) in score.iter_mut().enumerate() {
-            // SAFETY: the key tile is staged.
-            let c = unsafe { T::qk::<D>(&a, q_tile, keys.rows, row_bytes, row0, nt as u32 * 8) };
-            for e in 0..4 {
-                let key = nt as u32 * 8 + 2 * tig + (e as u32 & 1);
-                // SAFETY: key < STATS_TILE_KEYS staged positions.
-                let position = unsafe { *keys.positions.add(key as usize) };
-                s[e] = if position <= seen[e / 2] {
-                    c[e] * p.scale_log2
-                } else {
-                    f32::NEG_INFINITY
-                };
-            }
-        }
-        for r in 0..2 {
-            let mut tile_max = f32::NEG_INFINITY;
-            for s in &score {
-                tile_max = fmax(tile_max, fmax(s[2 * r], s[2 * r + 1]));
-            }
-            // SAFETY: the whole warp runs these shuffles.
-            unsafe {
-                tile_max = fmax(tile_max, shfl_xor(tile_max, 1));
-                tile_max = fmax(tile_max, shfl_xor(tile_max, 2));
-            }
-            let new_max = fmax(max[r], tile_max);
-            let base = if new_max == f32::NEG_INFINITY {
-                0.0
-            } else {
-                new_max
+        let range = (key_lo + t * tile_keys, key_hi);
+        let fold_group = |_, c: &Group, pos: &GroupPositions, seen_keys| {
+            // Each row's scores in the log2 domain folded into its (max, sum), with masks;
+            // `masked` is a constant in each of the two copies below.
+            let mut fold = |masked: bool| {
+                for m in 0..2 {
+                    if m as u32 >= row_tiles {
+                        continue;
+                    }
+                    for i in 0..2 {
+                        let mut x = [0.0f32; 2 * GROUP_NTILES];
+                        let mut tile_max = f32::NEG_INFINITY;
+                        for nt in 0..GROUP_NTILES {
+                            for j in 0..2 {
+                                let v = c[m][nt][2 * i + j] * p.scale_log2;
+                                x[2 * nt + j] = if masked && pos[nt][j] > seen[m][i] {
+                                    f32::NEG_INFINITY
+                                } else {
+                                    v
+                                };
+                                tile_max = fmax(tile_max, x[2 * nt + j]);
+                            }
+                        }
+                        let (max, sum) = stats[m][i];
+                        let new_max = fmax(max, tile_max);
+                        // Unmasked, every score is finite: so is the new max.
+                        let base = if masked && new_max == f32::NEG_INFINITY {
+                            0.0
+                        } else {
+                            new_max
+                        };
+                        let mut total = sum * exp2(max - base);
+                        for k in 0..2 * GROUP_NTILES {
+                            total += exp2(x[k] - base);
+                        }
+                        stats[m][i] = (new_max, total);
+                    }
+                }
             };
-            let mut total = sum[r] * exp2(max[r] - base);
-            for s in &score {
-                total += exp2(s[2 * r] - base) + exp2(s[2 * r + 1] - base);
+            let visible = seen_keys == Seen::All;
+            if visible && p.scale_log2 >= 0.0 {
+                // Every score visible and the scale not negative: the max of the scaled
+                // scores is the scaled max of the raw ones (rounding is monotonic), and each
+                // exponent is one FMA; maxima and sums by pairs (short dependency chains).
+                for m in 0..2 {
+                    if m as u32 >= row_tiles {
+                        continue;
+                    }
+                    for i in 0..2 {
+                        let raw = |k: usize| c[m][k / 2][2 * i + k % 2];
+                        let (max, sum) = stats[m][i];
+                        let new_max = fmax(max, p.scale_log2 * pairwise(raw, fmax));
+                        let term = |k: usize| exp2(fma(raw(k), p.scale_log2, -new_max));
+                        let total = fma(sum, exp2(max - new_max), pairwise(term, |a, b| a + b));
+                        stats[m][i] = (new_max, total);
+                    }
+                }
+            } else {
+                fold(!visible);
             }
-            max[r] = new_max;
-            sum[r] = total;
-        }
-        tile_start += STATS_TILE_KEYS;
-    }
-    for r in 0..2 {
-        // SAFETY: the whole warp runs these shuffles.
+        };
+        // SAFETY: the tile is staged; the warp is converged.
         unsafe {
-            sum[r] += shfl_xor(sum[r], 1);
-            sum[r] += shfl_xor(sum[r], 2);
-        }
-        let row = my_rows[r];
-        if tig == 0 && row < rows {
-            // SAFETY: the workspace holds stats and partials for every row (plan).
-            unsafe {
-                if splits == 1 {
-                    write_stats(p, p.stats_row(seq, kv_head, row), max[r], sum[r]);
-                } else {
-                    let at = p.partial_row(seq, kv_head, row, split) * 2;
-                    store::<f32>(p.partials, at, max[r]);
-                    store::<f32>(p.partials, at + 1, sum[r]);
+            warp_rows.each_group::<T, D>((tile, positions, tile_keys), range, bounds, fold_group)
+        };
+    };
+    // SAFETY: all threads take part with the same range.
+    unsafe { stream_keys::<T>(p, smem.tiles, head_slot, (key_lo, key_hi), consume) };
+    for (m, half) in my_rows.iter().enumerate() {
+        for (i, &row) in half.iter().enumerate() {
+            // Over the row's four lanes (tig).
+            let mut s = stats[m][i];
+            let mut mask = 1;
+            while mask < 4 {
+                // SAFETY: the whole warp runs these shuffles.
+                let other = unsafe { (shfl_xor(s.0, mask), shfl_xor(s.1, mask)) };
+                s = merge_stats(s, other);
+                mask *= 2;
+            }
+            if tig == 0 && (m as u32) < row_tiles && row < rows {
+                // SAFETY: the workspace holds stats and partials for every row (plan).
+                unsafe {
+                    if splits == 1 {
+                        write_stats(p, p.stats_row(seq, kv_head, row), s);
+                    } else {
+                        let at = p.partial_row(seq, kv_head, row, split) * 2;
+                        store::<f32>(p.partials, at, s.0);
+                        store::<f32>(p.partials, at + 1, s.1);
+                    }
                 }
             }
         }
@@ -444,7 +817,7 @@ pub unsafe fn window_stats_body<T: CacheElem + QkTile, const D: usize>(p: &Aggre
 
 /// Writes a row's final (max, 1/sum), or (0, 0) for a row that saw no key.
 #[inline(always)]
-unsafe fn write_stats(p: &AggregateParams, stats_row: u64, max: f32, sum: f32) {
+unsafe fn write_stats(p: &AggregateParams, stats_row: u64, (max, sum): (f32, f32)) {
     let max = if max == f32::NEG_INFINITY { 0.0 } else { max };
     let inv_sum = if sum > 0.0 { 1.0 / sum } else { 0.0 };
     // SAFETY: forwarded from the caller.
@@ -468,40 +841,25 @@ pub unsafe fn window_stats_merge_body(p: &AggregateParams) {
     if row >= window_len * p.cache.geometry.group_size {
         return; // uniform over the warp
     }
-    let mut max = f32::NEG_INFINITY;
-    let mut sum = 0.0f32;
+    let mut s = (f32::NEG_INFINITY, 0.0f32);
     let mut split = lane;
     while split < p.key_splits {
         let at = p.partial_row(seq, kv_head, row, split) * 2;
         // SAFETY: pass 1 wrote every split of this row.
-        let (m, l) = unsafe { (load::<f32>(p.partials, at), load::<f32>(p.partials, at + 1)) };
-        let new_max = fmax(max, m);
-        let base = if new_max == f32::NEG_INFINITY {
-            0.0
-        } else {
-            new_max
-        };
-        sum = fma(sum, exp2(max - base), l * exp2(m - base));
-        max = new_max;
+        let partial = unsafe { (load::<f32>(p.partials, at), load::<f32>(p.partials, at + 1)) };
+        s = merge_stats(s, partial);
         split += WARP_SIZE;
     }
     let mut mask = 1;
     while mask < WARP_SIZE {
         // SAFETY: the whole warp runs these shuffles.
-        let (m, l) = unsafe { (shfl_xor(max, mask), shfl_xor(sum, mask)) };
-        let new_max = fmax(max, m);
-        let base = if new_max == f32::NEG_INFINITY {
-            0.0
-        } else {
-            new_max
-        };
-        sum = fma(sum, exp2(max - base), l * exp2(m - base));
-        max = new_max;
+        let other = unsafe { (shfl_xor(s.0, mask), shfl_xor(s.1, mask)) };
+        s = merge_stats(s, other);
         mask *= 2;
     }
     if lane == 0 {
         // SAFETY: stats holds a row for every (seq, kv_head, row).
-        unsafe { write_stats(p, p.stats_row(seq, kv_head, row), max, sum) };
+        unsafe { write_stats(p, p.stats_row(seq, kv_head, row), s) };
     }
 }
 
@@ -513,142 +871,226 @@ pub unsafe fn window_stats_merge_body(p: &AggregateParams) {
 pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &AggregateParams) {
     let geom = p.cache.geometry;
     let group = geom.group_size.max(1);
-    let (tile, kv_head, seq) = (block_idx_x(), block_idx_y(), block_idx_z());
+    let (range, kv_head, seq) = (block_idx_x(), block_idx_y(), block_idx_z());
     // SAFETY: seq < num_seqs (grid).
     let (window_len, last, skip) = unsafe { seq_info(p, seq) };
     let head_slot = geom.head_slot(seq, p.layer_idx, kv_head);
     // SAFETY: head_slot is in range.
     let len = unsafe { load::<i32>(p.cache.context_lens, head_slot) } as u32;
-    let owned = tile * SCORE_KEYS;
+    let owned = range * p.score_kvs;
     if window_len == 0 || owned >= len {
         return; // uniform over the CTA
     }
+    let owned_end = len.min(owned + p.score_kvs);
+    // Column c of the CTA holds key `owned - SCORE_HALO + c`; the keys scored are the owned
+    // ones and their halo inside the head slot.
+    let (kstart, kend) = (
+        owned.saturating_sub(SCORE_HALO),
+        len.min(owned_end + SCORE_HALO),
+    );
+    let first_column = kstart + SCORE_HALO - owned;
+    let width = SCORE_COLUMNS;
     let rows = window_len * group;
+    let chunk_rows = agg_rows(D as u32, T::BYTES);
+    let row_tiles = agg_row_tiles(D as u32, T::BYTES);
 
-    let smem = aggregate_smem(D as u32, T::BYTES, group, SCORE_TILE_KEYS, true);
-    let row_bytes = tile_row_bytes(D as u32, T::BYTES);
-    let base = dynamic_f32() as *mut u8;
-    // SAFETY: offsets from aggregate_smem, whose size the launch reserved.
-    let (q_tile, keys, columns) = unsafe {
-        (
-            base.add(smem.q_tile as usize),
-            KeyTile::at(base, &smem),
-            base.add(smem.columns as usize) as *mut f32,
-        )
-    };
+    // SAFETY: the launch reserved the scores map.
+    let smem = unsafe { Layout::new::<T, D>(group, true) };
+    let tile_keys = smem.tiles.tile_keys;
     let (lane, warp, thread) = (lane_id(), warp_id(), thread_idx_x());
     let (gid, tig) = (lane / 4, lane % 4);
-    let row0 = warp * 16;
-    let first = owned as i64 - SCORE_HALO as i64;
+    let row0 = warp_row0(row_tiles);
+    let l2 = p.record == record::L2;
+    // a^2 = 2^(2 (s - max)) / sum^2 (L2), a = 2^(s - max) / sum (L1).
+    let power = if l2 { 2.0 } else { 1.0 };
+    let mul = power * p.scale_log2;
 
-    // SAFETY: all threads take part.
-    unsafe { stage_keys::<T>(p, keys, row_bytes, head_slot, (first, SCORE_TILE_KEYS), len) };
-    let mut acc = [[0.0f32; 2]; SCORE_NTILES];
+    let mut item = thread;
+    while item < group * width {
+        // SAFETY: inside the columns map.
+        unsafe { *smem.columns.add(item as usize) = 0.0 };
+        item += THREADS;
+    }
+    // The block ids of the owned keys, for the metric update at the end: copied now, landed
+    // (and visible) after the first query staging's wait and barrier.
+    let table = p.cache.block_tables + geom.block_table_at(head_slot, 0) * 4;
+    let mut k = thread;
+    while owned + k < owned_end {
+        let entry = table + geom.logical_block(owned + k) as u64 * 4;
+        // SAFETY: k < score_kvs <= MAX_SCORE_KEYS ids; owned + k < len is in the table.
+        unsafe { copy_async_word(shared_addr(smem.owned_ids.wrapping_add(k as usize)), entry) };
+        k += THREADS;
+    }
+    // SAFETY: closes this thread's group.
+    unsafe { commit_async_copies() };
+    // Sums the warps' parts of tile `t` into the columns, in warp order.
+    let reduce = |t: u32| {
+        let parts = smem
+            .parts
+            .wrapping_add(((t % 2) * AGG_WARPS * group * tile_keys) as usize);
+        let mut item = thread;
+        while item < group * tile_keys {
+            let (g, key) = (item / tile_keys, item % tile_keys);
+            let mut total = 0.0f32;
+            for w in 0..AGG_WARPS {
+                // SAFETY: inside the parts map.
+                total += unsafe { *parts.add(((w * group + g) * tile_keys + key) as usize) };
+            }
+            // Keys past the range add zero (masked) to columns no pooling reads.
+            let column = g * width + first_column + t * tile_keys + key;
+            // SAFETY: column < SCORE_COLUMNS (whole tiles of the range, plan); only this
+            // thread touches it between barriers.
+            unsafe { *smem.columns.add(column as usize) += total };
+            item += THREADS;
+        }
+    };
+
     let mut row_base = 0;
     while row_base < rows {
-        // SAFETY: all threads take part; barriers separate reuse of the query tile.
-        unsafe {
-            sync_threads();
-            stage_queries::<T>(p, q_tile, row_bytes, seq, kv_head, row_base, rows);
-            sync_threads();
-        }
-        // SAFETY: the rows are staged; the warp is converged.
-        let a = unsafe { T::load_a::<D>(q_tile, row_bytes, row0) };
-        let my_rows = [row_base + row0 + gid, row_base + row0 + gid + 8];
-        let mut counted_to = [i32::MIN; 2];
-        let mut stats = [(0.0f32, 0.0f32); 2];
-        for r in 0..2 {
-            if my_rows[r] < rows {
-                counted_to[r] =
-                    row_position(my_rows[r], rows, group, window_len, last).saturating_sub(skip);
-                let at = p.stats_row(seq, kv_head, my_rows[r]) * 2;
-                // SAFETY: pass 1 wrote stats for every row of the window.
-                stats[r] = unsafe { (load::<f32>(p.stats, at), load::<f32>(p.stats, at + 1)) };
-            }
-        }
-        for (nt, acc_nt) in acc.iter_mut().enumerate() {
-            // SAFETY: the key tile is staged.
-            let c = unsafe { T::qk::<D>(&a, q_tile, keys.rows, row_bytes, row0, nt as u32 * 8) };
-            for e in 0..4 {
-                let key = nt as u32 * 8 + 2 * tig + (e as u32 & 1);
-                let r = e / 2;
-                // SAFETY: key < SCORE_TILE_KEYS staged positions.
-                let position = unsafe { *keys.positions.add(key as usize) };
-                if position <= counted_to[r] {
-                    let a = exp2(c[e] * p.scale_log2 - stats[r].0) * stats[r].1;
-                    acc_nt[e & 1] += if p.record == record::L2 { a * a } else { a };
+        let my_rows = lane_rows(row_base + row0);
+        let mut counted = [[i32::MIN; 2]; 2];
+        let mut sub = [[0.0f32; 2]; 2];
+        let mut inv = [[0.0f32; 2]; 2];
+        // The least and the most position this lane's rows count.
+        let mut bounds = (i32::MAX, i32::MIN);
+        for (m, half) in my_rows.iter().enumerate() {
+            for (i, &row) in half.iter().enumerate() {
+                if (m as u32) < row_tiles && row < rows {
+                    counted[m][i] =
+                        row_position(row, rows, group, window_len, last).saturating_sub(skip);
+                    bounds = (bounds.0.min(counted[m][i]), bounds.1.max(counted[m][i]));
+                    let at = p.stats_row(seq, kv_head, row) * 2;
+                    // SAFETY: pass 1 wrote stats for every row of the window.
+                    let (max, inv_sum) =
+                        unsafe { (load::<f32>(p.stats, at), load::<f32>(p.stats, at + 1)) };
+                    sub[m][i] = power * max;
+                    inv[m][i] = if l2 { inv_sum * inv_sum } else { inv_sum };
                 }
             }
         }
-        row_base += AGG_ROWS;
-    }
-
-    // A thread's rows belong to query head gid % G: sum over the lanes of the same head.
-    let mut mask = 4 * group;
-    while mask < WARP_SIZE {
-        for acc_nt in acc.iter_mut() {
-            for v in acc_nt.iter_mut() {
-                // SAFETY: the whole warp runs these shuffles.
-                *v += unsafe { shfl_xor(*v, mask) };
+        let active = row_base + row0 < rows;
+        // SAFETY: all threads take part; the barrier before staging ends every read of the
+        // previous chunk's tiles and parts.
+        let warp_rows = unsafe {
+            sync_threads();
+            WarpRows::stage::<T, D>(p, &smem, (seq, kv_head), row_base, rows)
+        };
+        let mut tiles = 0;
+        let consume = |t, tile, positions| {
+            if t > 0 {
+                reduce(t - 1);
             }
-        }
-        mask *= 2;
-    }
-    let column = |w: u32, g: u32, key: u32| ((w * group + g) * SCORE_TILE_KEYS + key) as usize;
-    // The column sums go over the tiles: every warp must be done with them.
-    // SAFETY: all threads reach it.
-    unsafe { sync_threads() };
-    if gid < group {
-        for (nt, acc_nt) in acc.iter().enumerate() {
-            for (c, v) in acc_nt.iter().enumerate() {
-                let key = nt as u32 * 8 + 2 * tig + c as u32;
-                // SAFETY: inside the columns map (warp < AGG_WARPS, gid < G, key < tile).
-                unsafe { *columns.add(column(warp, gid, key)) = *v };
+            tiles = t + 1;
+            let mut acc = [[0.0f32; 2]; MAX_TILE_NTILES];
+            if active {
+                let sum_group = |grp: usize, c: &Group, pos: &GroupPositions, seen_keys| {
+                    // `masked` is a constant in each of the two copies below.
+                    let mut fold = |masked: bool| {
+                        for m in 0..2 {
+                            if m as u32 >= row_tiles {
+                                continue;
+                            }
+                            for nt in 0..GROUP_NTILES {
+                                for e in 0..4 {
+                                    let (i, j) = (e / 2, e % 2);
+                                    let v = exp2(fma(c[m][nt][e], mul, -sub[m][i]));
+                                    let acc_e = &mut acc[grp * GROUP_NTILES + nt][j];
+                                    if !masked || pos[nt][j] <= counted[m][i] {
+                                        *acc_e = fma(v, inv[m][i], *acc_e);
+                                    }
+                                }
+                            }
+                        }
+                    };
+                    if seen_keys == Seen::All {
+                        fold(false);
+                    } else {
+                        fold(true);
+                    }
+                };
+                // SAFETY: the tile is staged; the warp is converged.
+                unsafe {
+                    warp_rows.each_group::<T, D>(
+                        (tile, positions, tile_keys),
+                        (kstart + t * tile_keys, kend),
+                        bounds,
+                        sum_group,
+                    )
+                };
             }
-        }
-    }
-    // SAFETY: all threads reach it.
-    unsafe { sync_threads() };
-    let mut item = thread;
-    while item < group * SCORE_TILE_KEYS {
-        let (g, key) = (item / SCORE_TILE_KEYS, item % SCORE_TILE_KEYS);
-        let mut total = 0.0f32;
-        for w in 0..AGG_WARPS {
-            // SAFETY: inside the columns map.
-            total += unsafe { *columns.add(column(w, g, key)) };
-        }
-        // SAFETY: only this thread touches this column of warp 0 here.
-        unsafe { *columns.add(column(0, g, key)) = total };
-        item += THREADS;
-    }
-    // SAFETY: all threads reach it.
-    unsafe { sync_threads() };
-
-    let table = p.cache.block_tables + geom.block_table_at(head_slot, 0) * 4;
-    let mut k = thread;
-    while k < SCORE_KEYS && owned + k < len {
-        let local = SCORE_HALO + k;
-        let mut value = 0.0f32;
-        for g in 0..group {
-            let mut pooled = 0.0f32;
-            for d in local - p.pool_half..=local + p.pool_half {
-                // SAFETY: pool_half <= SCORE_HALO keeps d inside the tile.
-                pooled = fmax(pooled, unsafe { *columns.add(column(0, g, d)) });
+            // A thread's rows belong to query head gid % G: sum over the lanes of that
+            // head, then lanes gid < G write their head's part.
+            let mut mask = 4 * group;
+            while mask < WARP_SIZE {
+                for acc_nt in acc.iter_mut() {
+                    for v in acc_nt.iter_mut() {
+                        // SAFETY: the whole warp runs these shuffles.
+                        *v += unsafe { shfl_xor(*v, mask) };
+                    }
+                }
+                mask *= 2;
             }
-            value += pooled;
-        }
-        let key = owned + k;
-        // SAFETY: key < len: its block is a validated pool block; only this thread touches its
-        // metric.
+            if gid < group {
+                let parts = smem.parts.wrapping_add(
+                    ((((t % 2) * AGG_WARPS + warp) * group + gid) * tile_keys) as usize,
+                );
+                for nt in 0..(tile_keys / 8) as usize {
+                    for j in 0..2 {
+                        let key = 8 * nt + 2 * tig as usize + j;
+                        // SAFETY: inside this warp's part of the parts map.
+                        unsafe { *parts.add(key) = acc[nt][j] };
+                    }
+                }
+            }
+        };
+        // SAFETY: all threads take part with the same range; the barrier after it ends every
+        // warp's writes of the last tile's parts.
         unsafe {
-            let block = load_nc::<i32>(table, geom.logical_block(key) as u64) as u32;
-            let slot = geom.pool_slot(block, geom.slot_in_block(key));
-            store::<f32>(
-                p.cache.metric,
-                slot,
-                load::<f32>(p.cache.metric, slot) + value,
-            );
+            stream_keys::<T>(p, smem.tiles, head_slot, (kstart, kend), consume);
+            sync_threads();
         }
-        k += THREADS;
+        if tiles > 0 {
+            reduce(tiles - 1);
+        }
+        row_base += chunk_rows;
+    }
+    // SAFETY: all threads reach it; the columns are complete after it.
+    unsafe { sync_threads() };
+
+    // Owned key `thread + i * THREADS` of this thread: all its metric loads first (one round
+    // trip), then the pooled group sums added.
+    let mut slots = [0u64; OWNED_PER_THREAD];
+    let mut metric = [0.0f32; OWNED_PER_THREAD];
+    for i in 0..OWNED_PER_THREAD {
+        let k = thread + i as u32 * THREADS;
+        if owned + k < owned_end {
+            // SAFETY: k < score_kvs ids, landed; the block is a validated pool block.
+            unsafe {
+                let block = *smem.owned_ids.add(k as usize) as u32;
+                slots[i] = geom.pool_slot(block, geom.slot_in_block(owned + k));
+                metric[i] = load::<f32>(p.cache.metric, slots[i]);
+            }
+        }
+    }
+    for i in 0..OWNED_PER_THREAD {
+        let k = thread + i as u32 * THREADS;
+        if owned + k < owned_end {
+            let local = SCORE_HALO + k;
+            let mut value = 0.0f32;
+            for g in 0..group {
+                let mut pooled = 0.0f32;
+                let mut d = local - p.pool_half;
+                while d <= local + p.pool_half {
+                    // SAFETY: pool_half <= SCORE_HALO keeps d inside the columns.
+                    pooled = fmax(pooled, unsafe {
+                        *smem.columns.add((g * width + d) as usize)
+                    });
+                    d += 1;
+                }
+                value += pooled;
+            }
+            // SAFETY: only this thread touches this KV's metric.
+            unsafe { store::<f32>(p.cache.metric, slots[i], metric[i] + value) };
+        }
     }
 }

@@ -176,8 +176,8 @@ pub struct AggregateParams {
     pub record: u32,
     /// Half the max-pool width (`k / 2`; 0 = no pooling).
     pub pool_half: u32,
-    /// Padding (keeps the struct free of implicit padding).
-    pub reserved: u32,
+    /// Keys each pass-2 CTA owns (a multiple of the key tile, at most `MAX_SCORE_KEYS`).
+    pub score_kvs: u32,
 }
 
 impl AggregateParams {

@@ -697,6 +697,50 @@ mod tests {
     }
 
     #[test]
+    fn aggregation_tiles_fit_shared_memory_and_cover_the_keys() {
+        // 227 KiB: the most dynamic shared memory a CTA may take on sm_90; sm_80's 163 KiB
+        // holds every map of rows up to 256 bytes.
+        let most = 227 * 1024;
+        for dtype in DType::ALL {
+            for head_dim in [64, 128, 256] {
+                let bytes = dtype.elem_bytes();
+                let tile_keys = agg_tile_keys(head_dim, bytes);
+                // A pass-2 CTA's columns hold its whole tiles: the first column is at most
+                // SCORE_HALO, it walks at most MAX_SCORE_KEYS + 2 SCORE_HALO keys.
+                let walked = (MAX_SCORE_KEYS + 2 * SCORE_HALO).div_ceil(tile_keys) * tile_keys;
+                assert!(SCORE_HALO + walked <= SCORE_COLUMNS);
+                // Whole MMA groups per tile, whole 16-byte chunks per copying thread.
+                assert_eq!(tile_keys % AGG_GROUP_KEYS, 0);
+                let per_key = AGG_WARPS * WARP_SIZE / tile_keys;
+                assert_eq!((head_dim * bytes / VECTOR_BYTES) % per_key, 0);
+                assert_eq!(MAX_SCORE_KEYS % tile_keys, 0);
+                for group in [1, 2, 4, 8] {
+                    let stats = aggregate_smem(head_dim, bytes, group, false);
+                    let scores = aggregate_smem(head_dim, bytes, group, true);
+                    assert!(stats.bytes <= scores.bytes && scores.bytes <= most);
+                    assert!(scores.bytes <= 163 * 1024 || head_dim * bytes > 256);
+                    for offset in [scores.k_tiles, scores.positions, scores.parts] {
+                        assert_eq!(offset % 16, 0);
+                    }
+                }
+            }
+        }
+        // Llama-3.1-8B, w = 32, one prompt of 32768: pass 1 in about one wave of two CTAs per
+        // SM, pass 2 in equal ranges of at most MAX_SCORE_KEYS keys filling whole waves.
+        let g = geometry(1);
+        let p = plan_aggregate(&g, DType::F16, 32, 32768, (264, 264));
+        assert_eq!(p.row_chunks, 1);
+        assert_eq!(p.split_kvs % 64, 0);
+        assert!(p.key_splits * p.split_kvs >= 32768 && p.key_splits <= 33);
+        assert_eq!(p.score_kvs, MAX_SCORE_KEYS);
+        assert_eq!(p.scores.grid, [32768 / MAX_SCORE_KEYS, 8, 1]);
+        // A short prompt on many SMs: small ranges, never below one key tile.
+        let p = plan_aggregate(&g, DType::F32, 24, 300, (264, 264));
+        assert_eq!(p.score_kvs, agg_tile_keys(128, 4));
+        assert!(p.scores.grid[0] * p.score_kvs >= 300);
+    }
+
+    #[test]
     fn decode_split_fills_the_device_in_whole_waves() {
         let props = DeviceProps { num_sms: 132 };
         let k = KernelProps { ctas_per_sm: 3 };
@@ -762,18 +806,22 @@ mod tests {
 // ---------------------------------------------------------------------------------------------
 // Observation-window aggregation (SPEC §4)
 
-/// Warps per aggregation CTA; each takes 16 query rows (one `m16` MMA tile).
+/// Warps per aggregation CTA; each takes `agg_row_tiles` 16-row MMA tiles of query rows.
 pub const AGG_WARPS: u32 = 4;
-/// Query rows a CTA holds at once: `AGG_WARPS * 16`.
-pub const AGG_ROWS: u32 = AGG_WARPS * 16;
-/// Keys per tile of pass 1.
-pub const STATS_TILE_KEYS: u32 = 64;
-/// Keys pass 2 owns per CTA (it adds their metric).
-pub const SCORE_KEYS: u32 = 128;
-/// Keys on each side of a pass-2 tile whose scores it also sums, for max-pooling.
+/// Key tiles in flight per aggregation CTA: one computed while the next ones are copied.
+pub const AGG_STAGES: u32 = 3;
+/// Slots of key-tile block ids: those of two tiles ahead of the tile being issued are in
+/// flight while it is issued, and a slot is rewritten only after a barrier.
+pub const AGG_ID_SLOTS: u32 = 4;
+/// Keys one MMA group of a warp covers (four 8-key tiles: independent accumulator chains).
+pub const AGG_GROUP_KEYS: u32 = 32;
+/// Most keys pass 2 owns per CTA (it adds their metric); sizes its column sums.
+pub const MAX_SCORE_KEYS: u32 = 1024;
+/// Keys on each side of a pass-2 range whose scores it also sums, for max-pooling.
 pub const SCORE_HALO: u32 = 8;
-/// Keys pass 2 scores per CTA, owned and halo.
-pub const SCORE_TILE_KEYS: u32 = SCORE_KEYS + 2 * SCORE_HALO;
+/// Column sums per query head of a pass-2 CTA: its owned keys, the halo on each side and the
+/// rest of its last key tile (so that whole tiles are summed without bounds checks).
+pub const SCORE_COLUMNS: u32 = MAX_SCORE_KEYS + 2 * SCORE_HALO + 2 * 64;
 /// Widest max-pool the kernels support (`2 * SCORE_HALO + 1`).
 pub const MAX_POOL_KERNEL: u32 = 2 * SCORE_HALO + 1;
 /// Bound on the pass-1 partials, in f32 words (64 MiB), so that long windows never split keys
@@ -786,56 +834,89 @@ pub const fn tile_row_bytes(head_dim: u32, elem_bytes: u32) -> u32 {
     head_dim * elem_bytes + 16
 }
 
+/// 16-row MMA tiles of query rows per warp: two (sharing every key fragment, half the shared
+/// memory reads per MMA) while a row is at most 256 bytes, else one (registers, shared memory).
+pub const fn agg_row_tiles(head_dim: u32, elem_bytes: u32) -> u32 {
+    if head_dim * elem_bytes <= 256 {
+        2
+    } else {
+        1
+    }
+}
+
+/// Query rows an aggregation CTA holds at once.
+pub const fn agg_rows(head_dim: u32, elem_bytes: u32) -> u32 {
+    AGG_WARPS * 16 * agg_row_tiles(head_dim, elem_bytes)
+}
+
+/// Keys per staged key tile: 64 while a row is at most 256 bytes, else 32 (shared memory).
+pub const fn agg_tile_keys(head_dim: u32, elem_bytes: u32) -> u32 {
+    if head_dim * elem_bytes <= 256 {
+        64
+    } else {
+        AGG_GROUP_KEYS
+    }
+}
+
 /// Shared memory of the aggregation kernels, in bytes from the start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AggregateSmem {
-    /// `[AGG_ROWS]` rows of `tile_row_bytes`: the query rows.
+    /// `[agg_rows]` rows of `tile_row_bytes`: the query rows.
     pub q_tile: u32,
-    /// `[keys]` rows of `tile_row_bytes`: the key tile.
-    pub k_tile: u32,
-    /// `[keys]` u64 global addresses of the key tile's rows (0: no key), found before the
-    /// rows are copied so that the copies wait on no table load.
-    pub key_rows: u32,
-    /// `[keys]` i32 positions of the key tile.
+    /// `[AGG_STAGES, tile_keys]` rows of `tile_row_bytes`: the key tiles. For 16-bit types
+    /// they overlay the query rows, which are dead once each warp holds its A fragments.
+    pub k_tiles: u32,
+    /// `[AGG_STAGES, tile_keys]` i32 positions of the key tiles.
     pub positions: u32,
-    /// Pass 2: `[AGG_WARPS, G, SCORE_TILE_KEYS]` f32 per-warp column sums, written after the
-    /// last use of the tiles, over them (at offset 0).
+    /// `[AGG_ID_SLOTS, tile_keys]` i32 block ids of the keys of the tiles being fetched.
+    pub block_ids: u32,
+    /// Pass 2: `[2, AGG_WARPS, G, tile_keys]` f32 per-warp column sums of a key tile (two, so
+    /// that one is summed while the next is written).
+    pub parts: u32,
+    /// Pass 2: `[G, SCORE_COLUMNS]` f32 column sums of the CTA's keys.
     pub columns: u32,
+    /// Pass 2: `[MAX_SCORE_KEYS]` i32 block ids of the CTA's owned keys.
+    pub owned_ids: u32,
     /// Bytes in all.
     pub bytes: u32,
 }
 
-/// The shared-memory map of an aggregation kernel with `keys` keys per tile (pass 2 also
-/// keeps per-warp column sums, over the tiles once they are no longer read).
+/// The shared-memory map of an aggregation kernel (pass 2 adds its column sums).
 pub const fn aggregate_smem(
     head_dim: u32,
     elem_bytes: u32,
     group_size: u32,
-    keys: u32,
     columns: bool,
 ) -> AggregateSmem {
     let row = tile_row_bytes(head_dim, elem_bytes);
+    let keys = AGG_STAGES * agg_tile_keys(head_dim, elem_bytes);
     let q_tile = 0;
-    let k_tile = q_tile + AGG_ROWS * row;
-    let key_rows = k_tile + keys * row;
-    let positions = key_rows + keys * 8;
-    let tiles = positions + keys * 4;
-    let column_bytes = if columns {
-        AGG_WARPS * group_size * SCORE_TILE_KEYS * 4
+    let q_end = q_tile + agg_rows(head_dim, elem_bytes) * row;
+    let k_tiles = if elem_bytes == 2 { q_tile } else { q_end };
+    let k_end = k_tiles + keys * row;
+    let positions = if k_end > q_end { k_end } else { q_end };
+    let block_ids = positions + keys * 4;
+    let parts = block_ids + AGG_ID_SLOTS * agg_tile_keys(head_dim, elem_bytes) * 4;
+    let (part_bytes, column_bytes, id_bytes) = if columns {
+        (
+            2 * AGG_WARPS * group_size * agg_tile_keys(head_dim, elem_bytes) * 4,
+            group_size * SCORE_COLUMNS * 4,
+            MAX_SCORE_KEYS * 4,
+        )
     } else {
-        0
+        (0, 0, 0)
     };
+    let columns = parts + part_bytes;
+    let owned_ids = columns + column_bytes;
     AggregateSmem {
         q_tile,
-        k_tile,
-        key_rows,
+        k_tiles,
         positions,
-        columns: 0,
-        bytes: if tiles > column_bytes {
-            tiles
-        } else {
-            column_bytes
-        },
+        block_ids,
+        parts,
+        columns,
+        owned_ids,
+        bytes: owned_ids + id_bytes,
     }
 }
 
@@ -847,13 +928,15 @@ pub struct AggregatePlan {
     pub stats: LaunchDims,
     /// Grid `(ceil(rows / AGG_WARPS), H, num_seqs)`, one warp per row.
     pub merge: Option<LaunchDims>,
-    /// Grid `(ceil(max_len / SCORE_KEYS), H, num_seqs)`.
+    /// Grid `(ceil(max_len / score_kvs), H, num_seqs)`.
     pub scores: LaunchDims,
     /// Key splits of pass 1 (1: no merge).
     pub key_splits: u32,
-    /// Keys per split of pass 1.
+    /// Keys per split of pass 1 (a multiple of the key tile).
     pub split_kvs: u32,
-    /// Query row chunks of `AGG_ROWS` per `(seq, kv_head)`.
+    /// Keys each pass-2 CTA owns (a multiple of the key tile, at most `MAX_SCORE_KEYS`).
+    pub score_kvs: u32,
+    /// Query row chunks of `agg_rows` per `(seq, kv_head)`.
     pub row_chunks: u32,
     /// f32 words of `stats`.
     pub stats_words: u64,
@@ -877,38 +960,38 @@ impl AggregatePlan {
 }
 
 /// Plans an aggregation of windows of up to `window` queries over head slots of up to
-/// `max_context_len` keys. Pass 1 splits the keys so that the grid fills about two waves of
-/// `resident` CTAs, within [`MAX_PARTIAL_WORDS`].
+/// `max_context_len` keys, with `resident` CTAs of pass 1 and of pass 2 on the device at once.
+/// Pass 1 splits the keys so that its grid fills about one wave (within
+/// [`MAX_PARTIAL_WORDS`]); pass 2 gives each CTA an equal range of keys so that its grid fills
+/// whole waves, within [`MAX_SCORE_KEYS`].
 pub fn plan_aggregate(
     geometry: &Geometry,
     dtype: DType,
     window: u32,
     max_context_len: u32,
-    resident: u32,
+    (stats_resident, scores_resident): (u32, u32),
 ) -> AggregatePlan {
+    let (head_dim, elem_bytes) = (geometry.head_dim, dtype.elem_bytes());
+    let tile_keys = agg_tile_keys(head_dim, elem_bytes);
     let threads = [AGG_WARPS * WARP_SIZE, 1, 1];
     let rows = window * geometry.group_size;
-    let row_chunks = rows.div_ceil(AGG_ROWS).max(1);
-    let units = row_chunks * geometry.num_kv_heads * geometry.num_seqs;
-    let key_tiles = max_context_len.div_ceil(STATS_TILE_KEYS).max(1);
-    let stats_words = geometry.num_seqs as u64 * geometry.num_kv_heads as u64 * rows as u64 * 2;
+    let row_chunks = rows.div_ceil(agg_rows(head_dim, elem_bytes)).max(1);
+    let heads = geometry.num_kv_heads * geometry.num_seqs;
+    let key_tiles = max_context_len.div_ceil(tile_keys).max(1);
+    let stats_words = heads as u64 * rows as u64 * 2;
     let by_memory = (MAX_PARTIAL_WORDS / stats_words.max(1)).max(1) as u32;
-    let key_splits = (2 * resident)
-        .div_ceil(units)
+    let key_splits = stats_resident
+        .div_ceil(row_chunks * heads)
         .clamp(1, key_tiles)
         .min(by_memory);
-    let split_kvs = key_tiles.div_ceil(key_splits) * STATS_TILE_KEYS;
+    let split_kvs = key_tiles.div_ceil(key_splits) * tile_keys;
     let key_splits = max_context_len.div_ceil(split_kvs).max(1);
-    let smem_bytes = |keys, columns| {
-        aggregate_smem(
-            geometry.head_dim,
-            dtype.elem_bytes(),
-            geometry.group_size,
-            keys,
-            columns,
-        )
-        .bytes
-    };
+    let score_kvs = (key_tiles * heads)
+        .div_ceil(scores_resident.max(1))
+        .clamp(1, MAX_SCORE_KEYS / tile_keys)
+        * tile_keys;
+    let smem_bytes =
+        |columns| aggregate_smem(head_dim, elem_bytes, geometry.group_size, columns).bytes;
     let stats = LaunchDims {
         grid: [
             row_chunks * key_splits,
@@ -916,7 +999,7 @@ pub fn plan_aggregate(
             geometry.num_seqs,
         ],
         block: threads,
-        smem_bytes: smem_bytes(STATS_TILE_KEYS, false),
+        smem_bytes: smem_bytes(false),
     };
     let merge = (key_splits > 1).then_some(LaunchDims {
         grid: [
@@ -929,12 +1012,12 @@ pub fn plan_aggregate(
     });
     let scores = LaunchDims {
         grid: [
-            max_context_len.div_ceil(SCORE_KEYS).max(1),
+            max_context_len.div_ceil(score_kvs).max(1),
             geometry.num_kv_heads,
             geometry.num_seqs,
         ],
         block: threads,
-        smem_bytes: smem_bytes(SCORE_TILE_KEYS, true),
+        smem_bytes: smem_bytes(true),
     };
     AggregatePlan {
         stats,
@@ -942,6 +1025,7 @@ pub fn plan_aggregate(
         scores,
         key_splits,
         split_kvs,
+        score_kvs,
         row_chunks,
         stats_words,
     }

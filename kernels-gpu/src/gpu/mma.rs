@@ -35,26 +35,6 @@ load_words! {
     ldmatrix_x4(u32, reg32) = "ldmatrix.sync.aligned.m8n8.x4.shared.b16", readonly, nostack
 }
 
-/// Two 8x8 b16 matrices (lanes 0..16 give the addresses).
-///
-/// # Safety
-/// As [`ldmatrix_x4`] for lanes 0..16.
-#[inline(always)]
-pub unsafe fn ldmatrix_x2(addr: u32) -> [u32; 2] {
-    let (a, b): (u32, u32);
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        asm!(
-            "ldmatrix.sync.aligned.m8n8.x2.shared.b16 {{{a}, {b}}}, [{addr}];",
-            a = out(reg32) a,
-            b = out(reg32) b,
-            addr = in(reg32) addr,
-            options(readonly, nostack),
-        );
-    }
-    [a, b]
-}
-
 /// A 16-bit input type of `mma.sync.m16n8k16` (f32 accumulators).
 pub trait Mma16 {
     /// `d = a * b + c`.
