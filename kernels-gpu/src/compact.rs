@@ -34,7 +34,7 @@ use crate::gpu::smem::dynamic_f32;
 use crate::gpu::sync::shared_add;
 use crate::gpu::thread::{block_idx_x, lane_id, sync_threads, thread_idx_x, warp_id};
 use crate::gpu::warp::{ballot, lanemask_lt};
-use crate::schedule::{kv_batch, pool_slot_of, seq_view, SeqView, BATCH};
+use crate::schedule::{kv_batch, kv_run, pool_slot_of, seq_view, SeqView, BATCH};
 
 /// Shared-memory words (see `compact_smem`) and state fields.
 const BINS_AT: usize = compact_smem::BINS;
@@ -166,8 +166,9 @@ unsafe fn select(
                 | *words.add(STATE_AT + S_PREFIX_LO) as u64;
             let mut base = 0;
             while base < len {
-                let idx = core::array::from_fn(|u| base + u as u32 * COMPRESS_THREADS + thread);
-                let kv = kv_batch(p, view, head_slot, idx, len);
+                // A histogram: which thread counts which KV does not matter, so each takes a
+                // run of consecutive KVs (one table load, vector loads).
+                let kv = kv_run(p, view, head_slot, base + BATCH as u32 * thread, len);
                 for u in 0..BATCH {
                     let wide = (kv.key[u] as u64) << 32 | kv.position[u] as u32 as u64;
                     if kv.evictable[u] && (level == 0 || wide >> (64 - level) == prefix) {
@@ -364,7 +365,10 @@ unsafe fn copy_moves(p: &CompressParams, head_slot: u64, pairs: u32, words: *mut
         }
         sync_threads();
         let row = p.row_bytes as u64;
+        // Chunks of a row, a power of two (D of 64, 128 or 256 elements of 2 or 4 bytes): an
+        // item splits by shifts and masks, not by a division per 16-byte copy.
         let chunks = (p.row_bytes / VECTOR_BYTES).max(1);
+        let chunk_bits = chunks.trailing_zeros();
         let items = pairs * 2 * chunks;
         let mut first = thread;
         while first < items {
@@ -373,13 +377,13 @@ unsafe fn copy_moves(p: &CompressParams, head_slot: u64, pairs: u32, words: *mut
             for (c, value) in chunk.iter_mut().enumerate() {
                 let item = first + (c as u32) * COMPRESS_THREADS;
                 if item < items {
-                    let (pair, rest) = (item / (2 * chunks), item % (2 * chunks));
+                    let (pair, rest) = (item >> (chunk_bits + 1), item & (2 * chunks - 1));
                     let pool = if rest < chunks {
                         p.cache.k_pool
                     } else {
                         p.cache.v_pool
                     };
-                    let byte = (rest % chunks * VECTOR_BYTES) as u64;
+                    let byte = ((rest & (chunks - 1)) * VECTOR_BYTES) as u64;
                     let src = *words.add(MOVERS_AT + pair as usize) as u64;
                     let dst = *words.add(HOLES_AT + pair as usize) as u64;
                     *value = load_chunk(pool + src * row + byte);
@@ -393,13 +397,30 @@ unsafe fn copy_moves(p: &CompressParams, head_slot: u64, pairs: u32, words: *mut
             }
             first += COPIES as u32 * COMPRESS_THREADS;
         }
-        let mut i = thread;
-        while i < pairs {
-            let src = *words.add(MOVERS_AT + i as usize) as u64;
-            let dst = *words.add(HOLES_AT + i as usize) as u64;
-            store::<f32>(p.cache.metric, dst, load::<f32>(p.cache.metric, src));
-            store::<i32>(p.cache.position, dst, load::<i32>(p.cache.position, src));
-            i += COMPRESS_THREADS;
+        // Metric and position, `COPIES` moves a thread at once: all loads before any store
+        // (a store between them would keep the next loads waiting behind it).
+        let mut first = thread;
+        while first < pairs {
+            let mut values = [(0.0f32, 0i32); COPIES];
+            let mut to = [0u64; COPIES];
+            for (c, value) in values.iter_mut().enumerate() {
+                let i = first + (c as u32) * COMPRESS_THREADS;
+                if i < pairs {
+                    let src = *words.add(MOVERS_AT + i as usize) as u64;
+                    to[c] = *words.add(HOLES_AT + i as usize) as u64;
+                    *value = (
+                        load::<f32>(p.cache.metric, src),
+                        load::<i32>(p.cache.position, src),
+                    );
+                }
+            }
+            for (c, value) in values.iter().enumerate() {
+                if first + (c as u32) * COMPRESS_THREADS < pairs {
+                    store::<f32>(p.cache.metric, to[c], value.0);
+                    store::<i32>(p.cache.position, to[c], value.1);
+                }
+            }
+            first += COPIES as u32 * COMPRESS_THREADS;
         }
     }
 }

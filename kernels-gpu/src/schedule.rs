@@ -22,9 +22,9 @@ use kvc_abi::params::compress::{
     SEQ_IN_SEQ, SEQ_OUT_CLAMPED, SEQ_OUT_REQUESTED, SEQ_OUT_TAKEN,
 };
 use kvc_abi::params::CompressParams;
-use kvc_abi::plan::{COMPRESS_THREADS, WARP_SIZE};
+use kvc_abi::plan::{COMPRESS_THREADS, MIN_BLOCK_SIZE, WARP_SIZE};
 
-use crate::gpu::mem::{load, load_nc, store};
+use crate::gpu::mem::{load, load_chunk, load_nc, store};
 use crate::gpu::mma::shared_addr;
 use crate::gpu::smem::dynamic_f32;
 use crate::gpu::sync::{global_add, shared_add, shared_min};
@@ -63,6 +63,8 @@ pub unsafe fn seq_view(p: &CompressParams, s: u32) -> SeqView {
 
 /// Logical KVs a thread examines at once, so that their loads overlap.
 pub const BATCH: usize = 8;
+// `kv_run` reads a run of BATCH KVs from one block.
+const _: () = assert!(BATCH as u32 <= MIN_BLOCK_SIZE);
 
 /// Position, metric key and evictability of `BATCH` logical KVs of a head slot.
 pub struct KvBatch {
@@ -108,6 +110,55 @@ pub unsafe fn kv_batch(
         let position = batch.position[u] as i64;
         batch.evictable[u] =
             idx[u] < len && position >= p.sinks as i64 && position <= view.newest_evictable;
+    }
+    batch
+}
+
+/// Position, metric key and evictability of the `BATCH` consecutive logical KVs from `first`
+/// of a head slot. `first` is a multiple of `BATCH` and blocks hold at least
+/// `MIN_BLOCK_SIZE >= BATCH` slots, so the run lies in one block: one block-table load and two
+/// 16-byte loads each of positions and metrics (where `kv_batch` needs a table load and two
+/// scalar loads per KV). KVs at or past `len` are reported not evictable, and nothing is read
+/// when all are. For passes whose result does not depend on which thread sees which KV.
+///
+/// # Safety
+/// The head slot's first `len` KVs are in validated pool blocks.
+#[inline(always)]
+pub unsafe fn kv_run(
+    p: &CompressParams,
+    view: SeqView,
+    head_slot: u64,
+    first: u32,
+    len: u32,
+) -> KvBatch {
+    let mut batch = KvBatch {
+        position: [0; BATCH],
+        key: [0; BATCH],
+        evictable: [false; BATCH],
+    };
+    if first >= len {
+        return batch;
+    }
+    let geom = p.cache.geometry;
+    let table = p.cache.block_tables + geom.block_table_at(head_slot, 0) * 4;
+    // SAFETY: first < len: its block is a validated pool block, whose slots
+    // slot_in_block(first)..+BATCH exist (16-byte aligned: first is a multiple of BATCH).
+    let (positions, metrics) = unsafe {
+        let block = load_nc::<i32>(table, geom.logical_block(first) as u64) as u32;
+        let at = geom.pool_slot(block, geom.slot_in_block(first)) * 4;
+        let (position, metric) = (p.cache.position + at, p.cache.metric + at);
+        (
+            [load_chunk(position), load_chunk(position + 16)],
+            [load_chunk(metric), load_chunk(metric + 16)],
+        )
+    };
+    for u in 0..BATCH {
+        let position = positions[u / 4][u % 4] as i32;
+        batch.position[u] = position;
+        batch.key[u] = metric_key(f32::from_bits(metrics[u / 4][u % 4]));
+        batch.evictable[u] = first + (u as u32) < len
+            && position as i64 >= p.sinks as i64
+            && position as i64 <= view.newest_evictable;
     }
     batch
 }
@@ -171,13 +222,14 @@ pub unsafe fn sched_hist_body(p: &CompressParams) {
     let digit_shift = 24 - 8 * p.pass;
     let mut base = lo;
     while base < hi {
-        let idx = core::array::from_fn(|u| base + u as u32 * COMPRESS_THREADS + thread);
-        // SAFETY: len > lo; indices past the chunk are masked below.
-        let kv = unsafe { kv_batch(p, view, head_slot, idx, len) };
+        // A histogram: which thread counts which KV does not matter, so each takes a run.
+        let first = base + BATCH as u32 * thread;
+        // SAFETY: the head slot's KVs are validated; runs past the chunk are masked below.
+        let kv = unsafe { kv_run(p, view, head_slot, first, len) };
         for u in 0..BATCH {
             let key = kv.key[u];
             let matches = p.pass == 0 || key >> (32 - 8 * p.pass) == prefix;
-            if idx[u] < hi && kv.evictable[u] && matches {
+            if first + (u as u32) < hi && kv.evictable[u] && matches {
                 let bin = bins.add(((key >> digit_shift) & 0xff) as usize);
                 // SAFETY: the bin lies in the smem histogram.
                 unsafe { shared_add(shared_addr(bin), 1) };
