@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
+use kvc_abi::plan::decode_counter_words;
 use kvc_abi::{CacheView, DType, Geometry};
 
 use crate::allocator::BlockAllocator;
@@ -90,6 +91,20 @@ pub(crate) struct DeviceArrays {
     pub(crate) position: CudaSlice<u8>,
     pub(crate) block_tables: CudaSlice<u8>,
     pub(crate) context_lens: CudaSlice<u8>,
+    /// Decode recording's state between calls.
+    pub(crate) recording: RecordingState,
+}
+
+/// What decode recording keeps on the device between calls, so that a call uploads nothing
+/// while the thresholds stay the same (every layer of a decode step).
+pub(crate) struct RecordingState {
+    /// `[decode_counter_words]` u32 handshake counters: allocated zeroed, left zero by every
+    /// launch.
+    pub(crate) counters: CudaSlice<u8>,
+    /// `[num_seqs]` i32 thresholds `last_position - metric_skip`.
+    pub(crate) thresholds: CudaSlice<u8>,
+    /// What `thresholds` holds (`None` before the first upload).
+    pub(crate) uploaded: Option<Vec<i32>>,
 }
 
 impl DeviceArrays {
@@ -235,6 +250,11 @@ impl PagedKvCache {
                 position: gpu.upload(bytemuck::cast_slice(&snapshot.position))?,
                 block_tables: gpu.upload(bytemuck::cast_slice(&snapshot.block_tables))?,
                 context_lens: gpu.upload(bytemuck::cast_slice(&snapshot.context_lens))?,
+                recording: RecordingState {
+                    counters: gpu.alloc(decode_counter_words(&g) as usize * 4)?,
+                    thresholds: gpu.alloc(g.num_seqs as usize * 4)?,
+                    uploaded: None,
+                },
             })),
         };
         Ok(Self {

@@ -23,7 +23,12 @@ pub(crate) struct DecodeJob<'a> {
 }
 
 /// Runs decode attention of one layer over every sequence row.
-pub(crate) fn decode(d: &DeviceArrays, g: Geometry, dtype: DType, job: DecodeJob) -> Result<()> {
+pub(crate) fn decode(
+    d: &mut DeviceArrays,
+    g: Geometry,
+    dtype: DType,
+    job: DecodeJob,
+) -> Result<()> {
     let gpu = &d.gpu;
     let recording = job.args.record.is_some();
     let entry = decode_entry(dtype, g.head_dim, g.group_size);
@@ -49,18 +54,20 @@ pub(crate) fn decode(d: &DeviceArrays, g: Geometry, dtype: DType, job: DecodeJob
             ),
         });
     }
-    let mut workspace = gpu.workspace(plan.workspace_bytes(g.head_dim))?;
+    let recording_state = &mut d.recording;
     if let Some(thresholds) = job.thresholds {
-        // One copy clears the counters of the cross-partition handshake and sets the
-        // thresholds behind them (the plan lays the two out back to back).
-        let mut words = vec![0u32; plan.counters_bytes() as usize / 4];
-        words.extend(thresholds.iter().map(|&t| t as u32));
-        gpu.write_at(
-            bytemuck::cast_slice(&words),
-            &mut workspace,
-            plan.counters_offset(g.head_dim),
-        )?;
+        // The handshake counters need no copy (the kernel leaves them zero); the thresholds
+        // change once per decode step, not per layer.
+        if recording_state.uploaded.as_deref() != Some(thresholds) {
+            gpu.write_at(
+                bytemuck::cast_slice(thresholds),
+                &mut recording_state.thresholds,
+                0,
+            )?;
+            recording_state.uploaded = Some(thresholds.to_vec());
+        }
     }
+    let workspace = gpu.workspace(plan.workspace_bytes(g.head_dim))?;
     let base = gpu.addr(&workspace);
     let params = DecodeParams {
         cache: d.view(g),
@@ -74,13 +81,14 @@ pub(crate) fn decode(d: &DeviceArrays, g: Geometry, dtype: DType, job: DecodeJob
         scale_log2: job.args.scale * std::f32::consts::LOG2_E,
         record: job.args.record.map_or(record::OFF, |r| r.metric.code()),
         reserved: 0,
-        thresholds: base + plan.thresholds_offset(g.head_dim),
-        counters: base + plan.counters_offset(g.head_dim),
+        thresholds: gpu.addr(&d.recording.thresholds),
+        counters: gpu.addr(&d.recording.counters),
     };
     // SAFETY: validate::decode checked q, out, layer, scale and metric_skip; the cache's
     // tables are valid by construction (PagedKvCache); the workspace holds the plan's
-    // partials and, when recording, zeroed counters and the thresholds; can_record bounds a
-    // head slot's partitions by the SM count.
+    // partials; the cache's counters are zero (allocated so, left so by every launch) and,
+    // when recording, its thresholds are this call's; can_record bounds a head slot's
+    // partitions by the SM count.
     unsafe {
         gpu.launch(&entry, plan.decode, &params)?;
         if let Some(merge) = plan.merge {

@@ -23,7 +23,10 @@
 //! live partitions of its head slot have (acquire). So that waiting cannot deadlock, CTAs take
 //! their work in the order they start (a ticket from an atomic counter), partitions of a head
 //! slot get consecutive tickets, and the planner keeps a head slot's partitions within one CTA
-//! per SM: whenever a CTA waits, its siblings are running or next in line.
+//! per SM: whenever a CTA waits, its siblings are running or next in line. The counters live
+//! with the cache and are zero at every launch without a host copy: the last CTA to take a
+//! ticket zeroes the ticket word, and a CTA counts itself out of the handshake too, so that
+//! the last one out zeroes its head slot's word.
 //!
 //! Host-validated: the head slot's length is within its block table, the block ids it covers
 //! are in the pool, `q`/`out` hold `[num_seqs, Hq, D]` of this dtype, and `D`, `G` match the
@@ -35,7 +38,7 @@ use kvc_abi::plan::{decode_smem, decode_tile, DecodeTile, DECODE_WARPS, WARP_SIZ
 use kvc_abi::Geometry;
 
 use crate::gpu::math::{exp2, fma, fmax, store_elem, CacheElem};
-use crate::gpu::mem::{load, load_chunk, load_chunk_nc, Chunk};
+use crate::gpu::mem::{load, load_chunk, load_chunk_nc, store, Chunk};
 use crate::gpu::mma::{copy_async_word, shared_addr, wait_async_copies};
 use crate::gpu::smem::dynamic_f32;
 use crate::gpu::sync::{atomic_add_relaxed, fence_gpu, load_acquire, nanosleep, red_add_release};
@@ -515,11 +518,18 @@ unsafe fn work_item(p: &DecodeParams, ticket_word: *mut f32) -> (u32, u32, u32) 
         return (block_idx_x(), block_idx_y(), block_idx_z());
     }
     let slot = ticket_word as *mut u32;
-    // SAFETY: counters holds zeroed u32 words (the host cleared them before the launch); the
-    // smem word is ours; the barrier is reached by all threads.
+    let geom = p.cache.geometry;
+    let ctas = p.num_partitions * geom.num_kv_heads * geom.num_seqs;
+    // SAFETY: counters holds u32 words, zero at launch; the smem word is ours; the barrier is
+    // reached by all threads.
     let ticket = unsafe {
         if thread_idx_x() == 0 {
-            *slot = atomic_add_relaxed(p.counters, 1);
+            let ticket = atomic_add_relaxed(p.counters, 1);
+            if ticket == ctas - 1 {
+                // Every other CTA has taken its ticket: zero for the next launch.
+                store::<u32>(p.counters, 0, 0);
+            }
+            *slot = ticket;
         }
         sync_threads();
         *slot
@@ -551,7 +561,7 @@ unsafe fn record_metrics<T: CacheElem, const G: usize>(
     if p.num_partitions > 1 {
         // Publish this partition's (max, sum) rows, written above, before counting in.
         fence_gpu();
-        // SAFETY: all threads arrive; counters hold zeroed words.
+        // SAFETY: all threads arrive; the counters are zero at launch (module header).
         unsafe {
             sync_threads();
             if thread == 0 {
@@ -560,6 +570,12 @@ unsafe fn record_metrics<T: CacheElem, const G: usize>(
                 let live_partitions = len.div_ceil(p.partition_kvs.max(1));
                 while load_acquire(arrivals) < live_partitions {
                     nanosleep(64);
+                }
+                // Leaving counts too: the last of the 2 * live increments comes after every
+                // live partition has seen them all arrive, so the word can be zeroed for the
+                // next launch.
+                if atomic_add_relaxed(arrivals, 1) == 2 * live_partitions - 1 {
+                    store::<u32>(p.counters, p.arrival_word(seq, kv_head), 0);
                 }
             }
             sync_threads();

@@ -39,7 +39,9 @@ pub struct DecodeParams {
     /// (`last_position - metric_skip`). Read only when recording.
     pub thresholds: u64,
     /// u32 words, zero at launch: the ticket counter, then one arrival count per
-    /// `(seq, kv_head)`. Used only when recording with more than one partition.
+    /// `(seq, kv_head)` (`plan::decode_counter_words`). Used only when recording with more
+    /// than one partition; the launch leaves them zero again (its last CTA to take a ticket
+    /// resets the ticket word, the last to leave a head slot's handshake its arrival word).
     pub counters: u64,
 }
 

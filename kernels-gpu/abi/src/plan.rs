@@ -352,9 +352,16 @@ pub const fn decode_smem(
     }
 }
 
+/// u32 words of the decode handshake counters of a cache of `geometry`: one ticket word, then
+/// one arrival count per `(seq, kv_head)` (see [`crate::params::DecodeParams::arrival_word`]).
+/// Zero before every launch: the cache allocates them zeroed, and each launch's last user of
+/// a word resets it.
+pub const fn decode_counter_words(geometry: &Geometry) -> u64 {
+    1 + geometry.num_seqs as u64 * geometry.num_kv_heads as u64
+}
+
 /// A planned decode: the attention launch, the merge launch when the KV range is split, and
-/// the workspace: f32 partials of the split, u32 counters of the recording handshake, and i32
-/// recording thresholds.
+/// the workspace (f32 partials of the split).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodePlan {
     /// Grid `(num_partitions, H, num_seqs)`, one CTA of `DECODE_WARPS` warps per partition of
@@ -368,10 +375,6 @@ pub struct DecodePlan {
     pub num_partitions: u32,
     /// Rows `(seq, q_head, partition)` of the partials (0 without a merge).
     pub partial_rows: u64,
-    /// Sequence rows (for the counters and thresholds).
-    pub num_seqs: u32,
-    /// KV heads (for the counters).
-    pub num_kv_heads: u32,
 }
 
 impl DecodePlan {
@@ -380,25 +383,9 @@ impl DecodePlan {
         self.partial_rows * head_dim as u64 * 4
     }
 
-    /// Byte offset of the counters: one ticket word, then one arrival count per
-    /// `(seq, kv_head)` (see [`crate::params::DecodeParams::arrival_word`]).
-    pub const fn counters_offset(&self, head_dim: u32) -> u64 {
-        self.partial_rows * (head_dim as u64 + 2) * 4
-    }
-
-    /// Bytes of the counters, which must be zero when the decode launch starts.
-    pub const fn counters_bytes(&self) -> u64 {
-        (1 + self.num_seqs as u64 * self.num_kv_heads as u64) * 4
-    }
-
-    /// Byte offset of the per-sequence recording thresholds (right after the counters).
-    pub const fn thresholds_offset(&self, head_dim: u32) -> u64 {
-        self.counters_offset(head_dim) + self.counters_bytes()
-    }
-
-    /// Bytes of workspace the plan needs.
+    /// Bytes of workspace the plan needs: the partials.
     pub const fn workspace_bytes(&self, head_dim: u32) -> u64 {
-        self.thresholds_offset(head_dim) + self.num_seqs as u64 * 4
+        self.partial_rows * (head_dim as u64 + 2) * 4
     }
 
     /// Whether recording is possible: with a split, every partition of a head slot must be
@@ -468,8 +455,6 @@ pub fn plan_decode(
         partition_kvs,
         num_partitions,
         partial_rows,
-        num_seqs: geometry.num_seqs,
-        num_kv_heads: geometry.num_kv_heads,
     }
 }
 
