@@ -37,6 +37,7 @@ use kvc_abi::params::{record, DecodeParams};
 use kvc_abi::plan::{decode_smem, decode_tile, DecodeTile, DECODE_WARPS, WARP_SIZE};
 use kvc_abi::Geometry;
 
+use crate::decode_merge::partition_stats;
 use crate::gpu::math::{exp2, fma, fmax, store_elem, CacheElem};
 use crate::gpu::mem::{load, load_chunk, load_chunk_nc, store, Chunk};
 use crate::gpu::mma::{copy_async_word, shared_addr, wait_async_copies};
@@ -581,41 +582,35 @@ unsafe fn record_metrics<T: CacheElem, const G: usize>(
             sync_threads();
         }
     }
-    if (thread as usize) < G {
-        let g = thread;
-        let (max, sum) = if p.num_partitions > 1 {
-            let live_partitions = len.div_ceil(p.partition_kvs.max(1));
-            let first = p.partial_row(seq, kv_head * G as u32 + g, 0);
-            let mut max = f32::NEG_INFINITY;
-            for part in 0..live_partitions {
-                // SAFETY: every live partition published its row before counting itself in.
-                max = fmax(max, unsafe {
-                    load::<f32>(p.partial_ml, (first + part as u64) * 2)
-                });
-            }
-            let mut sum = 0.0f32;
-            for part in 0..live_partitions {
-                let row = first + part as u64;
-                // SAFETY: as above.
+    if p.num_partitions > 1 {
+        // Warp w folds the partitions of query heads w, w + DECODE_WARPS, ... (lanes over
+        // partitions, in parallel: no load waits behind another).
+        let live_partitions = len.div_ceil(p.partition_kvs.max(1));
+        let mut g = warp_id();
+        while (g as usize) < G {
+            // SAFETY: the whole warp calls it; every live partition published its row before
+            // counting itself in.
+            let (max, sum) =
+                unsafe { partition_stats(p, seq, kv_head * G as u32 + g, live_partitions) };
+            if lane_id() == 0 {
+                // SAFETY: inside the decode_smem map.
                 unsafe {
-                    let scale = exp2(load::<f32>(p.partial_ml, row * 2) - max);
-                    sum = fma(load::<f32>(p.partial_ml, row * 2 + 1), scale, sum);
+                    *words.add((smem.record_ml + 2 * g) as usize) = max;
+                    *words.add((smem.record_ml + 2 * g + 1) as usize) = 1.0 / sum;
                 }
             }
-            (max, sum)
-        } else {
-            // SAFETY: written by this CTA before the last barrier.
-            unsafe {
-                (
-                    *words.add((smem.cta_ml + 2 * g) as usize),
-                    *words.add((smem.cta_ml + 2 * g + 1) as usize),
-                )
-            }
-        };
-        // SAFETY: inside the decode_smem map.
+            g += DECODE_WARPS;
+        }
+    } else if (thread as usize) < G {
+        let g = thread as usize;
+        // SAFETY: the CTA's own (max, sum), written before the last barrier; inside the map.
         unsafe {
-            *words.add((smem.record_ml + 2 * g) as usize) = max;
-            *words.add((smem.record_ml + 2 * g + 1) as usize) = 1.0 / sum;
+            let (max, sum) = (
+                *words.add(smem.cta_ml as usize + 2 * g),
+                *words.add(smem.cta_ml as usize + 2 * g + 1),
+            );
+            *words.add(smem.record_ml as usize + 2 * g) = max;
+            *words.add(smem.record_ml as usize + 2 * g + 1) = 1.0 / sum;
         }
     }
     // SAFETY: every thread reaches it.

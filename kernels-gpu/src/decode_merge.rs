@@ -38,7 +38,7 @@ fn fold_stats(max1: f32, sum1: f32, max2: f32, sum2: f32) -> (f32, f32) {
 /// Every lane of the warp calls it with the same arguments; the decode launch wrote the `live`
 /// partitions' rows of `partial_ml`.
 #[inline(always)]
-unsafe fn partition_stats(p: &DecodeParams, seq: u32, q_head: u32, live: u32) -> (f32, f32) {
+pub unsafe fn partition_stats(p: &DecodeParams, seq: u32, q_head: u32, live: u32) -> (f32, f32) {
     let first = p.partial_row(seq, q_head, 0);
     let (mut max, mut sum) = (f32::NEG_INFINITY, 0.0f32);
     let mut part = lane_id();

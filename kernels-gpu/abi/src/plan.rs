@@ -257,6 +257,13 @@ pub const fn max_partition_kvs(group_size: u32) -> u32 {
 /// over all waves (`ctas / (waves * resident)`) before it takes fewer partitions.
 pub const WAVE_EFFICIENCY: f32 = 0.95;
 
+/// CTAs per SM the split policy plans for, at most: two CTAs of four warps already stream K/V
+/// at 0.9-0.97 of copy (H100, docs/PERF.md decode v3). A third, where registers and shared
+/// memory allow it, helps grids of several waves, which the hardware fills by itself; planning
+/// a one-wave grid for it splits more finely than pays (1x32768 0.74 of copy against 0.76)
+/// and splits 256x1024, which needs no merge (0.90 against 0.97).
+pub const PLANNED_CTAS_PER_SM: u32 = 2;
+
 /// Shared memory of one decode CTA, in 4-byte words: per warp and query head of the group the
 /// warp's `(max, sum)` and `D` accumulators (merged across warps at the end), the CTA's
 /// `(max, sum)` per head, the `(max, 1 / sum)` recording normalises with, a ticket word, and
@@ -400,7 +407,7 @@ impl DecodePlan {
 ///
 /// Split policy (flash-decoding): each head slot's KV range is split into the fewest
 /// partitions that keep [`WAVE_EFFICIENCY`] of the device's resident CTA slots
-/// (`num_sms * ctas_per_sm`) busy over all waves (or the best split if none does), no
+/// (`num_sms * min(ctas_per_sm, PLANNED_CTAS_PER_SM)`) busy over all waves (or the best split if none does), no
 /// partition shorter than `MIN_PARTITION_KVS`; a merge kernel combines them.
 /// `partition_kvs` overrides the policy. Either way a partition is whole CTA tiles, at most
 /// [`max_partition_kvs`], and long enough that a head slot has at most `num_sms` partitions
@@ -417,7 +424,7 @@ pub fn plan_decode(
     let warp_rows = decode_warp_rows(geometry.head_dim, dtype.elem_bytes(), geometry.group_size);
     let cta_rows = warp_rows * DECODE_WARPS;
     let head_slots = (geometry.num_seqs * geometry.num_kv_heads).max(1);
-    let resident = props.num_sms * kernel.ctas_per_sm.max(1);
+    let resident = props.num_sms * kernel.ctas_per_sm.clamp(1, PLANNED_CTAS_PER_SM);
     let longest = max_partition_kvs(geometry.group_size) / cta_rows * cta_rows;
     let policy = split_policy(head_slots, max_context_len, resident, cta_rows, longest);
     let partition_kvs = partition_kvs
@@ -728,8 +735,9 @@ mod tests {
     #[test]
     fn decode_split_fills_the_device_in_whole_waves() {
         let props = DeviceProps { num_sms: 132 };
+        // A kernel that fits 3 CTAs per SM is planned for PLANNED_CTAS_PER_SM of them.
         let k = KernelProps { ctas_per_sm: 3 };
-        let resident = 396;
+        let resident = 132 * PLANNED_CTAS_PER_SM;
         for (batch, context) in [(1, 32768), (16, 8192), (64, 4096), (256, 1024)] {
             let p = plan_decode(
                 &geometry(batch),
