@@ -120,39 +120,86 @@ fn compress_matches_reference_exactly() {
                     sinks: rng.random_range(0..4),
                     mode,
                 };
-                let mut on_gpu = PagedKvCache::from_snapshot(&gpu, cfg, snapshot.clone()).unwrap();
-                let mut on_cpu =
-                    PagedKvCache::from_snapshot(&Backend::Cpu, cfg, snapshot.clone()).unwrap();
-                let (g, c) = (on_gpu.compress(&args), on_cpu.compress(&args));
-                match (g, c) {
-                    (Ok(g), Ok(c)) => {
-                        assert_eq!(g.seqs, c.seqs, "{name}: sequence reports");
-                        assert_eq!(g.heads, c.heads, "{name}: head reports");
-                        assert_eq!(g.freed, c.freed, "{name}: freed blocks");
-                        assert!(
-                            g.heads.iter().any(|h| h.blocks_freed > 0)
-                                || g.seqs.iter().all(|s| s.freed_blocks == 0),
-                            "{name}"
-                        );
-                    }
-                    (
-                        Err(Error::InvalidArgument { arg: "budgets", .. }),
-                        Err(Error::InvalidArgument { arg: "budgets", .. }),
-                    ) => {}
-                    (g, c) => panic!("{name}: GPU {g:?} vs CPU {c:?}"),
-                }
-                assert_same_snapshot(
-                    &on_gpu.snapshot().unwrap(),
-                    &on_cpu.snapshot().unwrap(),
-                    &name,
-                );
-                on_gpu.verify().unwrap_or_else(|e| panic!("{name}: {e}"));
-                assert_eq!(
-                    on_gpu.allocator().num_free(),
-                    on_cpu.allocator().num_free(),
-                    "{name}"
-                );
+                compress_on_both(&gpu, cfg, &snapshot, &args, &name);
             }
+        }
+    }
+}
+
+/// Compresses `snapshot` on the GPU and the CPU with `args`: the reports, the freed blocks,
+/// every array of the caches and the allocators agree exactly (or both refuse the budget).
+fn compress_on_both(
+    gpu: &Backend,
+    cfg: CacheConfig,
+    snapshot: &CacheSnapshot,
+    args: &CompressArgs,
+    name: &str,
+) {
+    let mut on_gpu = PagedKvCache::from_snapshot(gpu, cfg, snapshot.clone()).unwrap();
+    let mut on_cpu = PagedKvCache::from_snapshot(&Backend::Cpu, cfg, snapshot.clone()).unwrap();
+    match (on_gpu.compress(args), on_cpu.compress(args)) {
+        (Ok(g), Ok(c)) => {
+            assert_eq!(g.seqs, c.seqs, "{name}: sequence reports");
+            assert_eq!(g.heads, c.heads, "{name}: head reports");
+            assert_eq!(g.freed, c.freed, "{name}: freed blocks");
+            assert!(
+                g.heads.iter().any(|h| h.blocks_freed > 0)
+                    || g.seqs.iter().all(|s| s.freed_blocks == 0),
+                "{name}"
+            );
+        }
+        (
+            Err(Error::InvalidArgument { arg: "budgets", .. }),
+            Err(Error::InvalidArgument { arg: "budgets", .. }),
+        ) => {}
+        (g, c) => panic!("{name}: GPU {g:?} vs CPU {c:?}"),
+    }
+    assert_same_snapshot(
+        &on_gpu.snapshot().unwrap(),
+        &on_cpu.snapshot().unwrap(),
+        name,
+    );
+    on_gpu.verify().unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(
+        on_gpu.allocator().num_free(),
+        on_cpu.allocator().num_free(),
+        "{name}"
+    );
+}
+
+/// Groups larger than the scan CTAs: 640 head slots a sequence (more than the budget and digit
+/// kernels' threads, several head slots per warp), few KVs each, so that the ties at the
+/// threshold are shared out across chunks of head slots.
+#[test]
+fn compress_with_many_head_slots_per_sequence_matches_reference() {
+    let Some(gpu) = gpu_or_skip("compress_with_many_head_slots_per_sequence_matches_reference")
+    else {
+        return;
+    };
+    let max_len = 120;
+    let cfg = config(DType::F16, 64, 8, 2, 40, 16, max_len);
+    // Four metric values (ties everywhere), or the same with a little noise (few ties).
+    for (palette, noise) in [("ties", 0.0f32), ("continuous", 0.01)] {
+        let seed = fresh_seed();
+        let mut rng = rng(seed);
+        let snapshot = random_cache(&mut rng, cfg, max_len, max_len as i32 + 40, &|r| {
+            [0.0f32, 0.5, 1.0, 2.0][r.random_range(0..4)] + noise * r.random::<f32>()
+        });
+        for (mode, budget) in [
+            (Mode::Variable, Budget::Rate(8.0)),
+            (Mode::Variable, Budget::Blocks(300)),
+            (Mode::PerLayer, Budget::Rate(3.0)),
+            (Mode::Uniform, Budget::MaxTokens(40)),
+        ] {
+            let name = format!("640 head slots, {palette} {mode:?} {budget:?} (seed {seed})");
+            let args = CompressArgs {
+                seqs: &[1, 0],
+                budgets: &[budget, Budget::Rate(2.0)],
+                protected: &[rng.random_range(0..16), 3],
+                sinks: rng.random_range(0..3),
+                mode,
+            };
+            compress_on_both(&gpu, cfg, &snapshot, &args, &name);
         }
     }
 }

@@ -22,19 +22,20 @@ use kvc_abi::params::compress::{
     SEQ_IN_SEQ, SEQ_OUT_CLAMPED, SEQ_OUT_REQUESTED, SEQ_OUT_TAKEN,
 };
 use kvc_abi::params::CompressParams;
-use kvc_abi::plan::{COMPRESS_THREADS, MIN_BLOCK_SIZE, WARP_SIZE};
+use kvc_abi::plan::{COMPRESS_THREADS, MIN_BLOCK_SIZE, SCAN_THREADS, SCAN_WARPS, WARP_SIZE};
 
 use crate::gpu::mem::{load, load_chunk, load_nc, store};
 use crate::gpu::mma::shared_addr;
 use crate::gpu::smem::dynamic_f32;
 use crate::gpu::sync::{global_add, shared_add, shared_min};
 use crate::gpu::thread::{block_idx_x, lane_id, sync_threads, thread_idx_x, warp_id};
-use crate::gpu::warp::{inclusive_scan_u32, shfl_idx_u32};
+use crate::gpu::warp::{inclusive_scan_u32, shfl_idx_u32, warp_sum_u64};
 
-/// Warps per CTA.
-const WARPS: u32 = COMPRESS_THREADS / WARP_SIZE;
-/// Bins each lane scans in `sched_digit`.
+/// Bins each lane scans in `sched_budget` and `sched_digit` (two 16-byte loads).
 const LANE_BINS: u32 = RADIX_BINS / WARP_SIZE;
+const _: () = assert!(LANE_BINS == 8);
+/// Head slots a warp of `sched_budget` or `sched_digit` reads at once.
+const SCAN_HEADS: usize = 4;
 
 /// A sequence being compressed: its row, and the newest position that may be evicted
 /// (`last_position - protected`).
@@ -256,31 +257,78 @@ pub unsafe fn sched_hist_body(p: &CompressParams) {
     }
 }
 
-/// Reduces a per-thread u64 over the CTA through shared memory words `scratch[..2 *
-/// COMPRESS_THREADS]`; every thread gets the sum.
+/// Sum over the CTA (`SCAN_THREADS` threads) of a per-thread u64, through shared memory words
+/// `scratch[..2 * SCAN_WARPS]`; every thread gets it.
 ///
 /// # Safety
-/// Every thread calls it; `scratch` holds `2 * COMPRESS_THREADS` u32 words.
+/// Every thread of the CTA calls it; `scratch` holds `2 * SCAN_WARPS` u32 words that no
+/// thread uses between the calls.
 #[inline(always)]
 unsafe fn block_sum_u64(scratch: *mut u32, value: u64) -> u64 {
-    let thread = thread_idx_x() as usize;
-    // SAFETY: forwarded from the caller.
+    let warp = warp_id() as usize;
+    // SAFETY: forwarded from the caller; the first barrier ends the previous call's reads.
     unsafe {
+        let sum = warp_sum_u64(value);
         sync_threads();
-        *scratch.add(2 * thread) = value as u32;
-        *scratch.add(2 * thread + 1) = (value >> 32) as u32;
+        if lane_id() == 0 {
+            *scratch.add(2 * warp) = sum as u32;
+            *scratch.add(2 * warp + 1) = (sum >> 32) as u32;
+        }
         sync_threads();
         let mut total = 0u64;
-        for t in 0..COMPRESS_THREADS as usize {
-            total += *scratch.add(2 * t) as u64 | (*scratch.add(2 * t + 1) as u64) << 32;
+        for w in 0..SCAN_WARPS as usize {
+            total += *scratch.add(2 * w) as u64 | (*scratch.add(2 * w + 1) as u64) << 32;
         }
         total
     }
 }
 
-/// Per sequence: the evictable count of each head slot (from the first histogram), the
+/// Exclusive prefix sum over the CTA's threads in thread order, and the CTA's total, through
+/// shared memory words `scratch[..SCAN_WARPS]`.
+///
+/// # Safety
+/// As [`block_sum_u64`].
+#[inline(always)]
+unsafe fn block_scan_u32(scratch: *mut u32, value: u32) -> (u32, u32) {
+    let warp = warp_id();
+    // SAFETY: forwarded from the caller; the first barrier ends the previous call's reads.
+    unsafe {
+        let inclusive = inclusive_scan_u32(value);
+        sync_threads();
+        if lane_id() == WARP_SIZE - 1 {
+            *scratch.add(warp as usize) = inclusive;
+        }
+        sync_threads();
+        let (mut before, mut total) = (0u32, 0u32);
+        for w in 0..SCAN_WARPS {
+            let count = *scratch.add(w as usize);
+            if w < warp {
+                before += count;
+            }
+            total += count;
+        }
+        (before + inclusive - value, total)
+    }
+}
+
+/// This lane's `LANE_BINS` consecutive bins of work head slot `w` in the histogram of `pass`.
+///
+/// # Safety
+/// `pass < RADIX_PASSES`, `w < num_work_heads`.
+#[inline(always)]
+unsafe fn lane_bins(p: &CompressParams, pass: u32, w: u32) -> [u32; LANE_BINS as usize] {
+    let num_work_heads = p.num_work_seqs * p.heads_per_seq();
+    let at = p.hist + p.hist_word(num_work_heads, pass, w, lane_id() * LANE_BINS) * 4;
+    // SAFETY: the histograms hold RADIX_BINS bins for every work head slot and start 16-byte
+    // aligned (`CompressPlan::offsets`), so the lane's 32 bytes are two aligned chunks.
+    let (a, b) = unsafe { (load_chunk(at), load_chunk(at + 16)) };
+    [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
+}
+
+/// Per sequence: the evictable count of each head slot (the sum of its first histogram), the
 /// budget in blocks (SPEC §5.5), its share per group clamped to what the group can free, and
-/// the report. An explicit block budget that some group cannot meet sets `status`.
+/// the report. An explicit block budget that some group cannot meet sets `status`. A warp
+/// takes `SCAN_HEADS` head slots at once, then a group at a time.
 ///
 /// # Safety
 /// Launched with `plan_compress`'s budget dims after histogram pass 0.
@@ -290,33 +338,50 @@ pub unsafe fn sched_budget_body(p: &CompressParams) {
     let s = block_idx_x();
     let heads = p.heads_per_seq();
     let first = s * heads;
-    let thread = thread_idx_x();
-    let num_work_heads = p.num_work_seqs * heads;
+    let (thread, lane, warp) = (thread_idx_x(), lane_id(), warp_id());
     // SAFETY: s < num_work_seqs.
     let view = unsafe { seq_view(p, s) };
     let mut compressible = 0u64;
     let mut in_use = 0u64;
-    let mut i = thread;
+    let mut i = warp;
     while i < heads {
-        let w = first + i;
-        // SAFETY: the head slot is validated; hist pass 0 and heads hold rows for w.
-        unsafe {
-            let len = load::<i32>(p.cache.context_lens, p.head_slot(view.seq, w)) as u32;
-            let mut evictable = 0u32;
-            for b in 0..RADIX_BINS {
-                evictable += load::<u32>(p.hist, p.hist_word(num_work_heads, 0, w, b));
+        let mut bins = [[0u32; LANE_BINS as usize]; SCAN_HEADS];
+        let mut len = [0u32; SCAN_HEADS];
+        for k in 0..SCAN_HEADS {
+            let at = i + k as u32 * SCAN_WARPS;
+            if at < heads {
+                // SAFETY: a work head slot of this sequence, validated.
+                unsafe {
+                    bins[k] = lane_bins(p, 0, first + at);
+                    len[k] =
+                        load::<i32>(p.cache.context_lens, p.head_slot(view.seq, first + at)) as u32;
+                }
             }
-            let words = [len, fill(len, geom.block_size), evictable, 0, 0, 0];
-            for (field, value) in words.iter().enumerate() {
-                store::<u32>(p.heads, p.head_word(w, field as u32), *value);
-            }
-            compressible += evictable as u64;
-            in_use += geom.blocks_for(len) as u64;
         }
-        i += COMPRESS_THREADS;
+        for k in 0..SCAN_HEADS {
+            let at = i + k as u32 * SCAN_WARPS;
+            if at < heads {
+                // SAFETY: the condition is warp-uniform.
+                let evictable = unsafe { warp_sum_u64(bins[k].iter().sum::<u32>() as u64) } as u32;
+                if lane == 0 {
+                    let len = len[k];
+                    let words = [len, fill(len, geom.block_size), evictable, 0, 0, 0];
+                    for (field, value) in words.iter().enumerate() {
+                        // SAFETY: heads holds a row for every work head slot.
+                        unsafe {
+                            store::<u32>(p.heads, p.head_word(first + at, field as u32), *value)
+                        };
+                    }
+                    compressible += evictable as u64;
+                    in_use += geom.blocks_for(len) as u64;
+                }
+            }
+        }
+        i += SCAN_WARPS * SCAN_HEADS as u32;
     }
     let scratch = dynamic_f32() as *mut u32;
-    // SAFETY: every thread calls these; the launch reserved the scratch.
+    // SAFETY: every thread calls these; the launch reserved the scratch. Their barriers also
+    // make the head rows written above visible to the whole CTA.
     let (compressible, in_use) = unsafe {
         (
             block_sum_u64(scratch, compressible),
@@ -340,33 +405,39 @@ pub unsafe fn sched_budget_body(p: &CompressParams) {
         BUDGET_TOKENS => in_use.saturating_sub((heads as u64 * value as u64).div_ceil(b.max(1))),
         _ => value as u64,
     };
-    let groups = (heads / p.group_heads.max(1)).max(1) as u64;
-    let requested = (wanted - wanted % groups).min(u32::MAX as u64);
-    let per_group = requested / groups;
+    let groups = (heads / p.group_heads.max(1)).max(1);
+    let requested = (wanted - wanted % groups as u64).min(u32::MAX as u64);
+    let per_group = requested / groups as u64;
     let mut taken = 0u64;
     let mut clamped = 0u64;
-    let mut g = thread;
-    while (g as u64) < groups {
-        let q = s * groups as u32 + g;
+    let mut g = warp;
+    while g < groups {
+        let q = s * groups + g;
         let mut possible = 0u64;
-        for i in 0..p.group_heads {
+        let mut i = lane;
+        while i < p.group_heads {
             let w = q * p.group_heads + i;
-            // SAFETY: written above by this CTA; the barriers of block_sum_u64 ordered them.
+            // SAFETY: written above by this CTA, visible after the barriers.
             unsafe {
                 let evictable = load::<u32>(p.heads, p.head_word(w, HEAD_EVICTABLE));
                 let fill = load::<u32>(p.heads, p.head_word(w, HEAD_FILL));
                 possible += blocks_within(evictable, fill, geom.block_size) as u64;
             }
+            i += WARP_SIZE;
         }
-        let need = per_group.min(possible);
-        // SAFETY: q < num_groups.
-        unsafe {
-            store::<u32>(p.groups, p.group_word(q, GROUP_PREFIX), 0);
-            store::<u32>(p.groups, p.group_word(q, GROUP_NEED), need as u32);
+        // SAFETY: the group loop is warp-uniform.
+        let possible = unsafe { warp_sum_u64(possible) };
+        if lane == 0 {
+            let need = per_group.min(possible);
+            // SAFETY: q < num_groups.
+            unsafe {
+                store::<u32>(p.groups, p.group_word(q, GROUP_PREFIX), 0);
+                store::<u32>(p.groups, p.group_word(q, GROUP_NEED), need as u32);
+            }
+            taken += need;
+            clamped += (per_group > possible) as u64;
         }
-        taken += need;
-        clamped += (per_group > possible) as u64;
-        g += COMPRESS_THREADS;
+        g += SCAN_WARPS;
     }
     // SAFETY: every thread calls these.
     let (taken, clamped) = unsafe {
@@ -396,27 +467,48 @@ pub unsafe fn sched_budget_body(p: &CompressParams) {
     }
 }
 
-/// This lane's 8 bins of work head slot `w` in the histogram of `pass`.
+/// What a digit pass reads of one work head slot: whether it exists, its fill, its count of
+/// keys below the group's prefix, and this lane's bins of the pass's histogram.
+struct HeadBins {
+    present: bool,
+    fill: u32,
+    below: u32,
+    bins: [u32; LANE_BINS as usize],
+}
+
+/// The `SCAN_HEADS` head slots `i, i + SCAN_WARPS, ...` of the group whose first work head
+/// slot is `first`, read at once (those at or past `group_heads` are absent).
+///
+/// # Safety
+/// `first + group_heads <= num_work_heads`.
 #[inline(always)]
-unsafe fn lane_bins(p: &CompressParams, w: u32) -> [u32; LANE_BINS as usize] {
-    let num_work_heads = p.num_work_seqs * p.heads_per_seq();
-    let mut h = [0u32; LANE_BINS as usize];
-    for (j, v) in h.iter_mut().enumerate() {
-        // SAFETY: the histogram holds RADIX_BINS bins for every work head slot.
-        *v = unsafe {
-            load::<u32>(
-                p.hist,
-                p.hist_word(num_work_heads, p.pass, w, lane_id() * LANE_BINS + j as u32),
-            )
+unsafe fn head_bins(p: &CompressParams, first: u32, i: u32) -> [HeadBins; SCAN_HEADS] {
+    core::array::from_fn(|k| {
+        let at = i + k as u32 * SCAN_WARPS;
+        let mut head = HeadBins {
+            present: at < p.group_heads,
+            fill: 0,
+            below: 0,
+            bins: [0; LANE_BINS as usize],
         };
-    }
-    h
+        if head.present {
+            let w = first + at;
+            // SAFETY: heads and the histograms hold rows for w.
+            unsafe {
+                head.fill = load::<u32>(p.heads, p.head_word(w, HEAD_FILL));
+                head.below = load::<u32>(p.heads, p.head_word(w, HEAD_BELOW));
+                head.bins = lane_bins(p, p.pass, w);
+            }
+        }
+        head
+    })
 }
 
 /// Digit choice of pass `p.pass` for one group: the smallest bin at whose end the group's
 /// blocks with cost at or below it reach its need; then each head slot's count below the
 /// chosen bin. After the last pass, each head slot's blocks: all with cost below the
-/// threshold, then the ties in `(layer, head, k)` order until the need is met.
+/// threshold, then the ties in `(layer, head, k)` order until the need is met (a prefix sum
+/// of the ties over the group's head slots). A warp takes `SCAN_HEADS` head slots at once.
 ///
 /// # Safety
 /// Launched with `plan_compress`'s digit dims after histogram pass `p.pass`.
@@ -437,14 +529,17 @@ pub unsafe fn sched_digit_body(p: &CompressParams) {
     let (thread, lane, warp) = (thread_idx_x(), lane_id(), warp_id());
     let first = q * p.group_heads;
     let pairs = dynamic_f32() as *mut u32;
-    // SAFETY: the launch reserved WARPS * RADIX_BINS + 1 words.
-    let digit = unsafe { pairs.add((WARPS * RADIX_BINS) as usize) };
+    // SAFETY: the launch reserved SCAN_WARPS * RADIX_BINS + 1 + 2 * SCAN_WARPS words.
+    let (digit, scratch) = unsafe {
+        let digit = pairs.add((SCAN_WARPS * RADIX_BINS) as usize);
+        (digit, digit.add(1))
+    };
     // SAFETY: inside the smem map; all threads reach the barrier.
     unsafe {
         let mut i = thread;
-        while i < WARPS * RADIX_BINS {
+        while i < SCAN_WARPS * RADIX_BINS {
             *pairs.add(i as usize) = 0;
-            i += COMPRESS_THREADS;
+            i += SCAN_THREADS;
         }
         if thread == 0 {
             *digit = RADIX_BINS;
@@ -454,21 +549,23 @@ pub unsafe fn sched_digit_body(p: &CompressParams) {
     // Blocks with cost up to the end of each bin, per warp then summed.
     let mut i = warp;
     while i < p.group_heads {
-        let w = first + i;
-        // SAFETY: heads and the histogram hold rows for w; the warp is converged.
-        unsafe {
-            let fill = load::<u32>(p.heads, p.head_word(w, HEAD_FILL));
-            let below = load::<u32>(p.heads, p.head_word(w, HEAD_BELOW));
-            let h = lane_bins(p, w);
-            let lane_total: u32 = h.iter().sum();
-            let mut cum = below + inclusive_scan_u32(lane_total) - lane_total;
-            for (j, count) in h.iter().enumerate() {
+        // SAFETY: the group's head slots are work head slots.
+        let heads = unsafe { head_bins(p, first, i) };
+        for head in heads.iter() {
+            if !head.present {
+                continue; // warp-uniform
+            }
+            let lane_total: u32 = head.bins.iter().sum();
+            // SAFETY: the warp is converged (the condition above is warp-uniform).
+            let mut cum = head.below + unsafe { inclusive_scan_u32(lane_total) } - lane_total;
+            for (j, count) in head.bins.iter().enumerate() {
                 cum += count;
-                let at = pairs.add((warp * RADIX_BINS + lane * LANE_BINS + j as u32) as usize);
-                *at += blocks_within(cum, fill, geom.block_size);
+                let at = (warp * RADIX_BINS + lane * LANE_BINS + j as u32) as usize;
+                // SAFETY: inside this warp's row of pairs; each lane owns its bins.
+                unsafe { *pairs.add(at) += blocks_within(cum, head.fill, geom.block_size) };
             }
         }
-        i += WARPS;
+        i += SCAN_WARPS * SCAN_HEADS as u32;
     }
     // SAFETY: all threads reach the barriers; each thread owns bin `thread`.
     unsafe {
@@ -476,13 +573,13 @@ pub unsafe fn sched_digit_body(p: &CompressParams) {
         let mut b = thread;
         while b < RADIX_BINS {
             let mut total = 0u32;
-            for w in 0..WARPS {
+            for w in 0..SCAN_WARPS {
                 total += *pairs.add((w * RADIX_BINS + b) as usize);
             }
             if total >= need {
                 shared_min(shared_addr(digit), b);
             }
-            b += COMPRESS_THREADS;
+            b += SCAN_THREADS;
         }
         sync_threads();
     }
@@ -491,13 +588,16 @@ pub unsafe fn sched_digit_body(p: &CompressParams) {
     let last_pass = p.pass + 1 == RADIX_PASSES;
     let mut i = warp;
     while i < p.group_heads {
-        let w = first + i;
         // SAFETY: as above.
-        unsafe {
-            let h = lane_bins(p, w);
+        let heads = unsafe { head_bins(p, first, i) };
+        for (k, head) in heads.iter().enumerate() {
+            if !head.present {
+                continue; // warp-uniform
+            }
+            let w = first + i + k as u32 * SCAN_WARPS;
             let mut lane_below = 0u32;
             let mut at_digit = 0u32;
-            for (j, count) in h.iter().enumerate() {
+            for (j, count) in head.bins.iter().enumerate() {
                 let bin = lane * LANE_BINS + j as u32;
                 if bin < d {
                     lane_below += count;
@@ -506,55 +606,94 @@ pub unsafe fn sched_digit_body(p: &CompressParams) {
                     at_digit = *count;
                 }
             }
-            let below = load::<u32>(p.heads, p.head_word(w, HEAD_BELOW))
-                + shfl_idx_u32(inclusive_scan_u32(lane_below), WARP_SIZE - 1);
-            let at_digit = shfl_idx_u32(at_digit, d / LANE_BINS);
+            // SAFETY: the warp is converged.
+            let (below, at_digit) = unsafe {
+                (
+                    head.below + shfl_idx_u32(inclusive_scan_u32(lane_below), WARP_SIZE - 1),
+                    shfl_idx_u32(at_digit, d / LANE_BINS),
+                )
+            };
             if lane == 0 {
-                if last_pass {
-                    let fill = load::<u32>(p.heads, p.head_word(w, HEAD_FILL));
-                    store::<u32>(
-                        p.heads,
-                        p.head_word(w, HEAD_BLOCKS),
-                        blocks_within(below, fill, geom.block_size),
-                    );
-                    store::<u32>(
-                        p.heads,
-                        p.head_word(w, HEAD_EVICTIONS),
-                        blocks_within(below + at_digit, fill, geom.block_size),
-                    );
-                } else {
-                    store::<u32>(p.heads, p.head_word(w, HEAD_BELOW), below);
+                // SAFETY: heads holds a row for w, which only this lane writes.
+                unsafe {
+                    if last_pass {
+                        store::<u32>(
+                            p.heads,
+                            p.head_word(w, HEAD_BLOCKS),
+                            blocks_within(below, head.fill, geom.block_size),
+                        );
+                        store::<u32>(
+                            p.heads,
+                            p.head_word(w, HEAD_EVICTIONS),
+                            blocks_within(below + at_digit, head.fill, geom.block_size),
+                        );
+                    } else {
+                        store::<u32>(p.heads, p.head_word(w, HEAD_BELOW), below);
+                    }
                 }
             }
         }
-        i += WARPS;
+        i += SCAN_WARPS * SCAN_HEADS as u32;
     }
     if thread == 0 {
         // SAFETY: q < num_groups.
         unsafe { store::<u32>(p.groups, p.group_word(q, GROUP_PREFIX), prefix << 8 | d) };
     }
-    if !last_pass {
-        return;
+    if last_pass {
+        // SAFETY: every thread calls it after writing its head slots' rows.
+        unsafe { take_ties(p, first, need, scratch) };
     }
-    // SAFETY: all threads reach it; the stores above are CTA-visible after it.
+}
+
+/// The last pass's tie-break: head slot `i` of the group (from work head slot `first`) holds
+/// `HEAD_BLOCKS` blocks below the threshold and could free up to `HEAD_EVICTIONS` with the
+/// ties; it takes `min(its ties, need - blocks below - ties of head slots before it)` of them,
+/// so the ties go in `(layer, head, k)` order. Rewrites both words as the final blocks and
+/// evictions.
+///
+/// # Safety
+/// Every thread of the CTA calls it, after the rows of the group's head slots were written;
+/// `scratch` holds `2 * SCAN_WARPS` words.
+#[inline(always)]
+unsafe fn take_ties(p: &CompressParams, first: u32, need: u32, scratch: *mut u32) {
+    let geom = p.cache.geometry;
+    let thread = thread_idx_x();
+    // SAFETY: all threads reach it; the rows written before are CTA-visible after it.
     unsafe { sync_threads() };
-    if thread == 0 {
-        let mut below_threshold = 0u32;
-        for i in 0..p.group_heads {
-            // SAFETY: written above.
-            below_threshold += unsafe { load::<u32>(p.heads, p.head_word(first + i, HEAD_BLOCKS)) };
-        }
-        let mut ties_left = need - below_threshold;
-        for i in 0..p.group_heads {
-            let w = first + i;
+    let mut below_threshold = 0u64;
+    let mut i = thread;
+    while i < p.group_heads {
+        // SAFETY: a row of the group.
+        below_threshold +=
+            unsafe { load::<u32>(p.heads, p.head_word(first + i, HEAD_BLOCKS)) } as u64;
+        i += SCAN_THREADS;
+    }
+    // SAFETY: every thread calls it.
+    let below_threshold = unsafe { block_sum_u64(scratch, below_threshold) } as u32;
+    let mut ties_left = need - below_threshold;
+    let mut chunk = 0;
+    while chunk < p.group_heads {
+        let i = chunk + thread;
+        let w = first + i;
+        let (below, at_most, fill) = if i < p.group_heads {
+            // SAFETY: a row of the group, which only this thread accesses from here on.
+            unsafe {
+                (
+                    load::<u32>(p.heads, p.head_word(w, HEAD_BLOCKS)),
+                    load::<u32>(p.heads, p.head_word(w, HEAD_EVICTIONS)),
+                    load::<u32>(p.heads, p.head_word(w, HEAD_FILL)),
+                )
+            }
+        } else {
+            (0, 0, 0)
+        };
+        let ties = at_most - below;
+        // SAFETY: every thread calls it (the loop is uniform).
+        let (before, total) = unsafe { block_scan_u32(scratch, ties) };
+        if i < p.group_heads {
+            let blocks = below + ties.min(ties_left.saturating_sub(before));
             // SAFETY: as above.
             unsafe {
-                let below = load::<u32>(p.heads, p.head_word(w, HEAD_BLOCKS));
-                let at_most = load::<u32>(p.heads, p.head_word(w, HEAD_EVICTIONS));
-                let take = (at_most - below).min(ties_left);
-                ties_left -= take;
-                let blocks = below + take;
-                let fill = load::<u32>(p.heads, p.head_word(w, HEAD_FILL));
                 store::<u32>(p.heads, p.head_word(w, HEAD_BLOCKS), blocks);
                 store::<u32>(
                     p.heads,
@@ -563,5 +702,7 @@ pub unsafe fn sched_digit_body(p: &CompressParams) {
                 );
             }
         }
+        ties_left -= total.min(ties_left);
+        chunk += SCAN_THREADS;
     }
 }

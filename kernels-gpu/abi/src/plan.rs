@@ -1033,6 +1033,12 @@ pub const COMPRESS_THREADS: u32 = 256;
 pub const HIST_CHUNK_KVS: u32 = 4096;
 /// Warps per compression CTA.
 pub const COMPRESS_WARPS: u32 = COMPRESS_THREADS / WARP_SIZE;
+/// Threads per CTA of the budget and digit kernels (`sched_budget`, `sched_digit`): one CTA
+/// per sequence or group scans the histograms of all its head slots, a warp per head slot, so
+/// more warps mean fewer head slots one after another.
+pub const SCAN_THREADS: u32 = 512;
+/// Warps per budget or digit CTA.
+pub const SCAN_WARPS: u32 = SCAN_THREADS / WARP_SIZE;
 /// Logical KVs one compaction scan tile covers (each thread examines 8 at once).
 pub const COMPACT_TILE: u32 = 8 * COMPRESS_THREADS;
 /// Moves a compaction round gathers before it copies: each queue is refilled while it holds
@@ -1082,7 +1088,6 @@ pub struct CompressPlan {
 }
 
 impl CompressPlan {
-    /// Byte offsets in the workspace: `(seq_in, seq_out, heads, groups, hist, status)`.
     /// Byte offsets in the workspace: `[seq_in, seq_out, heads, groups, status, hist]`; all
     /// but the histograms are what the host reads back, in one copy.
     pub const fn offsets(&self, num_work_seqs: u32) -> [u64; 6] {
@@ -1095,7 +1100,8 @@ impl CompressPlan {
             heads + self.num_work_heads as u64 * crate::params::compress::HEAD_WORDS as u64 * 4;
         let status =
             groups + self.num_groups as u64 * crate::params::compress::GROUP_WORDS as u64 * 4;
-        let hist = status + 4;
+        // 16-byte aligned: the digit and budget kernels read bins 4 at a time.
+        let hist = (status + 4).next_multiple_of(16);
         [seq_in, seq_out, heads, groups, status, hist]
     }
 
@@ -1128,11 +1134,15 @@ pub fn plan_compress(
         block: [COMPRESS_THREADS, 1, 1],
         smem_bytes: smem_words * 4,
     };
+    let scan_dims = |grid: u32, smem_words: u32| LaunchDims {
+        block: [SCAN_THREADS, 1, 1],
+        ..dims(grid, smem_words)
+    };
     let bins = crate::params::compress::RADIX_BINS;
     CompressPlan {
         hist: dims(num_work_heads * chunks_per_head, bins),
-        budget: dims(num_work_seqs, 2 * COMPRESS_THREADS),
-        digit: dims(num_groups, COMPRESS_WARPS * bins + 1),
+        budget: scan_dims(num_work_seqs, 2 * SCAN_WARPS),
+        digit: scan_dims(num_groups, SCAN_WARPS * bins + 1 + 2 * SCAN_WARPS),
         compact: dims(num_work_heads, compact_smem::WORDS as u32),
         chunks_per_head,
         num_work_heads,

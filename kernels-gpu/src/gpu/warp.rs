@@ -83,6 +83,47 @@ pub unsafe fn shfl_idx_u32(value: u32, src: u32) -> u32 {
     out
 }
 
+/// A u32 from lane `lane_id ^ lane_mask`.
+///
+/// # Safety
+/// As [`ballot`].
+#[inline(always)]
+pub unsafe fn shfl_xor_u32(value: u32, lane_mask: u32) -> u32 {
+    let out: u32;
+    // SAFETY: the caller guarantees a converged warp.
+    unsafe {
+        core::arch::asm!(
+            "shfl.sync.bfly.b32 {o}, {v}, {m}, 0x1f, 0xffffffff;",
+            o = out(reg32) out,
+            v = in(reg32) value,
+            m = in(reg32) lane_mask,
+            options(nomem, nostack),
+        );
+    }
+    out
+}
+
+/// Sum over the warp's lanes (wrapping at 2^64); every lane gets it.
+///
+/// # Safety
+/// As [`ballot`].
+#[inline(always)]
+pub unsafe fn warp_sum_u64(mut value: u64) -> u64 {
+    let mut mask = 16;
+    while mask > 0 {
+        // SAFETY: forwarded from the caller.
+        let (lo, hi) = unsafe {
+            (
+                shfl_xor_u32(value as u32, mask),
+                shfl_xor_u32((value >> 32) as u32, mask),
+            )
+        };
+        value = value.wrapping_add((hi as u64) << 32 | lo as u64);
+        mask /= 2;
+    }
+    value
+}
+
 /// A u32 from lane `lane_id - delta` (unchanged in lanes below `delta`).
 ///
 /// # Safety
