@@ -2,7 +2,9 @@
 //!
 //! 1. Select: the `c_h` evictable KVs of smallest `(metric key, position)` (`schedule.rs` chose
 //!    `c_h`). A radix select over the 64-bit key `metric_key << 32 | position` in passes of 8
-//!    bits, a shared-memory histogram each, stops as soon as the rank falls on a bin's end; the
+//!    bits, a shared-memory histogram each (copied from the schedule's histogram of that pass
+//!    while the prefix is the group threshold's, so usually no KV is read), stops as soon as
+//!    the rank falls on a bin's end; the
 //!    result is a prefix `P` of `level` bits such that a KV is evicted iff it is evictable and
 //!    the top `level` bits of its key are `<= P` (`level` 0: every evictable KV). Positions are
 //!    unique within a head slot, so the select always resolves.
@@ -20,7 +22,7 @@
 //! Skipped entirely when `status` reports an explicit budget that cannot be met.
 
 use kvc_abi::params::compress::{
-    HEAD_BELOW, HEAD_BLOCKS, HEAD_EVICTABLE, HEAD_EVICTIONS, HEAD_LEN,
+    GROUP_PREFIX, HEAD_BELOW, HEAD_BLOCKS, HEAD_EVICTABLE, HEAD_EVICTIONS, HEAD_LEN, RADIX_PASSES,
 };
 use kvc_abi::params::CompressParams;
 use kvc_abi::plan::{
@@ -102,7 +104,7 @@ pub unsafe fn compact_body(p: &CompressParams) {
                 prefix: 0,
             }
         } else {
-            select(p, view, head_slot, len, evictions, words)
+            select(p, view, w, head_slot, len, evictions, words)
         }
     };
     let kept = len - evictions;
@@ -130,20 +132,34 @@ pub unsafe fn compact_body(p: &CompressParams) {
     }
 }
 
-/// The radix select of step 1.
+/// The radix select of step 1. A pass over the metric key's bits whose prefix is the group's
+/// threshold prefix at that depth needs no reading: the schedule's histogram of that pass
+/// (`sched_hist`) counted exactly the head slot's evictable keys with that prefix. The rank
+/// falls near the group's threshold, so most head slots read no KV here at all.
 ///
 /// # Safety
-/// Every thread calls it; `words` is the kernel's shared memory; `len > 0`.
+/// Every thread calls it; `words` is the kernel's shared memory; `len > 0`; work head slot `w`
+/// frees blocks, so its group ran every schedule pass.
 #[inline(always)]
 unsafe fn select(
     p: &CompressParams,
     view: SeqView,
+    w: u32,
     head_slot: u64,
     len: u32,
     rank: u32,
     words: *mut u32,
 ) -> Evict {
     let thread = thread_idx_x();
+    let num_work_heads = p.num_work_seqs * p.heads_per_seq();
+    // SAFETY: w's group is in groups; after the last digit pass its prefix is the whole
+    // 32-bit threshold key.
+    let threshold = unsafe {
+        load::<u32>(
+            p.groups,
+            p.group_word(w / p.group_heads.max(1), GROUP_PREFIX),
+        )
+    } as u64;
     // SAFETY: inside the smem map; every thread reaches every barrier (the loop condition is
     // read from shared memory after a barrier, so it is uniform).
     unsafe {
@@ -164,8 +180,16 @@ unsafe fn select(
             let level = *words.add(STATE_AT + S_LEVEL);
             let prefix = (*words.add(STATE_AT + S_PREFIX_HI) as u64) << 32
                 | *words.add(STATE_AT + S_PREFIX_LO) as u64;
+            let pass = level / 8;
+            let scheduled = pass < RADIX_PASSES && prefix == threshold >> (32 - level);
+            let mut b = thread;
+            while scheduled && b < 256 {
+                *words.add(BINS_AT + b as usize) =
+                    load::<u32>(p.hist, p.hist_word(num_work_heads, pass, w, b));
+                b += COMPRESS_THREADS;
+            }
             let mut base = 0;
-            while base < len {
+            while !scheduled && base < len {
                 // A histogram: which thread counts which KV does not matter, so each takes a
                 // run of consecutive KVs (one table load, vector loads).
                 let kv = kv_run(p, view, head_slot, base + BATCH as u32 * thread, len);
