@@ -115,12 +115,34 @@ pub unsafe fn kv_batch(
     batch
 }
 
-/// Position, metric key and evictability of the `BATCH` consecutive logical KVs from `first`
-/// of a head slot. `first` is a multiple of `BATCH` and blocks hold at least
+/// The metric keys a pass over a head slot wants: those whose top `bits` bits are `prefix`
+/// (every key when `bits` is 0).
+#[derive(Clone, Copy)]
+pub struct KeyFilter {
+    pub prefix: u32,
+    pub bits: u32,
+}
+
+impl KeyFilter {
+    /// Every key.
+    pub const ALL: KeyFilter = KeyFilter { prefix: 0, bits: 0 };
+
+    #[inline(always)]
+    fn wants(self, key: u32) -> bool {
+        self.bits == 0 || key >> (32 - self.bits) == self.prefix
+    }
+}
+
+/// Metric key and evictability of the `BATCH` consecutive logical KVs from `first` of a head
+/// slot, for a pass that wants only the keys `filter` accepts (a KV it rejects is reported
+/// not evictable). `first` is a multiple of `BATCH` and blocks hold at least
 /// `MIN_BLOCK_SIZE >= BATCH` slots, so the run lies in one block: one block-table load and two
-/// 16-byte loads each of positions and metrics (where `kv_batch` needs a table load and two
-/// scalar loads per KV). KVs at or past `len` are reported not evictable, and nothing is read
-/// when all are. For passes whose result does not depend on which thread sees which KV.
+/// 16-byte loads of metrics (where `kv_batch` needs a table load and two scalar loads per KV),
+/// and two of positions: issued with the metrics when every key is wanted, else only once
+/// some key is (a radix pass past the first wants few keys, and skips most positions). KVs at
+/// or past `len` are reported not evictable, and nothing is read when all are. Positions are
+/// meaningful only where a key is wanted. For passes whose result does not depend on which
+/// thread sees which KV.
 ///
 /// # Safety
 /// The head slot's first `len` KVs are in validated pool blocks.
@@ -131,6 +153,7 @@ pub unsafe fn kv_run(
     head_slot: u64,
     first: u32,
     len: u32,
+    filter: KeyFilter,
 ) -> KvBatch {
     let mut batch = KvBatch {
         position: [0; BATCH],
@@ -144,22 +167,41 @@ pub unsafe fn kv_run(
     let table = p.cache.block_tables + geom.block_table_at(head_slot, 0) * 4;
     // SAFETY: first < len: its block is a validated pool block, whose slots
     // slot_in_block(first)..+BATCH exist (16-byte aligned: first is a multiple of BATCH).
-    let (positions, metrics) = unsafe {
+    let (position, metric) = unsafe {
         let block = load_nc::<i32>(table, geom.logical_block(first) as u64) as u32;
         let at = geom.pool_slot(block, geom.slot_in_block(first)) * 4;
-        let (position, metric) = (p.cache.position + at, p.cache.metric + at);
+        (p.cache.position + at, p.cache.metric + at)
+    };
+    // SAFETY: as above, for the metrics and (the same slots) the positions.
+    let (metrics, early) = unsafe {
         (
-            [load_chunk(position), load_chunk(position + 16)],
             [load_chunk(metric), load_chunk(metric + 16)],
+            if filter.bits == 0 {
+                [load_chunk(position), load_chunk(position + 16)]
+            } else {
+                [[0; 4]; 2]
+            },
         )
     };
+    let mut any = false;
     for u in 0..BATCH {
-        let position = positions[u / 4][u % 4] as i32;
-        batch.position[u] = position;
         batch.key[u] = metric_key(f32::from_bits(metrics[u / 4][u % 4]));
-        batch.evictable[u] = first + (u as u32) < len
-            && position as i64 >= p.sinks as i64
-            && position as i64 <= view.newest_evictable;
+        batch.evictable[u] = first + (u as u32) < len && filter.wants(batch.key[u]);
+        any |= batch.evictable[u];
+    }
+    if any {
+        let positions = if filter.bits == 0 {
+            early
+        } else {
+            // SAFETY: as above.
+            unsafe { [load_chunk(position), load_chunk(position + 16)] }
+        };
+        for u in 0..BATCH {
+            let position = positions[u / 4][u % 4] as i32;
+            batch.position[u] = position;
+            batch.evictable[u] &=
+                position as i64 >= p.sinks as i64 && position as i64 <= view.newest_evictable;
+        }
     }
     batch
 }
@@ -226,12 +268,16 @@ pub unsafe fn sched_hist_body(p: &CompressParams) {
         // A histogram: which thread counts which KV does not matter, so each takes a run.
         let first = base + BATCH as u32 * thread;
         // SAFETY: the head slot's KVs are validated; runs past the chunk are masked below.
-        let kv = unsafe { kv_run(p, view, head_slot, first, len) };
+        let kv = unsafe {
+            let filter = KeyFilter {
+                prefix,
+                bits: 8 * p.pass,
+            };
+            kv_run(p, view, head_slot, first, len, filter)
+        };
         for u in 0..BATCH {
-            let key = kv.key[u];
-            let matches = p.pass == 0 || key >> (32 - 8 * p.pass) == prefix;
-            if first + (u as u32) < hi && kv.evictable[u] && matches {
-                let bin = bins.add(((key >> digit_shift) & 0xff) as usize);
+            if first + (u as u32) < hi && kv.evictable[u] {
+                let bin = bins.add(((kv.key[u] >> digit_shift) & 0xff) as usize);
                 // SAFETY: the bin lies in the smem histogram.
                 unsafe { shared_add(shared_addr(bin), 1) };
             }
