@@ -32,9 +32,15 @@ pub const BLOCK_SIZES: [u32; 3] = [8, 16, 32];
 // The decode kernel sizes its block-id table by the smallest block size.
 const _: () = assert!(BLOCK_SIZES[0] >= kvc_abi::plan::MIN_BLOCK_SIZE);
 
-/// Entry point of the decode kernel for `dtype`, head dimension `head_dim` and group size `g`.
-pub fn decode_entry(dtype: DType, head_dim: u32, group_size: u32) -> String {
-    format!("paged_decode_{}_d{head_dim}_g{group_size}", dtype.name())
+/// Entry point of the decode kernel for `dtype`, head dimension `head_dim` and group size `g`,
+/// with metric recording (`record`) or without: separate kernels, so that the recording code
+/// costs the plain decode no registers.
+pub fn decode_entry(dtype: DType, head_dim: u32, group_size: u32, record: bool) -> String {
+    let kind = if record { "rec_" } else { "" };
+    format!(
+        "paged_decode_{kind}{}_d{head_dim}_g{group_size}",
+        dtype.name()
+    )
 }
 
 /// Entry point of the decode merge kernel for `dtype`.
@@ -118,7 +124,8 @@ pub fn entry_points() -> Vec<String> {
     for dtype in DType::ALL {
         for d in HEAD_DIMS {
             for g in GROUP_SIZES {
-                names.push(decode_entry(dtype, d, g));
+                names.push(decode_entry(dtype, d, g, false));
+                names.push(decode_entry(dtype, d, g, true));
             }
         }
         names.push(decode_merge_entry(dtype));

@@ -31,7 +31,7 @@ pub(crate) fn decode(
 ) -> Result<()> {
     let gpu = &d.gpu;
     let recording = job.args.record.is_some();
-    let entry = decode_entry(dtype, g.head_dim, g.group_size);
+    let entry = decode_entry(dtype, g.head_dim, g.group_size, recording);
     let smem = decode_smem(g.group_size, g.head_dim, dtype.elem_bytes(), 0).bytes;
     let kernel = gpu.kernel_props(&entry, DECODE_WARPS * WARP_SIZE, smem)?;
     let plan = plan_decode(

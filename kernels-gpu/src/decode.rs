@@ -12,7 +12,8 @@
 //! shuffles, warps through shared memory ([`kvc_abi::plan::decode_smem`]).
 //!
 //! With one partition the CTA writes the normalised output; otherwise it writes the partition's
-//! unnormalised accumulators and `(max, sum)` for `decode_merge`.
+//! unnormalised accumulators and `(max, sum)` for `decode_merge` (a second launch without
+//! recording; with recording, the CTA that leaves the handshake last merges them).
 //!
 //! Metric recording (`record` L2 or L1): every lane stashes the scores of its rows in shared
 //! memory, and while a row is loaded its position and metric are copied into the stash too
@@ -37,7 +38,7 @@ use kvc_abi::params::{record, DecodeParams};
 use kvc_abi::plan::{decode_smem, decode_tile, DecodeTile, DECODE_WARPS, WARP_SIZE};
 use kvc_abi::Geometry;
 
-use crate::decode_merge::partition_stats;
+use crate::decode_merge::{merge_recorded, partition_stats};
 use crate::gpu::math::{exp2, fma, fmax, store_elem, CacheElem};
 use crate::gpu::mem::{load, load_chunk, load_chunk_nc, store, Chunk};
 use crate::gpu::mma::{copy_async_word, shared_addr, wait_async_copies};
@@ -116,13 +117,17 @@ impl<const G: usize> Softmax<G> {
     }
 }
 
-/// The decode kernel body for cache type `T`, head dimension `D` and group size `G`.
+/// The decode kernel body for cache type `T`, head dimension `D` and group size `G`, with
+/// metric recording when `R` (then `p.record` is L2 or L1; separate entries, so that the
+/// recording code costs the plain decode no registers).
 ///
 /// # Safety
 /// Launched with [`kvc_abi::plan::plan_decode`]'s dims for this `D`, `G` and dtype, and with
-/// params the host validated (module header).
+/// params the host validated (module header); `p.record` is off exactly when `R` is false.
 #[inline(always)]
-pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize>(p: &DecodeParams) {
+pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize, const R: bool>(
+    p: &DecodeParams,
+) {
     let tile = Shape::<T, D, G>::TILE;
     let rows = Shape::<T, D, G>::ROWS;
     let chunks = Shape::<T, D, G>::CHUNKS;
@@ -131,7 +136,7 @@ pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize>(p: &Deco
     let elem_bytes = T::BYTES as u64;
     let lane = lane_id();
     let warp = warp_id();
-    let recording = p.record != record::OFF;
+    let recording = R;
     let smem = decode_smem(G as u32, D as u32, T::BYTES, 0);
     let words = dynamic_f32();
     // SAFETY: every thread of the CTA calls this first.
@@ -276,7 +281,7 @@ pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize>(p: &Deco
         }
     }
     // SAFETY: every thread of the CTA calls it, after writing its warp's state.
-    unsafe { finish::<T, D, G>(p, &work, &blocks) };
+    unsafe { finish::<T, D, G, R>(p, &work, &blocks) };
 }
 
 /// The block ids of the logical blocks of a CTA's partition, read once into shared memory
@@ -406,7 +411,7 @@ pub(crate) unsafe fn begin<T: CacheElem, const G: usize>(p: &DecodeParams) -> Wo
 /// # Safety
 /// Every thread of the CTA calls it, after its warp's writes.
 #[inline(always)]
-pub(crate) unsafe fn finish<T: CacheElem, const D: usize, const G: usize>(
+pub(crate) unsafe fn finish<T: CacheElem, const D: usize, const G: usize, const R: bool>(
     p: &DecodeParams,
     work: &Work,
     blocks: &BlockIds,
@@ -422,7 +427,7 @@ pub(crate) unsafe fn finish<T: CacheElem, const D: usize, const G: usize>(
         end,
         ..
     } = work;
-    let recording = p.record != record::OFF;
+    let recording = R;
     // SAFETY: every thread of the CTA reaches this barrier (no thread returned early); the
     // stash copies of every thread have landed after it.
     unsafe {
@@ -502,9 +507,20 @@ pub(crate) unsafe fn finish<T: CacheElem, const D: usize, const G: usize>(
         item += DECODE_WARPS * WARP_SIZE;
     }
 
+    // A split recording launch merges in the CTA that leaves each head slot's handshake last
+    // (the partials are all published by then), and an empty head slot's first CTA writes its
+    // zero output: no merge launch follows. The branches are uniform over the CTA.
     if recording && start < end {
-        // SAFETY: every thread of the CTA takes this uniform branch.
-        unsafe { record_metrics::<T, G>(p, seq, kv_head, start, end, len, blocks) };
+        // SAFETY: every thread of the CTA takes this branch.
+        if unsafe { record_metrics::<T, G>(p, seq, kv_head, start, end, len, blocks) } {
+            // SAFETY: as above; record_metrics said this CTA left the handshake last.
+            unsafe {
+                merge_recorded::<T, D, G>(p, seq, kv_head, len.div_ceil(p.partition_kvs.max(1)))
+            };
+        }
+    } else if recording && p.num_partitions > 1 && partition == 0 {
+        // SAFETY: as above; no partition of this empty head slot is live.
+        unsafe { merge_recorded::<T, D, G>(p, seq, kv_head, 0) };
     }
 }
 
@@ -541,7 +557,8 @@ unsafe fn work_item(p: &DecodeParams, ticket_word: *mut f32) -> (u32, u32, u32) 
     (partition, rest % kv_heads, rest / kv_heads)
 }
 
-/// Adds the recorded metric of rows `[start, end)` of the head slot (module header).
+/// Adds the recorded metric of rows `[start, end)` of the head slot (module header). Returns
+/// whether this CTA left a split head slot's handshake last (false without a split).
 ///
 /// # Safety
 /// Called by every thread of the CTA after the output phase, with the stash filled.
@@ -554,11 +571,14 @@ unsafe fn record_metrics<T: CacheElem, const G: usize>(
     end: u32,
     len: u32,
     blocks: &BlockIds,
-) {
+) -> bool {
     let geom = p.cache.geometry;
     let smem = decode_smem(G as u32, geom.head_dim, T::BYTES, 0);
     let words = dynamic_f32();
     let thread = thread_idx_x();
+    // The ticket word, free once `begin` has read it, tells the CTA who left last.
+    let last_out = words.wrapping_add(smem.ticket as usize) as *mut u32;
+    let mut merges = false;
     if p.num_partitions > 1 {
         // Publish this partition's (max, sum) rows, written above, before counting in.
         fence_gpu();
@@ -575,11 +595,14 @@ unsafe fn record_metrics<T: CacheElem, const G: usize>(
                 // Leaving counts too: the last of the 2 * live increments comes after every
                 // live partition has seen them all arrive, so the word can be zeroed for the
                 // next launch.
-                if atomic_add_relaxed(arrivals, 1) == 2 * live_partitions - 1 {
+                let last = atomic_add_relaxed(arrivals, 1) == 2 * live_partitions - 1;
+                if last {
                     store::<u32>(p.counters, p.arrival_word(seq, kv_head), 0);
                 }
+                *last_out = last as u32;
             }
             sync_threads();
+            merges = *last_out != 0;
         }
     }
     if p.num_partitions > 1 {
@@ -653,6 +676,7 @@ unsafe fn record_metrics<T: CacheElem, const G: usize>(
         }
         row += threads;
     }
+    merges
 }
 
 /// Widens this lane's part of row `i` of a tile's chunks.

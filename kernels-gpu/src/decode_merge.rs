@@ -13,10 +13,11 @@
 //! took 7.9 us on an H100; with 8 at a time and the maxima loaded by every thread, 5.9 us.)
 
 use kvc_abi::params::DecodeParams;
-use kvc_abi::plan::{MERGE_THREADS, WARP_SIZE};
+use kvc_abi::plan::{decode_smem, DECODE_WARPS, MERGE_THREADS, WARP_SIZE};
 
 use crate::gpu::math::{exp2, fma, fmax, store_elem, CacheElem};
 use crate::gpu::mem::load;
+use crate::gpu::smem::dynamic_f32;
 use crate::gpu::thread::{block_idx_x, block_idx_y, lane_id, thread_idx_x};
 use crate::gpu::warp::{shfl_idx_u32, shfl_xor};
 
@@ -64,7 +65,55 @@ pub unsafe fn partition_stats(p: &DecodeParams, seq: u32, q_head: u32, live: u32
     (max, sum)
 }
 
-/// The merge body for output type `T`.
+/// Column `d` of one query head's merged, not yet normalised output: the sum over its first
+/// `live` partitions (rows from `first_row`) of the accumulator weighted by
+/// `exp2(partition max - base)`. Lane `l` loads partition `l`'s max for its weight while every
+/// thread loads its column's 32 accumulators at once; the weights go round by shuffles.
+///
+/// # Safety
+/// The whole warp calls it with the same `first_row`, `live` and `base` and 32 consecutive
+/// columns `d < head_dim`; the live partitions' rows are written and visible.
+#[inline(always)]
+unsafe fn merged_column(
+    p: &DecodeParams,
+    first_row: u64,
+    live: u32,
+    base: f32,
+    head_dim: u32,
+    d: u32,
+) -> f32 {
+    let lane = lane_id();
+    let mut acc = 0.0f32;
+    let mut chunk = 0;
+    while chunk < live {
+        // Lane l: the weight of partition chunk + l (0 past the live ones).
+        let own = chunk + lane;
+        let weight = if own < live {
+            // SAFETY: a live partition's row.
+            exp2(unsafe { load::<f32>(p.partial_ml, (first_row + own as u64) * 2) } - base)
+        } else {
+            0.0
+        };
+        let mut value = [0.0f32; WARP_SIZE as usize];
+        for (k, v) in value.iter_mut().enumerate() {
+            if chunk + (k as u32) < live {
+                let row = first_row + (chunk + k as u32) as u64;
+                // SAFETY: a live partition's row; d < D.
+                *v = unsafe { load::<f32>(p.partial_acc, row * head_dim as u64 + d as u64) };
+            }
+        }
+        for (k, v) in value.iter().enumerate() {
+            // SAFETY: every lane runs the shuffles (the loops are warp-uniform).
+            let w = f32::from_bits(unsafe { shfl_idx_u32(weight.to_bits(), k as u32) });
+            acc = fma(*v, w, acc);
+        }
+        chunk += WARP_SIZE;
+    }
+    acc
+}
+
+/// The merge body for output type `T` (launched only without recording: a recording launch
+/// merges in its last CTA of each head slot, [`merge_recorded`]).
 ///
 /// # Safety
 /// Launched with `plan_decode`'s merge dims after the decode launch of the same params wrote
@@ -86,38 +135,50 @@ pub unsafe fn decode_merge_body<T: CacheElem>(p: &DecodeParams) {
     let base = if max == f32::NEG_INFINITY { 0.0 } else { max };
     let inv_sum = if sum > 0.0 { 1.0 / sum } else { 0.0 };
 
-    let lane = lane_id();
     // Columns of a warp are consecutive and D is a multiple of 32: the loop is warp-uniform.
     let mut d = thread_idx_x();
     while d < head_dim {
-        let mut acc = 0.0f32;
-        let mut chunk = 0;
-        while chunk < live {
-            // Lane l: the weight of partition chunk + l (0 past the live ones).
-            let own = chunk + lane;
-            let weight = if own < live {
-                // SAFETY: a live partition's row.
-                exp2(unsafe { load::<f32>(p.partial_ml, (first_row + own as u64) * 2) } - base)
-            } else {
-                0.0
-            };
-            let mut value = [0.0f32; WARP_SIZE as usize];
-            for (k, v) in value.iter_mut().enumerate() {
-                if chunk + (k as u32) < live {
-                    let row = first_row + (chunk + k as u32) as u64;
-                    // SAFETY: a live partition's row; d < D.
-                    *v = unsafe { load::<f32>(p.partial_acc, row * head_dim as u64 + d as u64) };
-                }
-            }
-            for (k, v) in value.iter().enumerate() {
-                // SAFETY: every lane runs the shuffles (the loops are warp-uniform).
-                let w = f32::from_bits(unsafe { shfl_idx_u32(weight.to_bits(), k as u32) });
-                acc = fma(*v, w, acc);
-            }
-            chunk += WARP_SIZE;
-        }
+        // SAFETY: the warp's 32 consecutive columns; the decode launch wrote the live rows.
+        let acc = unsafe { merged_column(p, first_row, live, base, head_dim, d) };
         // SAFETY: out holds [num_seqs, Hq, D] of T.
         unsafe { store_elem::<T>(p.out, p.query_elem(seq, q_head) + d as u64, acc * inv_sum) };
         d += MERGE_THREADS;
+    }
+}
+
+/// The merge of a recording launch, by the CTA that left the head slot's handshake last: the
+/// output of the `G` query heads of head slot `(seq, layer_idx, kv_head)` from its first
+/// `live` partitions, with the global `(max, 1 / sum)` the record phase left at
+/// `DecodeSmem::record_ml` (the same fold of the same rows as the merge kernel's, so the
+/// output bits do not depend on recording). `live` 0 writes zeros.
+///
+/// # Safety
+/// Every thread of the CTA calls it after the record phase; every live partition published
+/// its partials before the handshake this CTA left last.
+#[inline(always)]
+pub unsafe fn merge_recorded<T: CacheElem, const D: usize, const G: usize>(
+    p: &DecodeParams,
+    seq: u32,
+    kv_head: u32,
+    live: u32,
+) {
+    let smem = decode_smem(G as u32, D as u32, T::BYTES, 0);
+    let stats = dynamic_f32().wrapping_add(smem.record_ml as usize);
+    // A warp's 32 items are consecutive columns of one head (D is a multiple of 32).
+    let mut item = thread_idx_x();
+    while item < (G * D) as u32 {
+        let (g, d) = (item / D as u32, item % D as u32);
+        let q_head = kv_head * G as u32 + g;
+        // SAFETY: inside the decode_smem map, written by the record phase (before its barrier).
+        let (max, inv) = unsafe { (*stats.add(2 * g as usize), *stats.add(2 * g as usize + 1)) };
+        let base = if max == f32::NEG_INFINITY { 0.0 } else { max };
+        // The merge kernel's `1 / sum`, or 0 for an empty sum.
+        let inv_sum = if inv.is_infinite() { 0.0 } else { inv };
+        // SAFETY: the warp's 32 consecutive columns; the live rows are published.
+        let acc =
+            unsafe { merged_column(p, p.partial_row(seq, q_head, 0), live, base, D as u32, d) };
+        // SAFETY: out holds [num_seqs, Hq, D] of T.
+        unsafe { store_elem::<T>(p.out, p.query_elem(seq, q_head) + d as u64, acc * inv_sum) };
+        item += DECODE_WARPS * WARP_SIZE;
     }
 }

@@ -23,7 +23,7 @@
 //! precision, close to the scalar kernel's f32, and the documented tolerances are unchanged.
 //! The softmax sum is accumulated from the f32 probabilities.
 
-use kvc_abi::params::{record, DecodeParams};
+use kvc_abi::params::DecodeParams;
 use kvc_abi::plan::{
     decode_smem, mma_tile_chunks, mma_tiles_per_step, MmaTile, DECODE_WARPS, MMA_TILE_ROWS,
     WARP_SIZE,
@@ -58,7 +58,12 @@ const P_SCALE: f32 = 1024.0;
 /// # Safety
 /// As [`crate::decode::decode_body`].
 #[inline(always)]
-pub unsafe fn decode_mma_body<T: CacheElem + Mma16, const D: usize, const G: usize>(
+pub unsafe fn decode_mma_body<
+    T: CacheElem + Mma16,
+    const D: usize,
+    const G: usize,
+    const R: bool,
+>(
     p: &DecodeParams,
 ) {
     const { assert!(G <= 8 && D.is_multiple_of(64) && D <= 256) };
@@ -71,7 +76,7 @@ pub unsafe fn decode_mma_body<T: CacheElem + Mma16, const D: usize, const G: usi
     let warp = warp_id();
     let gid = lane / 4;
     let tig = lane % 4;
-    let recording = p.record != record::OFF;
+    let recording = R;
     let smem = decode_smem(G as u32, D as u32, T::BYTES, 0);
     let words = dynamic_f32();
     // SAFETY: every thread of the CTA calls this first.
@@ -326,5 +331,5 @@ pub unsafe fn decode_mma_body<T: CacheElem + Mma16, const D: usize, const G: usi
         }
     }
     // SAFETY: every thread of the CTA calls it, after its warp's writes.
-    unsafe { finish::<T, D, G>(p, &work, &blocks) };
+    unsafe { finish::<T, D, G, R>(p, &work, &blocks) };
 }

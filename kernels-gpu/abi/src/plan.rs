@@ -374,7 +374,8 @@ pub struct DecodePlan {
     /// Grid `(num_partitions, H, num_seqs)`, one CTA of `DECODE_WARPS` warps per partition of
     /// a head slot.
     pub decode: LaunchDims,
-    /// Grid `(Hq, num_seqs)`; `None` when every head slot fits one partition.
+    /// Grid `(Hq, num_seqs)`; `None` when every head slot fits one partition, or when
+    /// recording (the CTA that leaves a head slot's handshake last merges it).
     pub merge: Option<LaunchDims>,
     /// KVs per partition (a multiple of the block size).
     pub partition_kvs: u32,
@@ -452,7 +453,7 @@ pub fn plan_decode(
             smem_bytes: 0,
         };
         let rows = geometry.num_seqs as u64 * geometry.num_q_heads() as u64 * num_partitions as u64;
-        (Some(dims), rows)
+        ((!record).then_some(dims), rows)
     } else {
         (None, 0)
     };
@@ -739,15 +740,18 @@ mod tests {
         let k = KernelProps { ctas_per_sm: 3 };
         let resident = 132 * PLANNED_CTAS_PER_SM;
         for (batch, context) in [(1, 32768), (16, 8192), (64, 4096), (256, 1024)] {
-            let p = plan_decode(
-                &geometry(batch),
-                DType::F16,
-                context,
-                &props,
-                &k,
-                None,
-                false,
-            );
+            let plan = |record| {
+                plan_decode(
+                    &geometry(batch),
+                    DType::F16,
+                    context,
+                    &props,
+                    &k,
+                    None,
+                    record,
+                )
+            };
+            let p = plan(false);
             let ctas = batch * 8 * p.num_partitions;
             let efficiency = ctas as f32 / (ctas.div_ceil(resident) * resident) as f32;
             assert!(
@@ -766,6 +770,10 @@ mod tests {
                 }
             );
             assert_eq!(p.merge.is_some(), p.num_partitions > 1);
+            // A recording launch merges in its last CTA of each head slot.
+            let r = plan(true);
+            assert_eq!(r.merge, None);
+            assert_eq!(r.partial_rows, p.partial_rows);
         }
         let p = plan_decode(&geometry(1), DType::F16, 0, &props, &k, None, false);
         assert_eq!(p.num_partitions, 1);
