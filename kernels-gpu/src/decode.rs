@@ -514,9 +514,7 @@ pub(crate) unsafe fn finish<T: CacheElem, const D: usize, const G: usize, const 
         // SAFETY: every thread of the CTA takes this branch.
         if unsafe { record_metrics::<T, G>(p, seq, kv_head, start, end, len, blocks) } {
             // SAFETY: as above; record_metrics said this CTA left the handshake last.
-            unsafe {
-                merge_recorded::<T, D, G>(p, seq, kv_head, len.div_ceil(p.partition_kvs.max(1)))
-            };
+            unsafe { merge_recorded::<T, D, G>(p, seq, kv_head, p.live_partitions(len)) };
         }
     } else if recording && p.num_partitions > 1 && partition == 0 {
         // SAFETY: as above; no partition of this empty head slot is live.
@@ -588,7 +586,7 @@ unsafe fn record_metrics<T: CacheElem, const G: usize>(
             if thread == 0 {
                 let arrivals = p.counters + p.arrival_word(seq, kv_head) * 4;
                 red_add_release(arrivals, 1);
-                let live_partitions = len.div_ceil(p.partition_kvs.max(1));
+                let live_partitions = p.live_partitions(len);
                 while load_acquire(arrivals) < live_partitions {
                     nanosleep(64);
                 }
@@ -608,7 +606,7 @@ unsafe fn record_metrics<T: CacheElem, const G: usize>(
     if p.num_partitions > 1 {
         // Warp w folds the partitions of query heads w, w + DECODE_WARPS, ... (lanes over
         // partitions, in parallel: no load waits behind another).
-        let live_partitions = len.div_ceil(p.partition_kvs.max(1));
+        let live_partitions = p.live_partitions(len);
         let mut g = warp_id();
         while (g as usize) < G {
             // SAFETY: the whole warp calls it; every live partition published its row before

@@ -126,7 +126,7 @@ pub unsafe fn decode_merge_body<T: CacheElem>(p: &DecodeParams) {
     let head_slot = geom.head_slot(seq, p.layer_idx, q_head / geom.group_size.max(1));
     // SAFETY: the grid covers (Hq, num_seqs) and layer_idx < L.
     let len = unsafe { load::<i32>(p.cache.context_lens, head_slot) } as u32;
-    let live = len.div_ceil(p.partition_kvs.max(1));
+    let live = p.live_partitions(len);
     let first_row = p.partial_row(seq, q_head, 0);
     let head_dim = geom.head_dim;
 

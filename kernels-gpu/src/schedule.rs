@@ -45,6 +45,15 @@ pub struct SeqView {
     pub newest_evictable: i64,
 }
 
+impl SeqView {
+    /// Whether a KV at `position` may be evicted: neither one of the first `sinks` positions
+    /// nor in the protected window (SPEC §5).
+    #[inline(always)]
+    pub fn may_evict(self, position: i32, sinks: u32) -> bool {
+        position as i64 >= sinks as i64 && position as i64 <= self.newest_evictable
+    }
+}
+
 /// The view of work sequence `s`.
 ///
 /// # Safety
@@ -108,9 +117,7 @@ pub unsafe fn kv_batch(
             batch.position[u] = load::<i32>(p.cache.position, slot[u]);
             batch.key[u] = metric_key(load::<f32>(p.cache.metric, slot[u]));
         }
-        let position = batch.position[u] as i64;
-        batch.evictable[u] =
-            idx[u] < len && position >= p.sinks as i64 && position <= view.newest_evictable;
+        batch.evictable[u] = idx[u] < len && view.may_evict(batch.position[u], p.sinks);
     }
     batch
 }
@@ -199,8 +206,7 @@ pub unsafe fn kv_run(
         for u in 0..BATCH {
             let position = positions[u / 4][u % 4] as i32;
             batch.position[u] = position;
-            batch.evictable[u] &=
-                position as i64 >= p.sinks as i64 && position as i64 <= view.newest_evictable;
+            batch.evictable[u] &= view.may_evict(position, p.sinks);
         }
     }
     batch

@@ -64,6 +64,12 @@ impl DecodeParams {
             + partition as u64
     }
 
+    /// Partitions holding live KVs of a head slot of `len` KVs.
+    #[inline(always)]
+    pub fn live_partitions(&self, len: u32) -> u32 {
+        len.div_ceil(self.partition_kvs.max(1))
+    }
+
     /// Word of `counters` counting the partitions of head slot `(seq, kv_head)` that finished.
     #[inline(always)]
     pub const fn arrival_word(&self, seq: u32, kv_head: u32) -> u64 {
