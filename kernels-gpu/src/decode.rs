@@ -118,14 +118,14 @@ impl<const G: usize> Softmax<G> {
 }
 
 /// The decode kernel body for cache type `T`, head dimension `D` and group size `G`, with
-/// metric recording when `R` (then `p.record` is L2 or L1; separate entries, so that the
+/// metric recording when `RECORD` (then `p.record` is L2 or L1; separate entries, so that the
 /// recording code costs the plain decode no registers).
 ///
 /// # Safety
 /// Launched with [`kvc_abi::plan::plan_decode`]'s dims for this `D`, `G` and dtype, and with
 /// params the host validated (module header); `p.record` is off exactly when `R` is false.
 #[inline(always)]
-pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize, const R: bool>(
+pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize, const RECORD: bool>(
     p: &DecodeParams,
 ) {
     let tile = Shape::<T, D, G>::TILE;
@@ -136,7 +136,6 @@ pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize, const R:
     let elem_bytes = T::BYTES as u64;
     let lane = lane_id();
     let warp = warp_id();
-    let recording = R;
     let smem = decode_smem(G as u32, D as u32, T::BYTES, 0);
     let words = dynamic_f32();
     // SAFETY: every thread of the CTA calls this first.
@@ -180,7 +179,7 @@ pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize, const R:
             // SAFETY: start <= row < end.
             let block_id = unsafe { blocks.get(geom, row) };
             let row_elem = geom.kv_elem(block_id, geom.slot_in_block(row));
-            if recording && live[i] && lane.is_multiple_of(tile.lanes_per_row) {
+            if RECORD && live[i] && lane.is_multiple_of(tile.lanes_per_row) {
                 // SAFETY: row - start < partition_kvs, the stash's rows.
                 unsafe { stash_row_state::<T, G>(p, row - start, block_id, row) };
             }
@@ -205,7 +204,7 @@ pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize, const R:
                 // SAFETY: the whole warp runs this loop the same number of times.
                 score[i][g] = unsafe { sum_within(dot, tile.lanes_per_row) };
             }
-            if recording && live[i] && lane.is_multiple_of(tile.lanes_per_row) {
+            if RECORD && live[i] && lane.is_multiple_of(tile.lanes_per_row) {
                 let row = tile_start + tile.lane_row(lane, i as u32) - start;
                 for g in 0..G {
                     let word = smem.stash_word(G as u32, row, g as u32);
@@ -281,7 +280,7 @@ pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize, const R:
         }
     }
     // SAFETY: every thread of the CTA calls it, after writing its warp's state.
-    unsafe { finish::<T, D, G, R>(p, &work, &blocks) };
+    unsafe { finish::<T, D, G, RECORD>(p, &work, &blocks) };
 }
 
 /// The block ids of the logical blocks of a CTA's partition, read once into shared memory
@@ -411,7 +410,7 @@ pub(crate) unsafe fn begin<T: CacheElem, const G: usize>(p: &DecodeParams) -> Wo
 /// # Safety
 /// Every thread of the CTA calls it, after its warp's writes.
 #[inline(always)]
-pub(crate) unsafe fn finish<T: CacheElem, const D: usize, const G: usize, const R: bool>(
+pub(crate) unsafe fn finish<T: CacheElem, const D: usize, const G: usize, const RECORD: bool>(
     p: &DecodeParams,
     work: &Work,
     blocks: &BlockIds,
@@ -427,7 +426,6 @@ pub(crate) unsafe fn finish<T: CacheElem, const D: usize, const G: usize, const 
         end,
         ..
     } = work;
-    let recording = R;
     // SAFETY: every thread of the CTA reaches this barrier (no thread returned early); the
     // stash copies of every thread have landed after it.
     unsafe {
@@ -510,13 +508,13 @@ pub(crate) unsafe fn finish<T: CacheElem, const D: usize, const G: usize, const 
     // A split recording launch merges in the CTA that leaves each head slot's handshake last
     // (the partials are all published by then), and an empty head slot's first CTA writes its
     // zero output: no merge launch follows. The branches are uniform over the CTA.
-    if recording && start < end {
+    if RECORD && start < end {
         // SAFETY: every thread of the CTA takes this branch.
         if unsafe { record_metrics::<T, G>(p, seq, kv_head, start, end, len, blocks) } {
             // SAFETY: as above; record_metrics said this CTA left the handshake last.
             unsafe { merge_recorded::<T, D, G>(p, seq, kv_head, p.live_partitions(len)) };
         }
-    } else if recording && p.num_partitions > 1 && partition == 0 {
+    } else if RECORD && p.num_partitions > 1 && partition == 0 {
         // SAFETY: as above; no partition of this empty head slot is live.
         unsafe { merge_recorded::<T, D, G>(p, seq, kv_head, 0) };
     }

@@ -62,7 +62,7 @@ pub unsafe fn decode_mma_body<
     T: CacheElem + Mma16,
     const D: usize,
     const G: usize,
-    const R: bool,
+    const RECORD: bool,
 >(
     p: &DecodeParams,
 ) {
@@ -76,7 +76,6 @@ pub unsafe fn decode_mma_body<
     let warp = warp_id();
     let gid = lane / 4;
     let tig = lane % 4;
-    let recording = R;
     let smem = decode_smem(G as u32, D as u32, T::BYTES, 0);
     let words = dynamic_f32();
     // SAFETY: every thread of the CTA calls this first.
@@ -136,7 +135,7 @@ pub unsafe fn decode_mma_body<
             for i in 0..tile_chunks / WARP_SIZE {
                 let (row, chunk) = MmaTile::copy_chunk(D as u32, i, lane);
                 let (elem, live, block_id) = row_elem(tile_start + row);
-                if recording && live && chunk == 0 {
+                if RECORD && live && chunk == 0 {
                     let row = tile_start + row;
                     // SAFETY: a live row, less than partition_kvs past start.
                     unsafe { stash_row_state::<T, G>(p, row - start, block_id, row) };
@@ -211,7 +210,7 @@ pub unsafe fn decode_mma_body<
                     let row = tile_start + MmaTile::score_row(lane, half as u32, e as u32);
                     live[nt][half][e] = row < end;
                     score[nt][half][e] = c[e] * p.scale_log2;
-                    if recording && live[nt][half][e] && (gid as usize) < G {
+                    if RECORD && live[nt][half][e] && (gid as usize) < G {
                         let word = smem.stash_word(G as u32, row - start, gid);
                         // SAFETY: row - start < partition_kvs, the stash's rows.
                         unsafe { *words.add(word as usize) = score[nt][half][e] };
@@ -331,5 +330,5 @@ pub unsafe fn decode_mma_body<
         }
     }
     // SAFETY: every thread of the CTA calls it, after its warp's writes.
-    unsafe { finish::<T, D, G, R>(p, &work, &blocks) };
+    unsafe { finish::<T, D, G, RECORD>(p, &work, &blocks) };
 }
