@@ -56,6 +56,13 @@ impl BlockAllocator {
         self.free.len() as u32
     }
 
+    /// The free blocks; the next allocation takes from the end, and blocks given back are
+    /// pushed there (a compression step's in head-slot order, see
+    /// [`crate::CompressReport`]).
+    pub fn free_blocks(&self) -> &[u32] {
+        &self.free
+    }
+
     /// Blocks handed out.
     pub fn num_allocated(&self) -> u32 {
         self.num_blocks - self.num_free()

@@ -82,25 +82,41 @@ pub struct HeadReport {
 /// Where the time of one compression step went (from [`PagedKvCache::compress_timed`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct CompressTimes {
+    /// The whole call, wall clock: validation, launches, read-backs and host work. On CUDA the
+    /// host work runs while the device compacts, so this is less than the sum of the parts.
+    pub step_ms: f64,
     /// Scheduling: the radix passes and the budget (device time on CUDA).
     pub schedule_ms: f64,
-    /// Compaction: each head slot's selection, the hole and mover scans and the moves.
+    /// Compaction: each head slot's selection, the hole and mover scans and the moves (device
+    /// time on CUDA).
     pub compact_ms: f64,
-    /// Reading the results back and updating the host's tables and allocator.
+    /// Updating the host's tables, lengths, report and allocator (on CUDA while the device
+    /// compacts; on the CPU backend this is part of `compact_ms`).
     pub host_ms: f64,
     /// KVs moved (each a K row, a V row, a metric and a position).
     pub moved_kvs: u64,
 }
 
 /// The outcome of [`crate::PagedKvCache::compress`].
+///
+/// The physical blocks freed are not copied into the report: the step pushes them onto the
+/// allocator's free list, head slot by head slot in the order of `heads`, so right after the
+/// call they are the last [`CompressReport::freed_blocks`] entries of
+/// [`crate::BlockAllocator::free_blocks`]. A list of its own would cost a fresh page per
+/// 1024 ids every step (1.8 M ids at 16 x 8192: 2-5 ms of page faults, docs/PERF.md).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompressReport {
     /// In the order of `CompressArgs::seqs`.
     pub seqs: Vec<SeqReport>,
     /// For every head slot of the compressed sequences, in `(seq, layer, kv_head)` order.
     pub heads: Vec<HeadReport>,
-    /// The physical blocks returned to the allocator.
-    pub freed: Vec<u32>,
+}
+
+impl CompressReport {
+    /// Physical blocks the step returned to the allocator.
+    pub fn freed_blocks(&self) -> u64 {
+        self.seqs.iter().map(|s| s.freed_blocks as u64).sum()
+    }
 }
 
 use crate::cache::{Arrays, PagedKvCache};
@@ -123,11 +139,14 @@ impl PagedKvCache {
         &mut self,
         args: &CompressArgs,
     ) -> Result<(CompressReport, CompressTimes)> {
+        let start = std::time::Instant::now();
         validate::compress(self, args)?;
-        match &self.arrays {
+        let (report, mut times) = match &self.arrays {
             Arrays::Host(_) => self.compress_on_host(args),
             Arrays::Cuda(_) => crate::ops::compress::compress(self, args),
-        }
+        }?;
+        times.step_ms = start.elapsed().as_secs_f64() * 1e3;
+        Ok((report, times))
     }
 
     fn compress_on_host(&mut self, args: &CompressArgs) -> Result<(CompressReport, CompressTimes)> {
@@ -178,7 +197,6 @@ impl PagedKvCache {
         let mut report = CompressReport {
             seqs: Vec::new(),
             heads: Vec::new(),
-            freed: Vec::new(),
         };
         for (s, &seq) in schedules.iter().zip(args.seqs) {
             for h in &s.heads {
@@ -191,9 +209,8 @@ impl PagedKvCache {
                     let kept =
                         cache.context_lens[h.head_slot as usize] as u32 - h.evicted.len() as u32;
                     times.moved_kvs += h.evicted.iter().filter(|&&j| j < kept).count() as u64;
-                    report
-                        .freed
-                        .extend(reference::compact(&mut cache, h.head_slot, &h.evicted));
+                    let freed = reference::compact(&mut cache, h.head_slot, &h.evicted);
+                    self.allocator.free_owned(&freed);
                 }
             }
             report.seqs.push(SeqReport {
@@ -204,9 +221,6 @@ impl PagedKvCache {
             });
         }
         times.compact_ms = start.elapsed().as_secs_f64() * 1e3;
-        let start = std::time::Instant::now();
-        self.allocator.free_owned(&report.freed);
-        times.host_ms = start.elapsed().as_secs_f64() * 1e3;
         Ok((report, times))
     }
 }

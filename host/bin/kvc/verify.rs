@@ -150,7 +150,7 @@ pub fn verify(model: Preset, batch: u32, context: u32, layers: u32, seed: u64) -
                 Err("reports differ".to_string())
             } else {
                 same(&caches)
-                    .map(|()| format!("bit-exact, {} blocks freed", reports[0].freed.len()))
+                    .map(|()| format!("bit-exact, {} blocks freed", reports[0].freed_blocks()))
             },
         });
     }

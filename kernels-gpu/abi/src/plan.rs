@@ -1097,7 +1097,7 @@ pub struct CompressPlan {
 
 impl CompressPlan {
     /// Byte offsets in the workspace: `[seq_in, seq_out, heads, groups, status, hist]`; all
-    /// but the histograms are what the host reads back, in one copy.
+    /// but the histograms are what the host reads back after the schedule, in one copy.
     pub const fn offsets(&self, num_work_seqs: u32) -> [u64; 6] {
         let seq_in = 0;
         let seq_out =
