@@ -130,20 +130,33 @@ impl PagedKvCache {
     /// to the allocator. An explicit [`Budget::Blocks`] above what a sequence can free is an
     /// error and leaves the cache untouched; rate and token budgets are clamped, and the
     /// report says so.
+    ///
+    /// On CUDA it returns once the host's tables, lengths and allocator are up to date, with
+    /// the compaction possibly still running on the backend's stream: every later launch and
+    /// copy on that stream comes after it, as after `decode`.
     pub fn compress(&mut self, args: &CompressArgs) -> Result<CompressReport> {
-        Ok(self.compress_timed(args)?.0)
+        Ok(self.compress_step(args, false)?.0)
     }
 
-    /// [`PagedKvCache::compress`], also reporting where the time went.
+    /// [`PagedKvCache::compress`], also reporting where the time went; on CUDA it waits for the
+    /// compaction (its time and move count are part of the report).
     pub fn compress_timed(
         &mut self,
         args: &CompressArgs,
+    ) -> Result<(CompressReport, CompressTimes)> {
+        self.compress_step(args, true)
+    }
+
+    fn compress_step(
+        &mut self,
+        args: &CompressArgs,
+        timed: bool,
     ) -> Result<(CompressReport, CompressTimes)> {
         let start = std::time::Instant::now();
         validate::compress(self, args)?;
         let (report, mut times) = match &self.arrays {
             Arrays::Host(_) => self.compress_on_host(args),
-            Arrays::Cuda(_) => crate::ops::compress::compress(self, args),
+            Arrays::Cuda(_) => crate::ops::compress::compress(self, args, timed),
         }?;
         times.step_ms = start.elapsed().as_secs_f64() * 1e3;
         Ok((report, times))

@@ -6,8 +6,8 @@
 //! bring its tables, lengths and allocator up to date, so they are read back before the
 //! compaction is launched, and the host's per-block work (a table entry and a free-list entry
 //! per freed block: 1.8 M at 16 x 8192, both in pages touched before) runs while the device
-//! compacts. The step ends with a read-back of the moves per head slot, which waits for the
-//! compaction.
+//! compacts. A timed step ends with a read-back of the moves per head slot, which waits for
+//! the compaction; an untimed one returns without waiting (stream order covers what follows).
 
 use kvc_abi::params::compress::{
     BUDGET_BLOCKS, BUDGET_RATE, BUDGET_TOKENS, HEAD_BELOW, HEAD_BLOCKS, HEAD_EVICTIONS,
@@ -24,10 +24,13 @@ use crate::error::Result;
 use crate::gpu::{COMPACT_ENTRY, SCHED_BUDGET_ENTRY, SCHED_DIGIT_ENTRY, SCHED_HIST_ENTRY};
 use crate::validate;
 
-/// Runs the step on the cache's device and brings the host's view up to date.
+/// Runs the step on the cache's device and brings the host's view up to date. With `timed`,
+/// waits for the compaction and reports the device times and moves; without, returns while
+/// the compaction may still run (`CompressTimes` then holds only `host_ms`).
 pub(crate) fn compress(
     cache: &mut PagedKvCache,
     args: &CompressArgs,
+    timed: bool,
 ) -> Result<(CompressReport, CompressTimes)> {
     let g = cache.geometry();
     let heads_per_seq = g.num_layers * g.num_kv_heads;
@@ -160,6 +163,13 @@ pub(crate) fn compress(
     }
     report.seqs = seq_reports;
     let host_ms = host_start.elapsed().as_secs_f64() * 1e3;
+    if !timed {
+        let times = CompressTimes {
+            host_ms,
+            ..CompressTimes::default()
+        };
+        return Ok((report, times));
+    }
     // The compaction left the moves of each head slot in HEAD_BELOW.
     let heads: Vec<u32> =
         bytemuck::pod_collect_to_vec(&gpu.download_range(&workspace, heads_at, groups_at)?);
