@@ -324,10 +324,19 @@ fn recording_is_deterministic_and_leaves_the_output_bits_alone() {
                 runs.push((out.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), metric));
             }
         }
-        assert!(
-            runs.iter().all(|(out, _)| *out == runs[0].0),
-            "{context}: output bits depend on recording or on the run"
-        );
+        for (i, (out, _)) in runs.iter().enumerate() {
+            let differing: Vec<usize> =
+                (0..out.len()).filter(|&e| out[e] != runs[0].0[e]).collect();
+            assert!(
+                differing.is_empty(),
+                "{context}: output bits depend on recording or on the run: run {i} (recording {}) \
+                 differs from run 0 (no recording) in {} of {} elements, first at {:?}",
+                i >= 2,
+                differing.len(),
+                out.len(),
+                differing.first().map(|&e| (e, out[e], runs[0].0[e]))
+            );
+        }
         assert!(
             runs[0].1 == runs[1].1,
             "{context}: metric changed without recording"

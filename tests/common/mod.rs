@@ -28,9 +28,12 @@ pub fn gpu_or_skip(test: &str) -> Option<Backend> {
     }
 }
 
-/// A fresh seed for a case, printed with every failure of it.
+/// A fresh seed for a case, printed with every failure of it; `KVC_SEED=<seed>` replays one.
 pub fn fresh_seed() -> u64 {
-    rand::random()
+    std::env::var("KVC_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random)
 }
 
 pub fn rng(seed: u64) -> StdRng {
