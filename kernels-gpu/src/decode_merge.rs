@@ -150,11 +150,14 @@ pub unsafe fn decode_merge_body<T: CacheElem>(p: &DecodeParams) {
 /// output of the `G` query heads of head slot `(seq, layer_idx, kv_head)` from its first
 /// `live` partitions, with the global `(max, 1 / sum)` the record phase left at
 /// `DecodeSmem::record_ml` (the same fold of the same rows as the merge kernel's, so the
-/// output bits do not depend on recording). `live` 0 writes zeros.
+/// output bits do not depend on recording). `live` 0 (an empty head slot, whose CTA ran no
+/// record phase) writes +0.0, as the merge kernel does, without reading `record_ml`: that
+/// shared memory then holds whatever an earlier CTA on the SM left there, and `0.0 *` a
+/// negative or NaN leftover is -0.0 or NaN.
 ///
 /// # Safety
-/// Every thread of the CTA calls it after the record phase; every live partition published
-/// its partials before the handshake this CTA left last.
+/// Every thread of the CTA calls it after the record phase (none when `live` is 0); every
+/// live partition published its partials before the handshake this CTA left last.
 #[inline(always)]
 pub unsafe fn merge_recorded<T: CacheElem, const D: usize, const G: usize>(
     p: &DecodeParams,
@@ -169,8 +172,13 @@ pub unsafe fn merge_recorded<T: CacheElem, const D: usize, const G: usize>(
     while item < (G * D) as u32 {
         let (g, d) = (item / D as u32, item % D as u32);
         let q_head = kv_head * G as u32 + g;
-        // SAFETY: inside the decode_smem map, written by the record phase (before its barrier).
-        let (max, inv) = unsafe { (*stats.add(2 * g as usize), *stats.add(2 * g as usize + 1)) };
+        let (max, inv) = if live == 0 {
+            (f32::NEG_INFINITY, f32::INFINITY)
+        } else {
+            // SAFETY: inside the decode_smem map, written by the record phase (before its
+            // barrier).
+            unsafe { (*stats.add(2 * g as usize), *stats.add(2 * g as usize + 1)) }
+        };
         let base = if max == f32::NEG_INFINITY { 0.0 } else { max };
         // The merge kernel's `1 / sum`, or 0 for an empty sum.
         let inv_sum = if inv.is_infinite() { 0.0 } else { inv };
