@@ -38,7 +38,10 @@ struct Shape {
 
 impl Case {
     fn new(gpu: &Backend, s: Shape, lens: &[u32], q_amplitude: f32) -> Case {
-        let seed = fresh_seed();
+        Self::with_seed(gpu, s, lens, q_amplitude, fresh_seed())
+    }
+
+    fn with_seed(gpu: &Backend, s: Shape, lens: &[u32], q_amplitude: f32, seed: u64) -> Case {
         let mut rng = rng(seed);
         let name = format!(
             "{} d{} b{} g{} seqs {} layers {} heads {} lens {:?}",
@@ -280,7 +283,17 @@ fn recording_is_deterministic_and_leaves_the_output_bits_alone() {
         return;
     };
     let lens = [9000u32, 3000, 1, 0, 6000, 4096, 17, 2500];
-    for partition_kvs in [None, Some(512)] {
+    // Fresh cases, and cases that once failed (rare data decide them, so a fresh seed catches
+    // a regression only now and then): an empty head slot's -0.0 from stale shared memory,
+    // and two where the merge kernel's lanes disagreed in the last bit of a sum.
+    let seeds = [
+        (None, fresh_seed()),
+        (Some(512), fresh_seed()),
+        (Some(512), 4769418126082178300),
+        (None, 11918909169806885879),
+        (None, 3062420557366894370),
+    ];
+    for (partition_kvs, seed) in seeds {
         let shape = Shape {
             dtype: DType::Bf16,
             head_dim: 128,
@@ -290,7 +303,7 @@ fn recording_is_deterministic_and_leaves_the_output_bits_alone() {
             num_layers: 1,
             num_kv_heads: 4,
         };
-        let c = Case::new(&gpu, shape, &lens, 6.0);
+        let c = Case::with_seed(&gpu, shape, &lens, 6.0, seed);
         let snapshot = c.gpu_cache.snapshot().unwrap();
         let config = c.gpu_cache.config();
         let context = format!(

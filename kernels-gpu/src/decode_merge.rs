@@ -32,8 +32,12 @@ fn fold_stats(max1: f32, sum1: f32, max2: f32, sum2: f32) -> (f32, f32) {
 
 /// The global `(max, sum)` of query head `q_head` of sequence row `seq` over its first `live`
 /// partitions, in the log2 domain (`(-inf, 0)` when `live` is 0). Lane `l` folds partitions
-/// `l, l + 32, ...`, then the lanes are folded by a butterfly, in a fixed order, so the result
-/// is deterministic; every lane returns it.
+/// `l, l + 32, ...`, then the lanes are folded by a butterfly; every lane returns the same
+/// bits. [`fold_stats`] is not symmetric in its arguments (its `fma` rounds once, after the
+/// second term), so both lanes of a pair fold the lower lane's state first: had each folded
+/// its own first, lanes would differ in the last bit of the sum, and the merge kernel (each
+/// lane its own `1 / sum`) would disagree with a recording launch's merge (lane 0's) in an
+/// output's last bit now and then (docs/PERF.md, decode v3.4).
 ///
 /// # Safety
 /// Every lane of the warp calls it with the same arguments; the decode launch wrote the `live`
@@ -59,7 +63,11 @@ pub unsafe fn partition_stats(p: &DecodeParams, seq: u32, q_head: u32, live: u32
     while mask > 0 {
         // SAFETY: every lane runs these shuffles.
         let (m, s) = unsafe { (shfl_xor(max, mask), shfl_xor(sum, mask)) };
-        (max, sum) = fold_stats(max, sum, m, s);
+        (max, sum) = if lane_id() & mask == 0 {
+            fold_stats(max, sum, m, s)
+        } else {
+            fold_stats(m, s, max, sum)
+        };
         mask /= 2;
     }
     (max, sum)
