@@ -67,6 +67,8 @@ pub const SCHED_HIST_ENTRY: &str = "sched_hist";
 pub const SCHED_BUDGET_ENTRY: &str = "sched_budget";
 /// One radix digit of the schedule's threshold.
 pub const SCHED_DIGIT_ENTRY: &str = "sched_digit";
+/// Blocks per head slot and the ties, after the last digit.
+pub const SCHED_FINAL_ENTRY: &str = "sched_final";
 /// Per head slot selection and compaction.
 pub const COMPACT_ENTRY: &str = "compact";
 
@@ -139,6 +141,7 @@ pub fn entry_points() -> Vec<String> {
         SCHED_HIST_ENTRY,
         SCHED_BUDGET_ENTRY,
         SCHED_DIGIT_ENTRY,
+        SCHED_FINAL_ENTRY,
         COMPACT_ENTRY,
     ] {
         names.push(entry.to_string());

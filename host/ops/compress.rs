@@ -1,6 +1,6 @@
 //! Launchers of the compression step on the GPU (SPEC §5-§7): four radix passes of
-//! histograms and digit choices (`schedule.rs`), the budget after the first, then compaction
-//! (`compact.rs`).
+//! histograms and digit choices (`schedule.rs`), the budget after the first, the blocks per
+//! head slot after the last, then compaction (`compact.rs`).
 //!
 //! The schedule's per-head results (blocks to free, KVs to evict) are all the host needs to
 //! bring its tables, lengths and allocator up to date, so they are read back before the
@@ -21,7 +21,9 @@ use crate::compress::{
     over_budget, Budget, CompressArgs, CompressReport, CompressTimes, HeadReport, SeqReport,
 };
 use crate::error::Result;
-use crate::gpu::{COMPACT_ENTRY, SCHED_BUDGET_ENTRY, SCHED_DIGIT_ENTRY, SCHED_HIST_ENTRY};
+use crate::gpu::{
+    COMPACT_ENTRY, SCHED_BUDGET_ENTRY, SCHED_DIGIT_ENTRY, SCHED_FINAL_ENTRY, SCHED_HIST_ENTRY,
+};
 use crate::validate;
 
 /// Runs the step on the cache's device and brings the host's view up to date. With `timed`,
@@ -104,6 +106,7 @@ pub(crate) fn compress(
             }
             gpu.launch(SCHED_DIGIT_ENTRY, plan.digit, &params)?;
         }
+        gpu.launch(SCHED_FINAL_ENTRY, plan.finish, &params)?;
     }
     gpu.record(&events[1])?;
     let results: Vec<u32> =

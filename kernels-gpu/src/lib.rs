@@ -157,6 +157,7 @@ entries! { CompressParams =>
     sched_hist = schedule::sched_hist_body;
     sched_budget = schedule::sched_budget_body;
     sched_digit = schedule::sched_digit_body;
+    sched_final = schedule::sched_final_body;
     compact = compact::compact_body;
     abi_echo_compress = echo::echo_body::<CompressParams>;
 }

@@ -7,10 +7,12 @@
 //! of evictable keys `<= t`, not their order. So `T*` is found by a radix select over the
 //! 32-bit metric key (`metric_key`) in 4 passes of 8 bits, each pass a histogram per head slot
 //! (`sched_hist`, grid `(work head slot, chunk)`) and a digit choice per group
-//! (`sched_digit`, one CTA per group, a warp per head slot scanning its 256 bins). After the
-//! first histogram `sched_budget` turns each sequence's budget into blocks per group. The work
-//! is linear in the KVs per pass; nothing is sorted. `compact.rs` then picks each head slot's
-//! `c_h` cheapest KVs and moves the rest.
+//! (`sched_digit`, CTAs of 16 head slots of a group, a warp per head slot scanning its 256
+//! bins; the last CTA of a group to finish chooses). After the first histogram `sched_budget`
+//! turns each sequence's budget into blocks per group; after the last digit `sched_final`
+//! gives each head slot its blocks and shares out the ties. The work is linear in the KVs per
+//! pass; nothing is sorted. `compact.rs` then picks each head slot's `c_h` cheapest KVs and
+//! moves the rest.
 //!
 //! Host-validated: sequence rows, budgets and lengths; every live block in the pool.
 
@@ -19,7 +21,7 @@ use kvc_abi::params::compress::{
     blocks_within, evictions, fill, BUDGET_BLOCKS, BUDGET_RATE, BUDGET_TOKENS, GROUP_NEED,
     GROUP_PREFIX, HEAD_BELOW, HEAD_BLOCKS, HEAD_EVICTABLE, HEAD_EVICTIONS, HEAD_FILL, RADIX_BINS,
     RADIX_PASSES, SEQ_IN_BUDGET_KIND, SEQ_IN_BUDGET_VALUE, SEQ_IN_LAST_POSITION, SEQ_IN_PROTECTED,
-    SEQ_IN_SEQ, SEQ_OUT_CLAMPED, SEQ_OUT_REQUESTED, SEQ_OUT_TAKEN,
+    SEQ_IN_SEQ, SEQ_OUT_CLAMPED, SEQ_OUT_REQUESTED, SEQ_OUT_TAKEN, SLICE_HEADS,
 };
 use kvc_abi::params::CompressParams;
 use kvc_abi::plan::{COMPRESS_THREADS, MIN_BLOCK_SIZE, SCAN_THREADS, SCAN_WARPS, WARP_SIZE};
@@ -27,14 +29,15 @@ use kvc_abi::plan::{COMPRESS_THREADS, MIN_BLOCK_SIZE, SCAN_THREADS, SCAN_WARPS, 
 use crate::gpu::mem::{load, load_chunk, load_nc, store};
 use crate::gpu::mma::shared_addr;
 use crate::gpu::smem::dynamic_f32;
-use crate::gpu::sync::{global_add, shared_add, shared_min};
+use crate::gpu::sync::{atomic_add_acq_rel, global_add, shared_add, shared_min};
 use crate::gpu::thread::{block_idx_x, lane_id, sync_threads, thread_idx_x, warp_id};
-use crate::gpu::warp::{inclusive_scan_u32, shfl_idx_u32, warp_sum_u64};
+use crate::gpu::warp::{inclusive_scan_u32, warp_sum_u64};
 
-/// Bins each lane scans in `sched_budget` and `sched_digit` (two 16-byte loads).
+/// Bins each lane scans in `sched_budget`, `sched_digit` and `sched_final` (two 16-byte
+/// loads).
 const LANE_BINS: u32 = RADIX_BINS / WARP_SIZE;
 const _: () = assert!(LANE_BINS == 8);
-/// Head slots a warp of `sched_budget` or `sched_digit` reads at once.
+/// Head slots a warp of `sched_budget` reads at once.
 const SCAN_HEADS: usize = 4;
 
 /// A sequence being compressed: its row, and the newest position that may be evicted
@@ -519,55 +522,57 @@ pub unsafe fn sched_budget_body(p: &CompressParams) {
     }
 }
 
-/// What a digit pass reads of one work head slot: whether it exists, its fill, its count of
-/// keys below the group's prefix, and this lane's bins of the pass's histogram.
+/// What the digit and final kernels read of one work head slot: its fill, its count of keys
+/// below the group's prefix of the pass, and this lane's bins of the pass's histogram.
 struct HeadBins {
-    present: bool,
     fill: u32,
     below: u32,
     bins: [u32; LANE_BINS as usize],
 }
 
-/// The `SCAN_HEADS` head slots `i, i + SCAN_WARPS, ...` of the group whose first work head
-/// slot is `first`, read at once (those at or past `group_heads` are absent).
+/// Work head slot `w` for pass `pass` (`RADIX_PASSES`: the final kernel, no bins) of a group
+/// whose prefix is `prefix`. The stored count below is that of pass `pass - 1`; the bins of
+/// that pass below its digit (the low 8 bits of `prefix`) are added here, so that the digit
+/// kernel needs no second look at the histograms once it has chosen.
 ///
 /// # Safety
-/// `first + group_heads <= num_work_heads`.
+/// The whole warp calls it; `w < num_work_heads`, `pass <= RADIX_PASSES`.
 #[inline(always)]
-unsafe fn head_bins(p: &CompressParams, first: u32, i: u32) -> [HeadBins; SCAN_HEADS] {
-    core::array::from_fn(|k| {
-        let at = i + k as u32 * SCAN_WARPS;
-        let mut head = HeadBins {
-            present: at < p.group_heads,
-            fill: 0,
-            below: 0,
-            bins: [0; LANE_BINS as usize],
+unsafe fn head_bins(p: &CompressParams, w: u32, pass: u32, prefix: u32) -> HeadBins {
+    // SAFETY: heads and the histograms hold rows for w.
+    unsafe {
+        let fill = load::<u32>(p.heads, p.head_word(w, HEAD_FILL));
+        let stored = load::<u32>(p.heads, p.head_word(w, HEAD_BELOW));
+        let bins = if pass < RADIX_PASSES {
+            lane_bins(p, pass, w)
+        } else {
+            [0; LANE_BINS as usize]
         };
-        if head.present {
-            let w = first + at;
-            // SAFETY: heads and the histograms hold rows for w.
-            unsafe {
-                head.fill = load::<u32>(p.heads, p.head_word(w, HEAD_FILL));
-                head.below = load::<u32>(p.heads, p.head_word(w, HEAD_BELOW));
-                head.bins = lane_bins(p, p.pass, w);
+        let below = if pass > 0 {
+            let digit = prefix & (RADIX_BINS - 1);
+            let mut lane_below = 0u32;
+            for (j, count) in lane_bins(p, pass - 1, w).iter().enumerate() {
+                if lane_id() * LANE_BINS + (j as u32) < digit {
+                    lane_below += count;
+                }
             }
-        }
-        head
-    })
+            stored + warp_sum_u64(lane_below as u64) as u32
+        } else {
+            stored
+        };
+        HeadBins { fill, below, bins }
+    }
 }
 
-/// Digit choice of pass `p.pass` for one group: the smallest bin at whose end the group's
-/// blocks with cost at or below it reach its need; then each head slot's count below the
-/// chosen bin. After the last pass, each head slot's blocks: all with cost below the
-/// threshold, then the ties in `(layer, head, k)` order until the need is met (a prefix sum
-/// of the ties over the group's head slots). A warp takes `SCAN_HEADS` head slots at once.
+/// The group and slice of this CTA of the digit or final kernel, and the group's need and
+/// prefix; `None` for a group that gives nothing (it skips every pass).
 ///
 /// # Safety
-/// Launched with `plan_compress`'s digit dims after histogram pass `p.pass`.
+/// Launched with `plan_compress`'s digit or finish dims.
 #[inline(always)]
-pub unsafe fn sched_digit_body(p: &CompressParams) {
-    let geom = p.cache.geometry;
-    let q = block_idx_x();
+unsafe fn group_slice(p: &CompressParams) -> Option<(u32, u32, u32, u32)> {
+    let slices = p.slices_per_group();
+    let q = block_idx_x() / slices;
     // SAFETY: q < num_groups.
     let (need, prefix) = unsafe {
         (
@@ -575,137 +580,179 @@ pub unsafe fn sched_digit_body(p: &CompressParams) {
             load::<u32>(p.groups, p.group_word(q, GROUP_PREFIX)),
         )
     };
-    if need == 0 {
-        return; // uniform over the CTA
+    (need > 0).then_some((q, block_idx_x() % slices, need, prefix))
+}
+
+/// Counts this CTA in at group `q`'s ticket `pass` (every CTA of the group's slices does);
+/// true for the last, which then sees every other slice's writes. `flag` is a shared word.
+///
+/// # Safety
+/// Every thread of the CTA calls it after its writes; the ticket is zero at launch.
+#[inline(always)]
+unsafe fn last_slice(p: &CompressParams, pass: u32, q: u32, flag: *mut u32) -> bool {
+    // SAFETY: all threads reach the barriers; the ticket word lies in the zeroed region.
+    unsafe {
+        sync_threads();
+        if thread_idx_x() == 0 {
+            let ticket = p.hist + p.ticket_word(pass, q) * 4;
+            *flag = (atomic_add_acq_rel(ticket, 1) == p.slices_per_group() - 1) as u32;
+        }
+        sync_threads();
+        *flag != 0
     }
+}
+
+/// Digit choice of pass `p.pass` for one group: the smallest bin at whose end the group's
+/// blocks with cost at or below it reach its need. A CTA takes a slice of `SLICE_HEADS` head
+/// slots of the group, a warp each: it brings the slot's count below the prefix up to date
+/// (the previous digit), sums the blocks per bin over its slice, and, when the group has
+/// several slices, publishes the sums; the last slice to count in adds them up and chooses.
+/// (One CTA per group did all of it, 256 head slots of a sequence one after another per warp:
+/// 25 us a pass on an H100, docs/PERF.md compression v8.)
+///
+/// # Safety
+/// Launched with `plan_compress`'s digit dims after histogram pass `p.pass`.
+#[inline(always)]
+pub unsafe fn sched_digit_body(p: &CompressParams) {
+    // SAFETY: launched with the digit dims.
+    let Some((q, slice, need, prefix)) = (unsafe { group_slice(p) }) else {
+        return; // uniform over the CTA
+    };
+    let geom = p.cache.geometry;
     let (thread, lane, warp) = (thread_idx_x(), lane_id(), warp_id());
-    let first = q * p.group_heads;
-    let pairs = dynamic_f32() as *mut u32;
-    // SAFETY: the launch reserved SCAN_WARPS * RADIX_BINS + 1 + 2 * SCAN_WARPS words.
-    let (digit, scratch) = unsafe {
-        let digit = pairs.add((SCAN_WARPS * RADIX_BINS) as usize);
+    let rows = dynamic_f32() as *mut u32;
+    // SAFETY: the launch reserved SCAN_WARPS * RADIX_BINS + 2 words.
+    let (digit, flag) = unsafe {
+        let digit = rows.add((SCAN_WARPS * RADIX_BINS) as usize);
         (digit, digit.add(1))
     };
-    // SAFETY: inside the smem map; all threads reach the barrier.
+    // Blocks with cost up to the end of each bin of the warp's head slot (none past the group).
+    let mut blocks = [0u32; LANE_BINS as usize];
+    let i = slice * SLICE_HEADS + warp;
+    if i < p.group_heads {
+        let w = q * p.group_heads + i;
+        // SAFETY: the condition is warp-uniform; w is a work head slot.
+        let head = unsafe { head_bins(p, w, p.pass, prefix) };
+        if lane == 0 {
+            // SAFETY: only this lane writes w's row; read by the next pass.
+            unsafe { store::<u32>(p.heads, p.head_word(w, HEAD_BELOW), head.below) };
+        }
+        let lane_total: u32 = head.bins.iter().sum();
+        // SAFETY: the warp is converged.
+        let mut cum = head.below + unsafe { inclusive_scan_u32(lane_total) } - lane_total;
+        for (j, count) in head.bins.iter().enumerate() {
+            cum += count;
+            blocks[j] = blocks_within(cum, head.fill, geom.block_size);
+        }
+    }
+    // SAFETY: inside the smem map; each lane owns its bins of its warp's row; all threads reach
+    // the barriers (the branches on `slices` and `last_slice` are uniform).
     unsafe {
-        let mut i = thread;
-        while i < SCAN_WARPS * RADIX_BINS {
-            *pairs.add(i as usize) = 0;
-            i += SCAN_THREADS;
+        for (j, b) in blocks.iter().enumerate() {
+            *rows.add((warp * RADIX_BINS + lane * LANE_BINS + j as u32) as usize) = *b;
         }
         if thread == 0 {
             *digit = RADIX_BINS;
         }
         sync_threads();
-    }
-    // Blocks with cost up to the end of each bin, per warp then summed.
-    let mut i = warp;
-    while i < p.group_heads {
-        // SAFETY: the group's head slots are work head slots.
-        let heads = unsafe { head_bins(p, first, i) };
-        for head in heads.iter() {
-            if !head.present {
-                continue; // warp-uniform
-            }
-            let lane_total: u32 = head.bins.iter().sum();
-            // SAFETY: the warp is converged (the condition above is warp-uniform).
-            let mut cum = head.below + unsafe { inclusive_scan_u32(lane_total) } - lane_total;
-            for (j, count) in head.bins.iter().enumerate() {
-                cum += count;
-                let at = (warp * RADIX_BINS + lane * LANE_BINS + j as u32) as usize;
-                // SAFETY: inside this warp's row of pairs; each lane owns its bins.
-                unsafe { *pairs.add(at) += blocks_within(cum, head.fill, geom.block_size) };
-            }
-        }
-        i += SCAN_WARPS * SCAN_HEADS as u32;
-    }
-    // SAFETY: all threads reach the barriers; each thread owns bin `thread`.
-    unsafe {
-        sync_threads();
-        let mut b = thread;
-        while b < RADIX_BINS {
-            let mut total = 0u32;
+        let mut total = 0u32;
+        if thread < RADIX_BINS {
             for w in 0..SCAN_WARPS {
-                total += *pairs.add((w * RADIX_BINS + b) as usize);
+                total += *rows.add((w * RADIX_BINS + thread) as usize);
             }
-            if total >= need {
-                shared_min(shared_addr(digit), b);
+        }
+        let slices = p.slices_per_group();
+        if slices > 1 {
+            if thread < RADIX_BINS {
+                store::<u32>(p.hist, p.partial_word(q, slice, thread), total);
             }
-            b += SCAN_THREADS;
+            if !last_slice(p, p.pass, q, flag) {
+                return;
+            }
+            total = 0;
+            if thread < RADIX_BINS {
+                for s in 0..slices {
+                    total += load::<u32>(p.hist, p.partial_word(q, s, thread));
+                }
+            }
+        }
+        if thread < RADIX_BINS && total >= need {
+            shared_min(shared_addr(digit), thread);
         }
         sync_threads();
-    }
-    // SAFETY: written before the barrier; a bin always qualifies (module header).
-    let d = unsafe { *digit };
-    let last_pass = p.pass + 1 == RADIX_PASSES;
-    let mut i = warp;
-    while i < p.group_heads {
-        // SAFETY: as above.
-        let heads = unsafe { head_bins(p, first, i) };
-        for (k, head) in heads.iter().enumerate() {
-            if !head.present {
-                continue; // warp-uniform
-            }
-            let w = first + i + k as u32 * SCAN_WARPS;
-            let mut lane_below = 0u32;
-            let mut at_digit = 0u32;
-            for (j, count) in head.bins.iter().enumerate() {
-                let bin = lane * LANE_BINS + j as u32;
-                if bin < d {
-                    lane_below += count;
-                }
-                if bin == d {
-                    at_digit = *count;
-                }
-            }
-            // SAFETY: the warp is converged.
-            let (below, at_digit) = unsafe {
-                (
-                    head.below + shfl_idx_u32(inclusive_scan_u32(lane_below), WARP_SIZE - 1),
-                    shfl_idx_u32(at_digit, d / LANE_BINS),
-                )
-            };
-            if lane == 0 {
-                // SAFETY: heads holds a row for w, which only this lane writes.
-                unsafe {
-                    if last_pass {
-                        store::<u32>(
-                            p.heads,
-                            p.head_word(w, HEAD_BLOCKS),
-                            blocks_within(below, head.fill, geom.block_size),
-                        );
-                        store::<u32>(
-                            p.heads,
-                            p.head_word(w, HEAD_EVICTIONS),
-                            blocks_within(below + at_digit, head.fill, geom.block_size),
-                        );
-                    } else {
-                        store::<u32>(p.heads, p.head_word(w, HEAD_BELOW), below);
-                    }
-                }
-            }
+        // A bin always qualifies (module header).
+        if thread == 0 {
+            store::<u32>(
+                p.groups,
+                p.group_word(q, GROUP_PREFIX),
+                prefix << 8 | *digit,
+            );
         }
-        i += SCAN_WARPS * SCAN_HEADS as u32;
-    }
-    if thread == 0 {
-        // SAFETY: q < num_groups.
-        unsafe { store::<u32>(p.groups, p.group_word(q, GROUP_PREFIX), prefix << 8 | d) };
-    }
-    if last_pass {
-        // SAFETY: every thread calls it after writing its head slots' rows.
-        unsafe { take_ties(p, first, need, scratch) };
     }
 }
 
-/// The last pass's tie-break: head slot `i` of the group (from work head slot `first`) holds
+/// After the last digit: each head slot's blocks below the threshold and at most with its
+/// ties, by slices as in the digit kernel; then the last slice shares out the ties.
+///
+/// # Safety
+/// Launched with `plan_compress`'s finish dims after the last digit pass.
+#[inline(always)]
+pub unsafe fn sched_final_body(p: &CompressParams) {
+    // SAFETY: launched with the finish dims.
+    let Some((q, slice, need, threshold)) = (unsafe { group_slice(p) }) else {
+        return; // uniform over the CTA
+    };
+    let geom = p.cache.geometry;
+    let i = slice * SLICE_HEADS + warp_id();
+    if i < p.group_heads {
+        let w = q * p.group_heads + i;
+        // SAFETY: the condition is warp-uniform; w is a work head slot.
+        let head = unsafe { head_bins(p, w, RADIX_PASSES, threshold) };
+        if lane_id() == 0 {
+            let last = p.hist_word(
+                p.num_work_heads(),
+                RADIX_PASSES - 1,
+                w,
+                threshold & (RADIX_BINS - 1),
+            );
+            // SAFETY: the last pass's histogram; only this lane writes w's row.
+            unsafe {
+                let at_threshold = load::<u32>(p.hist, last);
+                store::<u32>(
+                    p.heads,
+                    p.head_word(w, HEAD_BLOCKS),
+                    blocks_within(head.below, head.fill, geom.block_size),
+                );
+                store::<u32>(
+                    p.heads,
+                    p.head_word(w, HEAD_EVICTIONS),
+                    blocks_within(head.below + at_threshold, head.fill, geom.block_size),
+                );
+            }
+        }
+    }
+    let scratch = dynamic_f32() as *mut u32;
+    // SAFETY: the launch reserved 2 * SCAN_WARPS + 1 words; every thread calls these (the
+    // branches are uniform).
+    unsafe {
+        if p.slices_per_group() > 1
+            && !last_slice(p, RADIX_PASSES, q, scratch.add(2 * SCAN_WARPS as usize))
+        {
+            return;
+        }
+        take_ties(p, q * p.group_heads, need, scratch);
+    }
+}
+
+/// The tie-break: head slot `i` of the group (from work head slot `first`) holds
 /// `HEAD_BLOCKS` blocks below the threshold and could free up to `HEAD_EVICTIONS` with the
 /// ties; it takes `min(its ties, need - blocks below - ties of head slots before it)` of them,
 /// so the ties go in `(layer, head, k)` order. Rewrites both words as the final blocks and
 /// evictions.
 ///
 /// # Safety
-/// Every thread of the CTA calls it, after the rows of the group's head slots were written;
-/// `scratch` holds `2 * SCAN_WARPS` words.
+/// Every thread of the CTA calls it, after the rows of the group's head slots were written
+/// and made visible to the CTA; `scratch` holds `2 * SCAN_WARPS` words.
 #[inline(always)]
 unsafe fn take_ties(p: &CompressParams, first: u32, need: u32, scratch: *mut u32) {
     let geom = p.cache.geometry;

@@ -243,8 +243,11 @@ pub struct CompressParams {
     pub heads: u64,
     /// `[num_groups, compress::GROUP_WORDS]`: per group budget and threshold prefix.
     pub groups: u64,
-    /// `[compress::RADIX_PASSES, W, compress::RADIX_BINS]`: metric-key histograms, zero at
-    /// launch.
+    /// `[compress::RADIX_PASSES, W, compress::RADIX_BINS]`: metric-key histograms, then
+    /// `[compress::RADIX_PASSES + 1, num_groups]` tickets of the digit and final kernels (all
+    /// zero at launch; [`CompressParams::hist_word`], [`CompressParams::ticket_word`]), then
+    /// `[num_groups, slices, compress::RADIX_BINS]` per-slice partial sums, only when a group
+    /// has more than one slice ([`CompressParams::partial_word`]).
     pub hist: u64,
     /// One word: non-zero when an explicit block budget cannot be met (nothing is changed).
     pub status: u64,
@@ -313,6 +316,50 @@ impl CompressParams {
     pub const fn hist_word(&self, num_work_heads: u32, pass: u32, w: u32, bin: u32) -> u64 {
         (pass as u64 * num_work_heads as u64 + w as u64) * compress::RADIX_BINS as u64 + bin as u64
     }
+
+    /// Work head slots being compressed, `W`.
+    #[inline(always)]
+    pub const fn num_work_heads(&self) -> u32 {
+        self.num_work_seqs * self.heads_per_seq()
+    }
+
+    /// Selection groups.
+    #[inline(always)]
+    pub const fn num_groups(&self) -> u32 {
+        self.num_work_heads()
+            / if self.group_heads == 0 {
+                1
+            } else {
+                self.group_heads
+            }
+    }
+
+    /// CTAs of the digit and final kernels per group, [`compress::SLICE_HEADS`] head slots
+    /// each.
+    #[inline(always)]
+    pub const fn slices_per_group(&self) -> u32 {
+        compress::slices(self.group_heads)
+    }
+
+    /// Word (from `hist`) of group `q`'s ticket in the digit kernel of `pass`, or in the final
+    /// kernel for `pass == RADIX_PASSES`.
+    #[inline(always)]
+    pub const fn ticket_word(&self, pass: u32, q: u32) -> u64 {
+        compress::RADIX_PASSES as u64 * self.num_work_heads() as u64 * compress::RADIX_BINS as u64
+            + pass as u64 * self.num_groups() as u64
+            + q as u64
+    }
+
+    /// Word (from `hist`) of bin `bin` of slice `slice` of group `q` in the partial sums (16-
+    /// byte aligned rows).
+    #[inline(always)]
+    pub const fn partial_word(&self, q: u32, slice: u32, bin: u32) -> u64 {
+        let tickets = self.ticket_word(compress::RADIX_PASSES + 1, 0);
+        tickets.next_multiple_of(4)
+            + (q as u64 * self.slices_per_group() as u64 + slice as u64)
+                * compress::RADIX_BINS as u64
+            + bin as u64
+    }
 }
 
 /// Word layouts and codes of [`CompressParams`].
@@ -359,12 +406,16 @@ pub mod compress {
     pub const HEAD_FILL: u32 = 1;
     /// Evictable KVs `m`.
     pub const HEAD_EVICTABLE: u32 = 2;
-    /// During scheduling: evictable KVs whose key lies below the group's current prefix
-    /// range. After compaction: the KVs moved.
+    /// During scheduling, after the digit kernel of pass `p`: evictable KVs whose key's top
+    /// `8 p` bits lie below the group's prefix of pass `p` (the digit kernel of `p + 1` and the
+    /// final kernel add the bins below the digit chosen last). After compaction: the KVs
+    /// moved.
     pub const HEAD_BELOW: u32 = 3;
-    /// Blocks to free `k_h` (during the last pass: the count below the threshold).
+    /// Blocks to free `k_h` (in the final kernel, until the ties are shared out: the blocks
+    /// below the threshold).
     pub const HEAD_BLOCKS: u32 = 4;
-    /// KVs to evict `c_h` (during the last pass: the count at or below the threshold).
+    /// KVs to evict `c_h` (in the final kernel, until the ties are shared out: the blocks at
+    /// or below the threshold).
     pub const HEAD_EVICTIONS: u32 = 5;
 
     /// `groups` words.
@@ -373,6 +424,19 @@ pub mod compress {
     pub const GROUP_PREFIX: u32 = 0;
     /// Blocks the group gives (its share of the budget, clamped to what it can free).
     pub const GROUP_NEED: u32 = 1;
+
+    /// Head slots one CTA of the digit and final kernels takes (a warp each).
+    pub const SLICE_HEADS: u32 = 16;
+
+    /// Slices of a group of `group_heads` head slots.
+    #[inline(always)]
+    pub const fn slices(group_heads: u32) -> u32 {
+        if group_heads == 0 {
+            1
+        } else {
+            group_heads.div_ceil(SLICE_HEADS)
+        }
+    }
 
     /// Blocks freed from a head slot with fill `fill` when `count` of its evictable KVs may
     /// go: `k` with `fill + (k - 1) * block_size <= count` (`block_size` a power of two).

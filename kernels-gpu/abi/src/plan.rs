@@ -1041,12 +1041,13 @@ pub const COMPRESS_THREADS: u32 = 256;
 pub const HIST_CHUNK_KVS: u32 = 4096;
 /// Warps per compression CTA.
 pub const COMPRESS_WARPS: u32 = COMPRESS_THREADS / WARP_SIZE;
-/// Threads per CTA of the budget and digit kernels (`sched_budget`, `sched_digit`): one CTA
-/// per sequence or group scans the histograms of all its head slots, a warp per head slot, so
-/// more warps mean fewer head slots one after another.
+/// Threads per CTA of the budget, digit and final kernels (`sched_budget`, `sched_digit`,
+/// `sched_final`): a warp per head slot; a budget CTA scans all head slots of its sequence, a
+/// digit or final CTA one slice of [`crate::params::compress::SLICE_HEADS`] of its group.
 pub const SCAN_THREADS: u32 = 512;
-/// Warps per budget or digit CTA.
+/// Warps per budget, digit or final CTA.
 pub const SCAN_WARPS: u32 = SCAN_THREADS / WARP_SIZE;
+const _: () = assert!(SCAN_WARPS == crate::params::compress::SLICE_HEADS);
 /// Logical KVs one compaction scan tile covers (each thread examines 8 at once).
 pub const COMPACT_TILE: u32 = 8 * COMPRESS_THREADS;
 /// Moves a compaction round gathers before it copies: each queue is refilled while it holds
@@ -1083,8 +1084,10 @@ pub struct CompressPlan {
     pub hist: LaunchDims,
     /// Grid `(num_work_seqs)`.
     pub budget: LaunchDims,
-    /// Grid `(num_groups)`.
+    /// Grid `(num_groups * slices)`.
     pub digit: LaunchDims,
+    /// Grid `(num_groups * slices)`.
+    pub finish: LaunchDims,
     /// Grid `(W)`.
     pub compact: LaunchDims,
     /// Histogram CTAs per work head slot.
@@ -1093,6 +1096,8 @@ pub struct CompressPlan {
     pub num_work_heads: u32,
     /// Selection groups (budgets shared by `group_heads` head slots).
     pub num_groups: u32,
+    /// Digit and final CTAs per group.
+    pub slices: u32,
 }
 
 impl CompressPlan {
@@ -1113,17 +1118,28 @@ impl CompressPlan {
         [seq_in, seq_out, heads, groups, status, hist]
     }
 
-    /// Bytes of all histograms.
+    /// Bytes from `hist` that must be zero at launch: the histograms and the tickets
+    /// (`CompressParams::ticket_word`).
     pub const fn hist_bytes(&self) -> u64 {
-        crate::params::compress::RADIX_PASSES as u64
-            * self.num_work_heads as u64
-            * crate::params::compress::RADIX_BINS as u64
+        use crate::params::compress::{RADIX_BINS, RADIX_PASSES};
+        (RADIX_PASSES as u64 * self.num_work_heads as u64 * RADIX_BINS as u64
+            + (RADIX_PASSES as u64 + 1) * self.num_groups as u64)
             * 4
     }
 
-    /// Bytes of workspace in all.
+    /// Bytes of workspace in all: then the partial sums of groups of several slices
+    /// (`CompressParams::partial_word`).
     pub const fn workspace_bytes(&self, num_work_seqs: u32) -> u64 {
-        self.offsets(num_work_seqs)[5] + self.hist_bytes()
+        let partials = if self.slices > 1 {
+            (self.num_groups as u64
+                * self.slices as u64
+                * crate::params::compress::RADIX_BINS as u64
+                + 4)
+                * 4
+        } else {
+            0
+        };
+        self.offsets(num_work_seqs)[5] + self.hist_bytes() + partials
     }
 }
 
@@ -1147,13 +1163,16 @@ pub fn plan_compress(
         ..dims(grid, smem_words)
     };
     let bins = crate::params::compress::RADIX_BINS;
+    let slices = crate::params::compress::slices(group_heads);
     CompressPlan {
         hist: dims(num_work_heads * chunks_per_head, bins),
         budget: scan_dims(num_work_seqs, 2 * SCAN_WARPS),
-        digit: scan_dims(num_groups, SCAN_WARPS * bins + 1 + 2 * SCAN_WARPS),
+        digit: scan_dims(num_groups * slices, SCAN_WARPS * bins + 2),
+        finish: scan_dims(num_groups * slices, 2 * SCAN_WARPS + 1),
         compact: dims(num_work_heads, compact_smem::WORDS as u32),
         chunks_per_head,
         num_work_heads,
         num_groups,
+        slices,
     }
 }

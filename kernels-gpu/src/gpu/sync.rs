@@ -3,25 +3,45 @@
 
 use core::arch::asm;
 
-/// `atomicAdd(addr, value)` without ordering; returns the old value.
-///
-/// # Safety
-/// `addr` is a 4-byte-aligned global address of a u32 that other threads access only
-/// atomically during the kernel.
-#[inline(always)]
-pub unsafe fn atomic_add_relaxed(addr: u64, value: u32) -> u32 {
-    let old: u32;
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        asm!(
-            "atom.relaxed.gpu.global.add.u32 {old}, [{addr}], {value};",
-            old = out(reg32) old,
-            addr = in(reg64) addr,
-            value = in(reg32) value,
-            options(nostack),
-        );
-    }
-    old
+/// `atomicAdd` at GPU scope with the ordering `$sem`, returning the old value.
+macro_rules! atomic_add {
+    ($(#[$doc:meta])* $name:ident = $sem:literal) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// `addr` is a 4-byte-aligned global address of a u32 that other threads access only
+        /// atomically during the kernel.
+        #[inline(always)]
+        pub unsafe fn $name(addr: u64, value: u32) -> u32 {
+            let old: u32;
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                asm!(
+                    concat!("atom.", $sem, ".gpu.global.add.u32 {old}, [{addr}], {value};"),
+                    old = out(reg32) old,
+                    addr = in(reg64) addr,
+                    value = in(reg32) value,
+                    options(nostack),
+                );
+            }
+            old
+        }
+    };
+}
+
+atomic_add! {
+    /// `atomicAdd(addr, value)` without ordering; returns the old value.
+    atomic_add_relaxed = "relaxed"
+}
+
+atomic_add! {
+    /// `atomicAdd(addr, value)` with acquire and release semantics; returns the old value.
+    /// The release makes every write this thread has observed (through a preceding CTA
+    /// barrier, its CTA's writes too) visible to the thread whose add comes later; the acquire
+    /// makes the writes before every earlier add visible to this thread (and, through a
+    /// following CTA barrier, to its CTA): the last of a set of CTAs to count in sees all
+    /// their results.
+    atomic_add_acq_rel = "acq_rel"
 }
 
 /// Adds `value` with release semantics at GPU scope: every write this thread has observed
