@@ -16,11 +16,12 @@ use crate::error::{Error, Result};
 /// Free list over blocks `0..num_blocks`.
 #[derive(Clone, Debug)]
 pub struct BlockAllocator {
-    /// Free blocks; the next allocation pops from the end. Its buffer has room for every
-    /// block, written once at construction, so that taking back the blocks of a compression
-    /// step neither reallocates nor page-faults.
-    free: Vec<u32>,
-    num_blocks: u32,
+    /// `buf[..len]` are the free blocks; the next allocation takes from the end. The buffer
+    /// holds a word for every block, written once at construction, so that taking back the
+    /// blocks of a compression step neither reallocates nor page-faults, and its tail can be
+    /// handed out to be written in place ([`BlockAllocator::free_owned_tail`]).
+    buf: Vec<u32>,
+    len: usize,
 }
 
 impl BlockAllocator {
@@ -32,53 +33,52 @@ impl BlockAllocator {
     /// An allocator whose allocated blocks are exactly those `in_use` marks.
     pub(crate) fn from_in_use(in_use: &[bool]) -> Self {
         // Written, not just reserved (`vec![0; n]` would map zero pages lazily).
-        let mut free = Vec::with_capacity(in_use.len());
-        free.resize(in_use.len(), u32::MAX);
-        free.clear();
-        free.extend(
-            (0..in_use.len() as u32)
-                .rev()
-                .filter(|&b| !in_use[b as usize]),
-        );
-        Self {
-            free,
-            num_blocks: in_use.len() as u32,
+        let mut buf = vec![u32::MAX; in_use.len()];
+        let mut len = 0;
+        for b in (0..in_use.len() as u32)
+            .rev()
+            .filter(|&b| !in_use[b as usize])
+        {
+            buf[len] = b;
+            len += 1;
         }
+        Self { buf, len }
     }
 
     /// Blocks in the pool.
     pub fn num_blocks(&self) -> u32 {
-        self.num_blocks
+        self.buf.len() as u32
     }
 
     /// Blocks that can be allocated.
     pub fn num_free(&self) -> u32 {
-        self.free.len() as u32
+        self.len as u32
     }
 
     /// The free blocks; the next allocation takes from the end, and blocks given back are
     /// pushed there (a compression step's in head-slot order, see
     /// [`crate::CompressReport`]).
     pub fn free_blocks(&self) -> &[u32] {
-        &self.free
+        &self.buf[..self.len]
     }
 
     /// Blocks handed out.
     pub fn num_allocated(&self) -> u32 {
-        self.num_blocks - self.num_free()
+        self.num_blocks() - self.num_free()
     }
 
     /// One bit per block of the pool: free. Fails on a block listed twice or outside the pool
     /// (a corrupted free list).
     pub(crate) fn free_set(&self) -> Result<Vec<u64>> {
-        let mut set = vec![0u64; (self.num_blocks as usize).div_ceil(64)];
-        for &b in &self.free {
+        let num_blocks = self.num_blocks();
+        let mut set = vec![0u64; (num_blocks as usize).div_ceil(64)];
+        for &b in self.free_blocks() {
             let (word, bit) = (b as usize / 64, 1u64 << (b % 64));
-            if b >= self.num_blocks || set[word] & bit != 0 {
+            if b >= num_blocks || set[word] & bit != 0 {
                 return Err(Error::invalid(
                     "allocator",
                     format!("free block {b}"),
-                    format!("free blocks of 0..{}, each listed once", self.num_blocks),
+                    format!("free blocks of 0..{num_blocks}, each listed once"),
                 ));
             }
             set[word] |= bit;
@@ -89,13 +89,13 @@ impl BlockAllocator {
     /// Whether `block` is handed out (false for ids outside the pool). Scans the free list:
     /// for checks and tests, not for hot paths.
     pub fn is_allocated(&self, block: u32) -> bool {
-        block < self.num_blocks && !self.free.contains(&block)
+        block < self.num_blocks() && !self.free_blocks().contains(&block)
     }
 
     /// Randomises the order in which free blocks are handed out, so that head slots get
     /// scattered blocks (tests, and engines that want to spread traffic).
     pub fn shuffle_free<R: Rng + ?Sized>(&mut self, rng: &mut R) {
-        self.free.shuffle(rng);
+        self.buf[..self.len].shuffle(rng);
     }
 
     /// Hands out `n` blocks, or none with [`Error::OutOfBlocks`].
@@ -106,7 +106,8 @@ impl BlockAllocator {
                 free: self.num_free() as u64,
             });
         }
-        Ok(self.free.split_off(self.free.len() - n as usize))
+        self.len -= n as usize;
+        Ok(self.buf[self.len..self.len + n as usize].to_vec())
     }
 
     /// Takes `blocks` back. Rejects, changing nothing, an id outside the pool, a block that is
@@ -126,14 +127,33 @@ impl BlockAllocator {
             }
             taken[word] |= bit;
         }
-        self.free.extend_from_slice(blocks);
+        // Room: every block named is allocated and named once.
+        self.free_owned_tail(blocks.len())?.copy_from_slice(blocks);
         Ok(())
     }
 
     /// Takes back blocks the cache's own tables just released: owned by exactly one head slot
     /// each, so allocated and distinct by construction.
-    pub(crate) fn free_owned(&mut self, blocks: &[u32]) {
-        self.free.extend_from_slice(blocks);
+    pub(crate) fn free_owned(&mut self, blocks: &[u32]) -> Result<()> {
+        self.free_owned_tail(blocks.len())?.copy_from_slice(blocks);
+        Ok(())
+    }
+
+    /// The free list grown by `n` entries, for the caller to write: `n` blocks the cache's own
+    /// tables release (as [`BlockAllocator::free_owned`]), in the order they are to be handed
+    /// out again from the end. Fails, changing nothing, if more blocks come back than are
+    /// allocated (a corrupted cache).
+    pub(crate) fn free_owned_tail(&mut self, n: usize) -> Result<&mut [u32]> {
+        let (start, allocated) = (self.len, self.buf.len() - self.len);
+        let tail = self.buf.get_mut(start..start + n).ok_or_else(|| {
+            Error::invalid(
+                "blocks",
+                format!("{n} blocks returned with {start} free"),
+                format!("at most the {allocated} allocated blocks"),
+            )
+        })?;
+        self.len += n;
+        Ok(tail)
     }
 }
 
@@ -157,9 +177,11 @@ mod tests {
         }
         // A block listed twice, or one outside the pool, is a corrupted free list.
         let mut twice = alloc.clone();
-        twice.free.push(alloc.free[0]);
+        twice.buf[twice.len] = alloc.buf[0];
+        twice.len += 1;
         assert!(twice.free_set().is_err());
-        alloc.free.push(num_blocks);
+        alloc.buf[alloc.len] = num_blocks;
+        alloc.len += 1;
         assert!(alloc.free_set().is_err());
     }
 }

@@ -495,7 +495,7 @@ impl PagedKvCache {
                 patches.push(Patch::len(&g, head_slot, 0));
             }
         }
-        self.allocator.free_owned(&blocks);
+        self.allocator.free_owned(&blocks)?;
         for layer in 0..g.num_layers {
             for kv_head in 0..g.num_kv_heads {
                 let head_slot = g.head_slot(seq, layer, kv_head);

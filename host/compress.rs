@@ -224,7 +224,7 @@ impl PagedKvCache {
                         cache.context_lens[h.head_slot as usize] as u32 - h.evicted.len() as u32;
                     times.moved_kvs += h.evicted.iter().filter(|&&j| j < kept).count() as u64;
                     let freed = reference::compact(&mut cache, h.head_slot, &h.evicted);
-                    self.allocator.free_owned(&freed);
+                    self.allocator.free_owned(&freed)?;
                 }
             }
             report.seqs.push(SeqReport {
