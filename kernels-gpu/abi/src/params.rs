@@ -345,7 +345,7 @@ impl CompressParams {
     /// kernel for `pass == RADIX_PASSES`.
     #[inline(always)]
     pub const fn ticket_word(&self, pass: u32, q: u32) -> u64 {
-        compress::RADIX_PASSES as u64 * self.num_work_heads() as u64 * compress::RADIX_BINS as u64
+        compress::tickets_at(self.num_work_heads())
             + pass as u64 * self.num_groups() as u64
             + q as u64
     }
@@ -354,8 +354,9 @@ impl CompressParams {
     /// byte aligned rows).
     #[inline(always)]
     pub const fn partial_word(&self, q: u32, slice: u32, bin: u32) -> u64 {
-        let tickets = self.ticket_word(compress::RADIX_PASSES + 1, 0);
-        tickets.next_multiple_of(4)
+        // Past the last ticket: `compress::partials_at`.
+        self.ticket_word(compress::RADIX_PASSES + 1, 0)
+            .next_multiple_of(4)
             + (q as u64 * self.slices_per_group() as u64 + slice as u64)
                 * compress::RADIX_BINS as u64
             + bin as u64
@@ -427,6 +428,36 @@ pub mod compress {
 
     /// Head slots one CTA of the digit and final kernels takes (a warp each).
     pub const SLICE_HEADS: u32 = 16;
+
+    /// Word (from `hist`) where the digit and final tickets start: after the histograms of `W`
+    /// head slots.
+    #[inline(always)]
+    pub const fn tickets_at(num_work_heads: u32) -> u64 {
+        RADIX_PASSES as u64 * num_work_heads as u64 * RADIX_BINS as u64
+    }
+
+    /// Word (from `hist`) where the tickets of `num_groups` groups end: what must be zero at
+    /// launch.
+    #[inline(always)]
+    pub const fn tickets_end(num_work_heads: u32, num_groups: u32) -> u64 {
+        tickets_at(num_work_heads) + (RADIX_PASSES as u64 + 1) * num_groups as u64
+    }
+
+    /// Word (from `hist`) where the digit partial sums start, 16-byte aligned.
+    #[inline(always)]
+    pub const fn partials_at(num_work_heads: u32, num_groups: u32) -> u64 {
+        tickets_end(num_work_heads, num_groups).next_multiple_of(4)
+    }
+
+    /// Words of the digit partial sums (none when a group is one slice).
+    #[inline(always)]
+    pub const fn partial_words(num_groups: u32, slices: u32) -> u64 {
+        if slices > 1 {
+            num_groups as u64 * slices as u64 * RADIX_BINS as u64
+        } else {
+            0
+        }
+    }
 
     /// Slices of a group of `group_heads` head slots.
     #[inline(always)]

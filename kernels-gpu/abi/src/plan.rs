@@ -1121,25 +1121,16 @@ impl CompressPlan {
     /// Bytes from `hist` that must be zero at launch: the histograms and the tickets
     /// (`CompressParams::ticket_word`).
     pub const fn hist_bytes(&self) -> u64 {
-        use crate::params::compress::{RADIX_BINS, RADIX_PASSES};
-        (RADIX_PASSES as u64 * self.num_work_heads as u64 * RADIX_BINS as u64
-            + (RADIX_PASSES as u64 + 1) * self.num_groups as u64)
-            * 4
+        crate::params::compress::tickets_end(self.num_work_heads, self.num_groups) * 4
     }
 
     /// Bytes of workspace in all: then the partial sums of groups of several slices
     /// (`CompressParams::partial_word`).
     pub const fn workspace_bytes(&self, num_work_seqs: u32) -> u64 {
-        let partials = if self.slices > 1 {
-            (self.num_groups as u64
-                * self.slices as u64
-                * crate::params::compress::RADIX_BINS as u64
-                + 4)
-                * 4
-        } else {
-            0
-        };
-        self.offsets(num_work_seqs)[5] + self.hist_bytes() + partials
+        use crate::params::compress::{partial_words, partials_at};
+        let words = partials_at(self.num_work_heads, self.num_groups)
+            + partial_words(self.num_groups, self.slices);
+        self.offsets(num_work_seqs)[5] + words * 4
     }
 }
 
