@@ -128,8 +128,7 @@ impl BlockAllocator {
             taken[word] |= bit;
         }
         // Room: every block named is allocated and named once.
-        self.free_owned_tail(blocks.len())?.copy_from_slice(blocks);
-        Ok(())
+        self.free_owned(blocks)
     }
 
     /// Takes back blocks the cache's own tables just released: owned by exactly one head slot
