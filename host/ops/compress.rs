@@ -3,11 +3,14 @@
 //! head slot after the last, then compaction (`compact.rs`).
 //!
 //! The schedule's per-head results (blocks to free, KVs to evict) are all the host needs to
-//! bring its tables, lengths and allocator up to date, so they are read back before the
-//! compaction is launched, and the host's per-block work (a table entry and a free-list entry
-//! per freed block: 1.8 M at 16 x 8192, both in pages touched before) runs while the device
-//! compacts. A timed step ends with a read-back of the moves per head slot, which waits for
-//! the compaction; an untimed one returns without waiting (stream order covers what follows).
+//! bring its tables, lengths and allocator up to date. Their copy into pinned memory is queued
+//! between the schedule and the compaction, so the device never waits for the host: the host
+//! waits for that copy alone and does its per-block work (a table entry and a free-list entry
+//! per freed block: 1.8 M at 16 x 8192, both in pages touched before) while the device
+//! compacts. An explicit budget that cannot be met sets `status`, and the compaction then
+//! changes nothing. A timed step ends with a read-back of the moves per head slot, which waits
+//! for the compaction; an untimed one returns without waiting (stream order covers what
+//! follows).
 //! Past `PARALLEL_RELEASE_BLOCKS` that work is shared by threads, each a run of head slots with
 //! its own stretch of the free list, so the order of the free list is the same either way.
 
@@ -198,11 +201,14 @@ pub(crate) fn compress(
     };
     let gpu = &d.gpu;
     let mut workspace = gpu.workspace(plan.workspace_bytes(num_work_seqs))?;
-    // The inputs, then zeros for the outputs and status (one copy), and zeroed histograms.
-    let mut words = seq_in;
-    words.resize(((hist_at - seq_in_at) / 4) as usize, 0);
-    gpu.write_at(bytemuck::cast_slice(&words), &mut workspace, seq_in_at)?;
-    gpu.zero(&mut workspace, hist_at, plan.hist_bytes())?;
+    // The inputs, then one clear of the outputs, status, histograms and tickets (they follow
+    // the inputs).
+    gpu.write_at(bytemuck::cast_slice(&seq_in), &mut workspace, seq_in_at)?;
+    gpu.zero(
+        &mut workspace,
+        seq_out_at,
+        hist_at + plan.hist_bytes() - seq_out_at,
+    )?;
     let base = gpu.addr(&workspace);
     let mut params = CompressParams {
         cache: d.view(g),
@@ -221,8 +227,14 @@ pub(crate) fn compress(
         row_bytes: g.head_dim * cache.dtype().elem_bytes(),
         reserved: 0,
     };
-    let events = [gpu.event()?, gpu.event()?, gpu.event()?, gpu.event()?];
-    gpu.record(&events[0])?;
+    // Timing events only for a timed step: creating and recording them costs the engine.
+    let events = if timed {
+        Some([gpu.event()?, gpu.event()?, gpu.event()?, gpu.event()?])
+    } else {
+        None
+    };
+    let mark = |i: usize| events.as_ref().map_or(Ok(()), |e| gpu.record(&e[i]));
+    mark(0)?;
     // SAFETY: validate::compress checked the sequence rows (distinct, in range), one budget
     // and protected window each, rates >= 1; the tables are valid by construction; the
     // workspace holds the plan's arrays, the histograms and status zeroed.
@@ -237,9 +249,14 @@ pub(crate) fn compress(
         }
         gpu.launch(SCHED_FINAL_ENTRY, plan.finish, &params)?;
     }
-    gpu.record(&events[1])?;
-    let results: Vec<u32> =
-        bytemuck::pod_collect_to_vec(&gpu.download_range(&workspace, 0, hist_at)?);
+    mark(1)?;
+    let readback = gpu.read_back(&workspace, 0, hist_at)?;
+    mark(2)?;
+    // SAFETY: as above, after the schedule's last digit pass; with `status` set it returns.
+    unsafe { gpu.launch(COMPACT_ENTRY, plan.compact, &params)? };
+    mark(3)?;
+    let results: Vec<u32> = bytemuck::pod_collect_to_vec(readback.wait()?);
+    drop(readback);
     let seq_out =
         |s: u32, field: u32| results[(seq_out_at / 4 + params.seq_out_word(s, field)) as usize];
     let head = |w: u32, field: u32| results[(heads_at / 4 + params.head_word(w, field)) as usize];
@@ -255,7 +272,7 @@ pub(crate) fn compress(
         })
         .collect();
     if results[(status_at / 4) as usize] != 0 {
-        // An explicit block budget could not be met: compaction did not run.
+        // An explicit block budget could not be met: the compaction changed nothing.
         let s = seq_reports
             .iter()
             .zip(args.budgets)
@@ -263,10 +280,6 @@ pub(crate) fn compress(
             .map_or(&seq_reports[0], |(s, _)| s);
         return Err(over_budget(s.seq, s.requested_blocks, s.freed_blocks));
     }
-    gpu.record(&events[2])?;
-    // SAFETY: as above, after the schedule's last digit pass; the status word is 0.
-    unsafe { gpu.launch(COMPACT_ENTRY, plan.compact, &params)? };
-    gpu.record(&events[3])?;
     let host_start = std::time::Instant::now();
     report.heads = (0..num_work_seqs * heads_per_seq)
         .map(|w| {
@@ -292,17 +305,17 @@ pub(crate) fn compress(
     )?;
     report.seqs = seq_reports;
     let host_ms = host_start.elapsed().as_secs_f64() * 1e3;
-    if !timed {
+    let Some(events) = events else {
         let times = CompressTimes {
             host_ms,
             ..CompressTimes::default()
         };
         return Ok((report, times));
-    }
+    };
     // The compaction left the moves of each head slot in HEAD_BELOW.
-    let heads: Vec<u32> =
-        bytemuck::pod_collect_to_vec(&gpu.download_range(&workspace, heads_at, groups_at)?);
-    drop(workspace);
+    let moves = gpu.read_back(&workspace, heads_at, groups_at)?;
+    let heads: Vec<u32> = bytemuck::pod_collect_to_vec(moves.wait()?);
+    drop((moves, workspace));
     let moved_kvs = (0..num_work_seqs * heads_per_seq)
         .filter(|&w| head(w, HEAD_BLOCKS) > 0)
         .map(|w| heads[params.head_word(w, HEAD_BELOW) as usize] as u64)
