@@ -36,7 +36,7 @@ use crate::gpu::smem::dynamic_f32;
 use crate::gpu::sync::shared_add;
 use crate::gpu::thread::{block_idx_x, lane_id, sync_threads, thread_idx_x, warp_id};
 use crate::gpu::warp::{ballot, lanemask_lt};
-use crate::schedule::{kv_batch, kv_run, pool_slot_of, seq_view, KeyFilter, SeqView, BATCH};
+use crate::schedule::{kv_batch, kv_run, pool_slot_of, seq_view, SeqView, BATCH};
 
 /// Shared-memory words (see `compact_smem`) and state fields.
 const BINS_AT: usize = compact_smem::BINS;
@@ -192,14 +192,7 @@ unsafe fn select(
             while !scheduled && base < len {
                 // A histogram: which thread counts which KV does not matter, so each takes a
                 // run of consecutive KVs (one table load, vector loads).
-                let kv = kv_run(
-                    p,
-                    view,
-                    head_slot,
-                    base + BATCH as u32 * thread,
-                    len,
-                    KeyFilter::ALL,
-                );
+                let kv = kv_run(p, view, head_slot, base + BATCH as u32 * thread, len);
                 for u in 0..BATCH {
                     let wide = (kv.key[u] as u64) << 32 | kv.position[u] as u32 as u64;
                     if kv.evictable[u] && (level == 0 || wide >> (64 - level) == prefix) {

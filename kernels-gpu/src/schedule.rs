@@ -40,20 +40,31 @@ const _: () = assert!(LANE_BINS == 8);
 /// Head slots a warp of `sched_budget` reads at once.
 const SCAN_HEADS: usize = 4;
 
-/// A sequence being compressed: its row, and the newest position that may be evicted
-/// (`last_position - protected`).
+/// A sequence being compressed: its row, and the positions that may be evicted, `[sinks,
+/// last_position - protected]` (SPEC §5), as `count` positions from `first`, both in the
+/// order-preserving unsigned form of `biased`, so that the test is one subtraction and one
+/// compare.
 #[derive(Clone, Copy)]
 pub struct SeqView {
     pub seq: u32,
-    pub newest_evictable: i64,
+    first: u32,
+    count: u32,
+}
+
+/// `position` mapped to `u32` in the same order.
+#[inline(always)]
+fn biased(position: i32) -> u32 {
+    position as u32 ^ 0x8000_0000
 }
 
 impl SeqView {
     /// Whether a KV at `position` may be evicted: neither one of the first `sinks` positions
-    /// nor in the protected window (SPEC §5).
+    /// nor in the protected window. In range iff its distance from `first` (wrapping) is
+    /// below `count`: `first + count - 1` does not wrap, so a position below `first` wraps
+    /// to at least `count`.
     #[inline(always)]
-    pub fn may_evict(self, position: i32, sinks: u32) -> bool {
-        position as i64 >= sinks as i64 && position as i64 <= self.newest_evictable
+    pub fn may_evict(self, position: i32) -> bool {
+        biased(position).wrapping_sub(self.first) < self.count
     }
 }
 
@@ -64,13 +75,21 @@ impl SeqView {
 #[inline(always)]
 pub unsafe fn seq_view(p: &CompressParams, s: u32) -> SeqView {
     // SAFETY: seq_in holds num_work_seqs rows.
-    unsafe {
-        let last = load::<i32>(p.seq_in, p.seq_in_word(s, SEQ_IN_LAST_POSITION)) as i64;
-        let protected = load::<u32>(p.seq_in, p.seq_in_word(s, SEQ_IN_PROTECTED)) as i64;
-        SeqView {
-            seq: load::<u32>(p.seq_in, p.seq_in_word(s, SEQ_IN_SEQ)),
-            newest_evictable: last - protected,
-        }
+    let (seq, last, protected) = unsafe {
+        (
+            load::<u32>(p.seq_in, p.seq_in_word(s, SEQ_IN_SEQ)),
+            load::<i32>(p.seq_in, p.seq_in_word(s, SEQ_IN_LAST_POSITION)) as i64,
+            load::<u32>(p.seq_in, p.seq_in_word(s, SEQ_IN_PROTECTED)) as i64,
+        )
+    };
+    let lo = p.sinks as i64;
+    let hi = (last - protected).min(i32::MAX as i64);
+    // At most 2^31 positions (lo >= 0); none when the range is empty.
+    let count = if hi >= lo { (hi - lo + 1) as u32 } else { 0 };
+    SeqView {
+        seq,
+        first: biased(lo.min(i32::MAX as i64) as i32),
+        count,
     }
 }
 
@@ -120,39 +139,66 @@ pub unsafe fn kv_batch(
             batch.position[u] = load::<i32>(p.cache.position, slot[u]);
             batch.key[u] = metric_key(load::<f32>(p.cache.metric, slot[u]));
         }
-        batch.evictable[u] = idx[u] < len && view.may_evict(batch.position[u], p.sinks);
+        batch.evictable[u] = idx[u] < len && view.may_evict(batch.position[u]);
     }
     batch
 }
 
-/// The metric keys a pass over a head slot wants: those whose top `bits` bits are `prefix`
-/// (every key when `bits` is 0).
+/// The metric keys a histogram pass wants: those whose top `bits` bits are the group's
+/// `prefix` (every key when `bits` is 0), as one mask and compare per key.
 #[derive(Clone, Copy)]
-pub struct KeyFilter {
-    pub prefix: u32,
-    pub bits: u32,
+struct KeyFilter {
+    mask: u32,
+    value: u32,
 }
 
 impl KeyFilter {
-    /// Every key.
-    pub const ALL: KeyFilter = KeyFilter { prefix: 0, bits: 0 };
+    #[inline(always)]
+    fn new(prefix: u32, bits: u32) -> KeyFilter {
+        let mask = if bits == 0 {
+            0
+        } else {
+            u32::MAX << (32 - bits)
+        };
+        KeyFilter {
+            mask,
+            value: (prefix << ((32 - bits) & 31)) & mask,
+        }
+    }
+
+    #[inline(always)]
+    fn every_key(self) -> bool {
+        self.mask == 0
+    }
 
     #[inline(always)]
     fn wants(self, key: u32) -> bool {
-        self.bits == 0 || key >> (32 - self.bits) == self.prefix
+        key & self.mask == self.value
     }
 }
 
-/// Metric key and evictability of the `BATCH` consecutive logical KVs from `first` of a head
-/// slot, for a pass that wants only the keys `filter` accepts (a KV it rejects is reported
-/// not evictable). `first` is a multiple of `BATCH` and blocks hold at least
-/// `MIN_BLOCK_SIZE >= BATCH` slots, so the run lies in one block: one block-table load and two
-/// 16-byte loads of metrics (where `kv_batch` needs a table load and two scalar loads per KV),
-/// and two of positions: issued with the metrics when every key is wanted, else only once
-/// some key is (a radix pass past the first wants few keys, and skips most positions). KVs at
-/// or past `len` are reported not evictable, and nothing is read when all are. Positions are
-/// meaningful only where a key is wanted. For passes whose result does not depend on which
-/// thread sees which KV.
+/// Byte addresses of the positions and of the metrics of the `BATCH` consecutive logical KVs
+/// from `first` of a head slot. `first` is a multiple of `BATCH` and blocks hold at least
+/// `MIN_BLOCK_SIZE >= BATCH` slots, so the run lies in one block: one block-table load, and
+/// each array's run is two 16-byte aligned chunks.
+///
+/// # Safety
+/// `first` is below the head slot's length (its block is a validated pool block).
+#[inline(always)]
+unsafe fn run_at(p: &CompressParams, head_slot: u64, first: u32) -> (u64, u64) {
+    let geom = p.cache.geometry;
+    let table = p.cache.block_tables + geom.block_table_at(head_slot, 0) * 4;
+    // SAFETY: forwarded from the caller.
+    let block = unsafe { load_nc::<i32>(table, geom.logical_block(first) as u64) } as u32;
+    let at = geom.pool_slot(block, geom.slot_in_block(first)) * 4;
+    (p.cache.position + at, p.cache.metric + at)
+}
+
+/// Position, metric key and evictability of the `BATCH` consecutive logical KVs from `first`
+/// of a head slot (see `run_at`): one table load and four 16-byte loads, where `kv_batch`
+/// needs a table load and two scalar loads per KV. KVs at or past `len` are reported not
+/// evictable, and nothing is read when all are. For passes whose result does not depend on
+/// which thread sees which KV.
 ///
 /// # Safety
 /// The head slot's first `len` KVs are in validated pool blocks.
@@ -163,7 +209,6 @@ pub unsafe fn kv_run(
     head_slot: u64,
     first: u32,
     len: u32,
-    filter: KeyFilter,
 ) -> KvBatch {
     let mut batch = KvBatch {
         position: [0; BATCH],
@@ -173,44 +218,18 @@ pub unsafe fn kv_run(
     if first >= len {
         return batch;
     }
-    let geom = p.cache.geometry;
-    let table = p.cache.block_tables + geom.block_table_at(head_slot, 0) * 4;
-    // SAFETY: first < len: its block is a validated pool block, whose slots
-    // slot_in_block(first)..+BATCH exist (16-byte aligned: first is a multiple of BATCH).
-    let (position, metric) = unsafe {
-        let block = load_nc::<i32>(table, geom.logical_block(first) as u64) as u32;
-        let at = geom.pool_slot(block, geom.slot_in_block(first)) * 4;
-        (p.cache.position + at, p.cache.metric + at)
-    };
-    // SAFETY: as above, for the metrics and (the same slots) the positions.
-    let (metrics, early) = unsafe {
+    // SAFETY: first < len; the chunks lie in its block's slots.
+    let (metrics, positions) = unsafe {
+        let (position, metric) = run_at(p, head_slot, first);
         (
             [load_chunk(metric), load_chunk(metric + 16)],
-            if filter.bits == 0 {
-                [load_chunk(position), load_chunk(position + 16)]
-            } else {
-                [[0; 4]; 2]
-            },
+            [load_chunk(position), load_chunk(position + 16)],
         )
     };
-    let mut any = false;
     for u in 0..BATCH {
         batch.key[u] = metric_key(f32::from_bits(metrics[u / 4][u % 4]));
-        batch.evictable[u] = first + (u as u32) < len && filter.wants(batch.key[u]);
-        any |= batch.evictable[u];
-    }
-    if any {
-        let positions = if filter.bits == 0 {
-            early
-        } else {
-            // SAFETY: as above.
-            unsafe { [load_chunk(position), load_chunk(position + 16)] }
-        };
-        for u in 0..BATCH {
-            let position = positions[u / 4][u % 4] as i32;
-            batch.position[u] = position;
-            batch.evictable[u] &= view.may_evict(position, p.sinks);
-        }
+        batch.position[u] = positions[u / 4][u % 4] as i32;
+        batch.evictable[u] = first + (u as u32) < len && view.may_evict(batch.position[u]);
     }
     batch
 }
@@ -272,23 +291,49 @@ pub unsafe fn sched_hist_body(p: &CompressParams) {
         0
     };
     let digit_shift = 24 - 8 * p.pass;
+    let filter = KeyFilter::new(prefix, 8 * p.pass);
+    let bins_at = shared_addr(bins);
     let mut base = lo;
     while base < hi {
-        // A histogram: which thread counts which KV does not matter, so each takes a run.
+        // A histogram: which thread counts which KV does not matter, so each takes a run
+        // (`run_at`). The positions are loaded with the metrics when every key is wanted, else
+        // only once some key is (a pass past the first wants few, and skips most positions).
         let first = base + BATCH as u32 * thread;
-        // SAFETY: the head slot's KVs are validated; runs past the chunk are masked below.
-        let kv = unsafe {
-            let filter = KeyFilter {
-                prefix,
-                bits: 8 * p.pass,
+        if first < hi {
+            // SAFETY: first < hi <= len; the chunks lie in its block's slots.
+            let (position_at, metric_at) = unsafe { run_at(p, head_slot, first) };
+            let (metrics, early) = unsafe {
+                (
+                    [load_chunk(metric_at), load_chunk(metric_at + 16)],
+                    if filter.every_key() {
+                        [load_chunk(position_at), load_chunk(position_at + 16)]
+                    } else {
+                        [[0; 4]; 2]
+                    },
+                )
             };
-            kv_run(p, view, head_slot, first, len, filter)
-        };
-        for u in 0..BATCH {
-            if first + (u as u32) < hi && kv.evictable[u] {
-                let bin = bins.add(((kv.key[u] >> digit_shift) & 0xff) as usize);
-                // SAFETY: the bin lies in the smem histogram.
-                unsafe { shared_add(shared_addr(bin), 1) };
+            let mut key = [0u32; BATCH];
+            let mut wanted = [false; BATCH];
+            let mut any = false;
+            for u in 0..BATCH {
+                key[u] = metric_key(f32::from_bits(metrics[u / 4][u % 4]));
+                wanted[u] = first + (u as u32) < hi && filter.wants(key[u]);
+                any |= wanted[u];
+            }
+            if any {
+                let positions = if filter.every_key() {
+                    early
+                } else {
+                    // SAFETY: as above.
+                    unsafe { [load_chunk(position_at), load_chunk(position_at + 16)] }
+                };
+                for u in 0..BATCH {
+                    if wanted[u] && view.may_evict(positions[u / 4][u % 4] as i32) {
+                        let bin = (key[u] >> digit_shift) & 0xff;
+                        // SAFETY: the bin lies in the smem histogram.
+                        unsafe { shared_add(bins_at + 4 * bin, 1) };
+                    }
+                }
             }
         }
         base += BATCH as u32 * COMPRESS_THREADS;

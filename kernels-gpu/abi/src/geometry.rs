@@ -236,4 +236,30 @@ mod metric_key_tests {
         assert_eq!(metric_key(-f32::NAN), u32::MAX);
         assert!(metric_key(f32::INFINITY) < metric_key(f32::NAN));
     }
+
+    /// Over bit patterns spread across every exponent and sign (and the NaNs among them):
+    /// keys compare as the floats do, and every NaN is `u32::MAX`.
+    #[test]
+    fn metric_key_agrees_with_float_comparison() {
+        let values = (0..1u64 << 32)
+            .step_by(65_521)
+            .map(|bits| f32::from_bits(bits as u32))
+            .chain([0.0, -0.0, 1.0, f32::INFINITY, f32::NEG_INFINITY, -0.0]);
+        let mut previous = 0.0f32;
+        for v in values {
+            if v.is_nan() {
+                assert_eq!(metric_key(v), u32::MAX, "{:#x}", v.to_bits());
+                continue;
+            }
+            // Each number against the one before it: the walk rises through the positive
+            // patterns and falls through the negative ones, and the tail adds both zeros and
+            // the infinities, so less, greater and equal all occur.
+            assert_eq!(
+                metric_key(previous).cmp(&metric_key(v)),
+                previous.partial_cmp(&v).unwrap(),
+                "{previous} vs {v}"
+            );
+            previous = v;
+        }
+    }
 }
