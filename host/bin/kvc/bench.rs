@@ -164,9 +164,9 @@ pub fn bench_compress(
         ];
         let q = Tensor::full(&backend, model.dtype.into(), &q_shape, 0.5)?;
         let mut out = Tensor::full(&backend, model.dtype.into(), &q_shape, 0.0)?;
-        let args = DecodeArgs::for_head_dim(model.head_dim);
+        let decode_args = DecodeArgs::for_head_dim(model.head_dim);
         let step = time_gpu(&gpu, 2, 10, |_| {
-            (0..layers).try_for_each(|l| cache.decode(l, &q, &mut out, &args))
+            (0..layers).try_for_each(|l| cache.decode(l, &q, &mut out, &decode_args))
         })?;
         drop(cache);
         let batch_args = WholeBatch::new(batch, Budget::Rate(rate));
@@ -174,6 +174,10 @@ pub fn bench_compress(
         let mut samples = Vec::new();
         for _ in 0..opts.reps.clamp(3, 7) {
             let mut cache = PagedKvCache::from_snapshot(&backend, config, snapshot.clone())?;
+            // As in an engine, the step follows a decode step, not the multi-GB upload of a
+            // fresh cache (right after which each driver call took 15-27 us instead of 2-5:
+            // docs/PERF.md, compression v10).
+            (0..layers).try_for_each(|l| cache.decode(l, &q, &mut out, &decode_args))?;
             gpu.synchronize()?;
             let (report, times) = cache.compress_timed(&args)?;
             samples.push((times, report.freed_blocks()));
