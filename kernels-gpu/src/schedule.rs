@@ -18,10 +18,10 @@
 
 use kvc_abi::geometry::metric_key;
 use kvc_abi::params::compress::{
-    blocks_within, evictions, fill, BUDGET_BLOCKS, BUDGET_RATE, BUDGET_TOKENS, GROUP_NEED,
-    GROUP_PREFIX, HEAD_BELOW, HEAD_BLOCKS, HEAD_EVICTABLE, HEAD_EVICTIONS, HEAD_FILL, RADIX_BINS,
-    RADIX_PASSES, SEQ_IN_BUDGET_KIND, SEQ_IN_BUDGET_VALUE, SEQ_IN_LAST_POSITION, SEQ_IN_PROTECTED,
-    SEQ_IN_SEQ, SEQ_OUT_CLAMPED, SEQ_OUT_REQUESTED, SEQ_OUT_TAKEN, SLICE_HEADS,
+    blocks_within, evictions, fill, EvictableWindow, BUDGET_BLOCKS, BUDGET_RATE, BUDGET_TOKENS,
+    GROUP_NEED, GROUP_PREFIX, HEAD_BELOW, HEAD_BLOCKS, HEAD_EVICTABLE, HEAD_EVICTIONS, HEAD_FILL,
+    RADIX_BINS, RADIX_PASSES, SEQ_IN_BUDGET_KIND, SEQ_IN_BUDGET_VALUE, SEQ_IN_LAST_POSITION,
+    SEQ_IN_PROTECTED, SEQ_IN_SEQ, SEQ_OUT_CLAMPED, SEQ_OUT_REQUESTED, SEQ_OUT_TAKEN, SLICE_HEADS,
 };
 use kvc_abi::params::CompressParams;
 use kvc_abi::plan::{COMPRESS_THREADS, MIN_BLOCK_SIZE, SCAN_THREADS, SCAN_WARPS, WARP_SIZE};
@@ -40,31 +40,19 @@ const _: () = assert!(LANE_BINS == 8);
 /// Head slots a warp of `sched_budget` reads at once.
 const SCAN_HEADS: usize = 4;
 
-/// A sequence being compressed: its row, and the positions that may be evicted, `[sinks,
-/// last_position - protected]` (SPEC §5), as `count` positions from `first`, both in the
-/// order-preserving unsigned form of `biased`, so that the test is one subtraction and one
-/// compare.
+/// A sequence being compressed: its row, and the positions it may evict.
 #[derive(Clone, Copy)]
 pub struct SeqView {
     pub seq: u32,
-    first: u32,
-    count: u32,
-}
-
-/// `position` mapped to `u32` in the same order.
-#[inline(always)]
-fn biased(position: i32) -> u32 {
-    position as u32 ^ 0x8000_0000
+    window: EvictableWindow,
 }
 
 impl SeqView {
     /// Whether a KV at `position` may be evicted: neither one of the first `sinks` positions
-    /// nor in the protected window. In range iff its distance from `first` (wrapping) is
-    /// below `count`: `first + count - 1` does not wrap, so a position below `first` wraps
-    /// to at least `count`.
+    /// nor in the protected window (SPEC §5).
     #[inline(always)]
     pub fn may_evict(self, position: i32) -> bool {
-        biased(position).wrapping_sub(self.first) < self.count
+        self.window.contains(position)
     }
 }
 
@@ -78,18 +66,13 @@ pub unsafe fn seq_view(p: &CompressParams, s: u32) -> SeqView {
     let (seq, last, protected) = unsafe {
         (
             load::<u32>(p.seq_in, p.seq_in_word(s, SEQ_IN_SEQ)),
-            load::<i32>(p.seq_in, p.seq_in_word(s, SEQ_IN_LAST_POSITION)) as i64,
-            load::<u32>(p.seq_in, p.seq_in_word(s, SEQ_IN_PROTECTED)) as i64,
+            load::<i32>(p.seq_in, p.seq_in_word(s, SEQ_IN_LAST_POSITION)),
+            load::<u32>(p.seq_in, p.seq_in_word(s, SEQ_IN_PROTECTED)),
         )
     };
-    let lo = p.sinks as i64;
-    let hi = (last - protected).min(i32::MAX as i64);
-    // At most 2^31 positions (lo >= 0); none when the range is empty.
-    let count = if hi >= lo { (hi - lo + 1) as u32 } else { 0 };
     SeqView {
         seq,
-        first: biased(lo.min(i32::MAX as i64) as i32),
-        count,
+        window: EvictableWindow::new(p.sinks, last, protected),
     }
 }
 

@@ -500,4 +500,96 @@ pub mod compress {
             ((len - 1) & (block_size - 1)) + 1
         }
     }
+
+    /// The positions a step may evict from a sequence, `[sinks, last_position - protected]`
+    /// (SPEC §5), kept as `count` positions from `first` in the order-preserving unsigned form
+    /// of a position (`position ^ 0x8000_0000`), so that a test is one subtraction and one
+    /// compare.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct EvictableWindow {
+        first: u32,
+        count: u32,
+    }
+
+    impl EvictableWindow {
+        /// The window of a sequence whose newest position is `last_position`.
+        #[inline(always)]
+        pub fn new(sinks: u32, last_position: i32, protected: u32) -> Self {
+            let lo = sinks as i64;
+            let hi = (last_position as i64 - protected as i64).min(i32::MAX as i64);
+            // lo >= 0 and hi <= i32::MAX: at most 2^31 positions; none when empty.
+            let count = if hi >= lo { (hi - lo + 1) as u32 } else { 0 };
+            EvictableWindow {
+                first: biased(lo.min(i32::MAX as i64) as i32),
+                count,
+            }
+        }
+
+        /// Whether `position` lies in the window. Its distance from `first` (wrapping) is
+        /// below `count` exactly then: `first + count - 1` does not wrap, so a position
+        /// below `first` wraps to at least `count`.
+        #[inline(always)]
+        pub const fn contains(self, position: i32) -> bool {
+            biased(position).wrapping_sub(self.first) < self.count
+        }
+    }
+
+    /// `position` mapped to `u32` in the same order.
+    #[inline(always)]
+    const fn biased(position: i32) -> u32 {
+        position as u32 ^ 0x8000_0000
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::EvictableWindow;
+
+        /// Against SPEC §5 read literally (i64 bounds), at the edges of every argument.
+        #[test]
+        fn evictable_window_matches_the_literal_bounds() {
+            let sinks = [
+                0u32,
+                1,
+                4,
+                1000,
+                i32::MAX as u32,
+                i32::MAX as u32 + 1,
+                u32::MAX,
+            ];
+            let last = [i32::MIN, -1, 0, 3, 999, 1000, 5000, i32::MAX - 1, i32::MAX];
+            let protected = [0u32, 1, 7, 4000, i32::MAX as u32, u32::MAX];
+            let positions = [
+                i32::MIN,
+                i32::MIN + 1,
+                -5,
+                -1,
+                0,
+                1,
+                3,
+                4,
+                999,
+                1000,
+                1001,
+                4999,
+                5000,
+                i32::MAX - 1,
+                i32::MAX,
+            ];
+            for &s in &sinks {
+                for &l in &last {
+                    for &w in &protected {
+                        let window = EvictableWindow::new(s, l, w);
+                        for &p in &positions {
+                            let literal = p as i64 >= s as i64 && p as i64 <= l as i64 - w as i64;
+                            assert_eq!(
+                                window.contains(p),
+                                literal,
+                                "sinks {s}, last {l}, protected {w}, position {p}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
