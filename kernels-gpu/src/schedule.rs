@@ -18,10 +18,11 @@
 
 use kvc_abi::geometry::metric_key;
 use kvc_abi::params::compress::{
-    blocks_within, evictions, fill, EvictableWindow, BUDGET_BLOCKS, BUDGET_RATE, BUDGET_TOKENS,
-    GROUP_NEED, GROUP_PREFIX, HEAD_BELOW, HEAD_BLOCKS, HEAD_EVICTABLE, HEAD_EVICTIONS, HEAD_FILL,
-    RADIX_BINS, RADIX_PASSES, SEQ_IN_BUDGET_KIND, SEQ_IN_BUDGET_VALUE, SEQ_IN_LAST_POSITION,
-    SEQ_IN_PROTECTED, SEQ_IN_SEQ, SEQ_OUT_CLAMPED, SEQ_OUT_REQUESTED, SEQ_OUT_TAKEN, SLICE_HEADS,
+    blocks_within, evictions, fill, EvictableWindow, KeyFilter, BUDGET_BLOCKS, BUDGET_RATE,
+    BUDGET_TOKENS, GROUP_NEED, GROUP_PREFIX, HEAD_BELOW, HEAD_BLOCKS, HEAD_EVICTABLE,
+    HEAD_EVICTIONS, HEAD_FILL, RADIX_BINS, RADIX_PASSES, SEQ_IN_BUDGET_KIND, SEQ_IN_BUDGET_VALUE,
+    SEQ_IN_LAST_POSITION, SEQ_IN_PROTECTED, SEQ_IN_SEQ, SEQ_OUT_CLAMPED, SEQ_OUT_REQUESTED,
+    SEQ_OUT_TAKEN, SLICE_HEADS,
 };
 use kvc_abi::params::CompressParams;
 use kvc_abi::plan::{COMPRESS_THREADS, MIN_BLOCK_SIZE, SCAN_THREADS, SCAN_WARPS, WARP_SIZE};
@@ -125,39 +126,6 @@ pub unsafe fn kv_batch(
         batch.evictable[u] = idx[u] < len && view.may_evict(batch.position[u]);
     }
     batch
-}
-
-/// The metric keys a histogram pass wants: those whose top `bits` bits are the group's
-/// `prefix` (every key when `bits` is 0), as one mask and compare per key.
-#[derive(Clone, Copy)]
-struct KeyFilter {
-    mask: u32,
-    value: u32,
-}
-
-impl KeyFilter {
-    #[inline(always)]
-    fn new(prefix: u32, bits: u32) -> KeyFilter {
-        let mask = if bits == 0 {
-            0
-        } else {
-            u32::MAX << (32 - bits)
-        };
-        KeyFilter {
-            mask,
-            value: (prefix << ((32 - bits) & 31)) & mask,
-        }
-    }
-
-    #[inline(always)]
-    fn every_key(self) -> bool {
-        self.mask == 0
-    }
-
-    #[inline(always)]
-    fn wants(self, key: u32) -> bool {
-        key & self.mask == self.value
-    }
 }
 
 /// Byte addresses of the positions and of the metrics of the `BATCH` consecutive logical KVs

@@ -534,6 +534,42 @@ pub mod compress {
         }
     }
 
+    /// The metric keys a histogram pass wants: those whose top `bits` bits are the group's
+    /// `prefix` (every key when `bits` is 0), as one mask and compare per key.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct KeyFilter {
+        mask: u32,
+        value: u32,
+    }
+
+    impl KeyFilter {
+        /// The filter of the `bits`-bit (at most 32) `prefix`.
+        #[inline(always)]
+        pub fn new(prefix: u32, bits: u32) -> KeyFilter {
+            let mask = if bits == 0 {
+                0
+            } else {
+                u32::MAX << (32 - bits)
+            };
+            KeyFilter {
+                mask,
+                value: (prefix << ((32 - bits) & 31)) & mask,
+            }
+        }
+
+        /// Whether it wants every key (no prefix).
+        #[inline(always)]
+        pub fn every_key(self) -> bool {
+            self.mask == 0
+        }
+
+        /// Whether the top bits of `key` are the prefix.
+        #[inline(always)]
+        pub fn wants(self, key: u32) -> bool {
+            key & self.mask == self.value
+        }
+    }
+
     /// `position` mapped to `u32` in the same order.
     #[inline(always)]
     const fn biased(position: i32) -> u32 {
@@ -542,7 +578,37 @@ pub mod compress {
 
     #[cfg(test)]
     mod tests {
-        use super::EvictableWindow;
+        use super::{EvictableWindow, KeyFilter};
+
+        /// A key passes exactly when its top `bits` bits are the prefix, at every pass's width.
+        #[test]
+        fn key_filter_wants_the_keys_under_its_prefix() {
+            let keys = [
+                0u32,
+                1,
+                0xff,
+                0x0100,
+                0x7fff_ffff,
+                0x8000_0000,
+                0xdead_beef,
+                u32::MAX,
+            ];
+            for bits in [0u32, 8, 16, 24, 31, 32] {
+                for &key in &keys {
+                    for &other in &keys {
+                        let prefix = if bits == 0 { 0 } else { other >> (32 - bits) };
+                        let filter = KeyFilter::new(prefix, bits);
+                        let literal = bits == 0 || key >> (32 - bits) == prefix;
+                        assert_eq!(
+                            filter.wants(key),
+                            literal,
+                            "{key:#x} under {prefix:#x}/{bits}"
+                        );
+                        assert_eq!(filter.every_key(), bits == 0);
+                    }
+                }
+            }
+        }
 
         /// Against SPEC §5 read literally (i64 bounds), at the edges of every argument.
         #[test]
