@@ -372,8 +372,8 @@ impl Gpu {
 
     /// Queues a copy of bytes `start..end` of `buf` into the pinned staging buffer and
     /// returns at once: the host may queue more work behind it and then wait for the copy
-    /// alone ([`Readback::wait`]), where `download_range` waits for the whole stream. One
-    /// readback at a time (the buffer is held until the `Readback` is dropped).
+    /// alone ([`Readback::wait`]), where `download` waits for the whole stream. One readback
+    /// at a time (the buffer is held until the `Readback` is dropped).
     pub(crate) fn read_back(
         &self,
         buf: &CudaSlice<u8>,
@@ -397,9 +397,16 @@ impl Gpu {
         self.stream
             .memcpy_dtoh(&view, dst)
             .map_err(Error::driver("copying from the device"))?;
-        let copied = self.event()?;
-        self.record(&copied)?;
-        Ok(Readback { host, len, copied })
+        match self.event().and_then(|e| self.record(&e).map(|()| e)) {
+            Ok(copied) => Ok(Readback { host, len, copied }),
+            Err(e) => {
+                // The copy may be in flight with nothing to wait on: wait for the stream
+                // before the buffer can be reused or freed. Its own error, if any, is the
+                // stream's and surfaces at its next use.
+                let _ = self.synchronize();
+                Err(e)
+            }
+        }
     }
 
     /// A new timing event.
