@@ -336,6 +336,7 @@ mod tests {
     use crate::allocator::BlockAllocator;
     use crate::compress::HeadReport;
     use kvc_abi::Geometry;
+    use rand::seq::SliceRandom;
     use rand::Rng;
 
     /// Enough blocks for the threaded path: every head slot's released entries land on the
@@ -356,11 +357,8 @@ mod tests {
         let slots = (g.num_seqs * g.num_layers * g.num_kv_heads) as usize;
         let mb = g.max_blocks_per_head as usize;
         // Every head slot full, blocks shuffled over the pool.
-        let mut ids: Vec<i32> = (0..g.num_blocks as i32).collect();
-        for i in (1..ids.len()).rev() {
-            ids.swap(i, rng.random_range(0..=i));
-        }
-        let mut tables = ids;
+        let mut tables: Vec<i32> = (0..g.num_blocks as i32).collect();
+        tables.shuffle(&mut rng);
         let mut lens = vec![(mb * 16) as i32; slots];
         let mut allocator = BlockAllocator::from_in_use(&vec![true; g.num_blocks as usize]);
         // Sequences 2, 0, 3 and 1 compressed (in that order), most head slots freeing blocks.

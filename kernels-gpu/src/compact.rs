@@ -151,7 +151,7 @@ unsafe fn select(
     words: *mut u32,
 ) -> Evict {
     let thread = thread_idx_x();
-    let num_work_heads = p.num_work_seqs * p.heads_per_seq();
+    let num_work_heads = p.num_work_heads();
     // SAFETY: w's group is in groups; after the last digit pass its prefix is the whole
     // 32-bit threshold key.
     let threshold = unsafe {

@@ -291,7 +291,7 @@ pub unsafe fn sched_hist_body(p: &CompressParams) {
     }
     // SAFETY: all threads reach it.
     unsafe { sync_threads() };
-    let num_work_heads = p.num_work_seqs * p.heads_per_seq();
+    let num_work_heads = p.num_work_heads();
     let mut b = thread;
     while b < RADIX_BINS {
         // SAFETY: inside the smem histogram and the global histogram of this pass.
@@ -368,7 +368,7 @@ unsafe fn block_scan_u32(scratch: *mut u32, value: u32) -> (u32, u32) {
 /// `pass < RADIX_PASSES`, `w < num_work_heads`.
 #[inline(always)]
 unsafe fn lane_bins(p: &CompressParams, pass: u32, w: u32) -> [u32; LANE_BINS as usize] {
-    let num_work_heads = p.num_work_seqs * p.heads_per_seq();
+    let num_work_heads = p.num_work_heads();
     let at = p.hist + p.hist_word(num_work_heads, pass, w, lane_id() * LANE_BINS) * 4;
     // SAFETY: the histograms hold RADIX_BINS bins for every work head slot and start 16-byte
     // aligned (`CompressPlan::offsets`), so the lane's 32 bytes are two aligned chunks.
