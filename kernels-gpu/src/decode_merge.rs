@@ -180,16 +180,19 @@ pub unsafe fn merge_recorded<T: CacheElem, const D: usize, const G: usize>(
     while item < (G * D) as u32 {
         let (g, d) = (item / D as u32, item % D as u32);
         let q_head = kv_head * G as u32 + g;
-        let (max, inv) = if live == 0 {
-            (f32::NEG_INFINITY, f32::INFINITY)
+        let (base, inv_sum) = if live == 0 {
+            (0.0, 0.0)
         } else {
             // SAFETY: inside the decode_smem map, written by the record phase (before its
             // barrier).
-            unsafe { (*stats.add(2 * g as usize), *stats.add(2 * g as usize + 1)) }
+            let (max, inv) =
+                unsafe { (*stats.add(2 * g as usize), *stats.add(2 * g as usize + 1)) };
+            // The merge kernel's base and `1 / sum` (0 for an empty sum).
+            (
+                if max == f32::NEG_INFINITY { 0.0 } else { max },
+                if inv.is_infinite() { 0.0 } else { inv },
+            )
         };
-        let base = if max == f32::NEG_INFINITY { 0.0 } else { max };
-        // The merge kernel's `1 / sum`, or 0 for an empty sum.
-        let inv_sum = if inv.is_infinite() { 0.0 } else { inv };
         // SAFETY: the warp's 32 consecutive columns; the live rows are published.
         let acc =
             unsafe { merged_column(p, p.partial_row(seq, q_head, 0), live, base, D as u32, d) };

@@ -354,9 +354,7 @@ impl CompressParams {
     /// byte aligned rows).
     #[inline(always)]
     pub const fn partial_word(&self, q: u32, slice: u32, bin: u32) -> u64 {
-        // Past the last ticket: `compress::partials_at`.
-        self.ticket_word(compress::RADIX_PASSES + 1, 0)
-            .next_multiple_of(4)
+        compress::partials_at(self.num_work_heads(), self.num_groups())
             + (q as u64 * self.slices_per_group() as u64 + slice as u64)
                 * compress::RADIX_BINS as u64
             + bin as u64
