@@ -82,8 +82,10 @@ pub struct HeadReport {
 /// Where the time of one compression step went (from [`PagedKvCache::compress_timed`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct CompressTimes {
-    /// The whole call, wall clock: validation, launches, read-backs and host work. On CUDA the
-    /// host work runs while the device compacts, so this is less than the sum of the parts.
+    /// The whole step, wall clock, from the call until the compaction has finished: validation,
+    /// launches, the schedule's read-back and host work. On CUDA the host work runs while the
+    /// device compacts, so this is less than the sum of the parts; the read-back of the move
+    /// counts for `moved_kvs` comes after it (a timed step's report only, not the step).
     pub step_ms: f64,
     /// Scheduling: the radix passes and the budget (device time on CUDA).
     pub schedule_ms: f64,
@@ -155,12 +157,14 @@ impl PagedKvCache {
     ) -> Result<(CompressReport, CompressTimes)> {
         let start = std::time::Instant::now();
         validate::compress(self, args)?;
-        let (report, mut times) = match &self.arrays {
-            Arrays::Host(_) => self.compress_on_host(args),
-            Arrays::Cuda(_) => crate::ops::compress::compress(self, args, timed),
-        }?;
-        times.step_ms = start.elapsed().as_secs_f64() * 1e3;
-        Ok((report, times))
+        match &self.arrays {
+            Arrays::Host(_) => {
+                let (report, times) = self.compress_on_host(args)?;
+                let step_ms = start.elapsed().as_secs_f64() * 1e3;
+                Ok((report, CompressTimes { step_ms, ..times }))
+            }
+            Arrays::Cuda(_) => crate::ops::compress::compress(self, args, timed, start),
+        }
     }
 
     fn compress_on_host(&mut self, args: &CompressArgs) -> Result<(CompressReport, CompressTimes)> {

@@ -159,12 +159,14 @@ fn release_blocks(
 }
 
 /// Runs the step on the cache's device and brings the host's view up to date. With `timed`,
-/// waits for the compaction and reports the device times and moves; without, returns while
-/// the compaction may still run (`CompressTimes` then holds only `host_ms`).
+/// waits for the compaction and reports the device times and moves (`step_ms` ends when the
+/// compaction does); without, returns while the compaction may still run (`CompressTimes` then
+/// holds only `host_ms` and `step_ms`, the call's time). `start` is when the step began.
 pub(crate) fn compress(
     cache: &mut PagedKvCache,
     args: &CompressArgs,
     timed: bool,
+    start: std::time::Instant,
 ) -> Result<(CompressReport, CompressTimes)> {
     let g = cache.geometry();
     let heads_per_seq = g.num_layers * g.num_kv_heads;
@@ -307,12 +309,16 @@ pub(crate) fn compress(
     let host_ms = host_start.elapsed().as_secs_f64() * 1e3;
     let Some(events) = events else {
         let times = CompressTimes {
+            step_ms: start.elapsed().as_secs_f64() * 1e3,
             host_ms,
             ..CompressTimes::default()
         };
         return Ok((report, times));
     };
-    // The compaction left the moves of each head slot in HEAD_BELOW.
+    // Waits for the compaction's end: the step is over.
+    let compact_ms = gpu.elapsed_ms(&events[2], &events[3])?;
+    let step_ms = start.elapsed().as_secs_f64() * 1e3;
+    // For the report: the compaction left the moves of each head slot in HEAD_BELOW.
     let moves = gpu.read_back(&workspace, heads_at, groups_at)?;
     let heads: Vec<u32> = bytemuck::pod_collect_to_vec(moves.wait()?);
     drop((moves, workspace));
@@ -321,11 +327,11 @@ pub(crate) fn compress(
         .map(|w| heads[params.head_word(w, HEAD_BELOW) as usize] as u64)
         .sum();
     let times = CompressTimes {
+        step_ms,
         schedule_ms: gpu.elapsed_ms(&events[0], &events[1])?,
-        compact_ms: gpu.elapsed_ms(&events[2], &events[3])?,
+        compact_ms,
         host_ms,
         moved_kvs,
-        ..CompressTimes::default()
     };
     Ok((report, times))
 }
