@@ -12,8 +12,9 @@
 //!    KVs at `n'` and above, descending) are found a tile of `COMPACT_TILE` KVs at a time (each
 //!    thread examines `BATCH` at once, so their loads overlap) and appended in order to two
 //!    shared queues with block-wide ballots until each holds `COMPACT_ROUND` (or the scan
-//!    ends); the i-th mover fills the i-th hole. The moves of a
-//!    round run as one flat parallel copy over `(move, K or V, 16-byte chunk)`. Sources (`>=
+//!    ends), a mover with the metric and position its scan read; the i-th mover fills the
+//!    i-th hole. The moves of a round run as one flat parallel copy over `(move, K or V,
+//!    16-byte chunk)`, then each mover's queued metric and position are stored. Sources (`>=
 //!    n'`) are never destinations (`< n'`), and a hole is read before it is filled, so the
 //!    moves need no ordering among themselves.
 //! 3. Finish: the head slot's length becomes `n'`, its last `k_h` table entries `-1`, and the
@@ -44,6 +45,8 @@ const STATE_AT: usize = compact_smem::STATE;
 const WARP_COUNTS_AT: usize = compact_smem::WARP_COUNTS;
 const HOLES_AT: usize = compact_smem::HOLES;
 const MOVERS_AT: usize = compact_smem::MOVERS;
+const MOVER_METRICS_AT: usize = compact_smem::MOVER_METRICS;
+const MOVER_POSITIONS_AT: usize = compact_smem::MOVER_POSITIONS;
 const S_REMAINING: usize = 0;
 const S_PREFIX_HI: usize = 1;
 const S_PREFIX_LO: usize = 2;
@@ -232,17 +235,18 @@ unsafe fn select(
     }
 }
 
-/// Appends, in order, the indices `idx[u]` whose `flag[u]` is set (`u` major, thread minor)
-/// to the queue at word `queue` whose length is word `count_word`, and updates that length.
+/// Appends, in order, the entries `entry[u]` whose `flag[u]` is set (`u` major, thread minor)
+/// to the queue whose length is word `count_word`: word `i` of an entry goes to the array at
+/// word `queues[i]` (parallel arrays of one length). Updates that length.
 ///
 /// # Safety
 /// Every thread calls it; `words` is the kernel's shared memory; the queue has room.
 #[inline(always)]
-unsafe fn append(
+unsafe fn append<const N: usize>(
     words: *mut u32,
-    queue: usize,
+    queues: [usize; N],
     count_word: usize,
-    idx: [u32; BATCH],
+    entry: [[u32; N]; BATCH],
     flag: [bool; BATCH],
 ) {
     let (lane, warp, thread) = (lane_id(), warp_id(), thread_idx_x());
@@ -270,8 +274,10 @@ unsafe fn append(
                 offset += n;
             }
             if flag[u] {
-                *words.add(queue + (mine + (votes[u] & lanemask_lt()).count_ones()) as usize) =
-                    idx[u];
+                let at = (mine + (votes[u] & lanemask_lt()).count_ones()) as usize;
+                for i in 0..N {
+                    *words.add(queues[i] + at) = entry[u][i];
+                }
             }
         }
         sync_threads();
@@ -317,7 +323,13 @@ unsafe fn move_tail_into_holes(
                 let flag = core::array::from_fn(|u| {
                     idx[u] < kept && evict.takes(kv.key[u], kv.position[u], kv.evictable[u])
                 });
-                append(words, HOLES_AT, STATE_AT + S_HOLES, idx, flag);
+                append(
+                    words,
+                    [HOLES_AT],
+                    STATE_AT + S_HOLES,
+                    idx.map(|i| [i]),
+                    flag,
+                );
                 hole_cursor += COMPACT_TILE;
             }
             while *words.add(STATE_AT + S_MOVERS) < COMPACT_ROUND && mover_cursor > kept {
@@ -331,7 +343,16 @@ unsafe fn move_tail_into_holes(
                         && idx[u] >= kept
                         && !evict.takes(kv.key[u], kv.position[u], kv.evictable[u])
                 });
-                append(words, MOVERS_AT, STATE_AT + S_MOVERS, idx, flag);
+                // A mover's metric and position travel with it, so the copy need not read
+                // them again (a scattered 4-byte read each, usually an L2 miss by then).
+                let entry = core::array::from_fn(|u| [idx[u], kv.metric[u], kv.position[u] as u32]);
+                append(
+                    words,
+                    [MOVERS_AT, MOVER_METRICS_AT, MOVER_POSITIONS_AT],
+                    STATE_AT + S_MOVERS,
+                    entry,
+                    flag,
+                );
                 mover_cursor = mover_cursor.saturating_sub(COMPACT_TILE).max(kept);
             }
             let holes = *words.add(STATE_AT + S_HOLES);
@@ -342,21 +363,13 @@ unsafe fn move_tail_into_holes(
             }
             moved += pairs;
             copy_moves(p, head_slot, pairs, words);
-            // Drop the consumed entries: read the rest, barrier, write them to the front.
-            const PER_THREAD: usize = (COMPACT_QUEUE as usize).div_ceil(COMPRESS_THREADS as usize);
-            let mut rest = [[0u32; 2]; PER_THREAD];
-            for (k, r) in rest.iter_mut().enumerate() {
-                let from = (k * COMPRESS_THREADS as usize + thread as usize + pairs as usize)
-                    .min(COMPACT_QUEUE as usize - 1);
-                *r = [*words.add(HOLES_AT + from), *words.add(MOVERS_AT + from)];
-            }
-            sync_threads();
-            for (k, r) in rest.iter().enumerate() {
-                let to = k * COMPRESS_THREADS as usize + thread as usize;
-                if to < COMPACT_QUEUE as usize {
-                    *words.add(HOLES_AT + to) = r[0];
-                    *words.add(MOVERS_AT + to) = r[1];
-                }
+            // Drop the consumed entries: read the rest, barrier, write them to the front; two
+            // arrays at a time, so few registers hold them.
+            for arrays in [
+                [HOLES_AT, MOVERS_AT],
+                [MOVER_METRICS_AT, MOVER_POSITIONS_AT],
+            ] {
+                shift_front(words, arrays, pairs);
             }
             if thread == 0 {
                 *words.add(STATE_AT + S_HOLES) = holes - pairs;
@@ -368,9 +381,39 @@ unsafe fn move_tail_into_holes(
     moved
 }
 
+/// Moves entries `pairs..` of the two queue arrays at words `arrays` to their front.
+///
+/// # Safety
+/// Every thread calls it; `words` is the kernel's shared memory.
+#[inline(always)]
+unsafe fn shift_front(words: *mut u32, arrays: [usize; 2], pairs: u32) {
+    const PER_THREAD: usize = (COMPACT_QUEUE as usize).div_ceil(COMPRESS_THREADS as usize);
+    let thread = thread_idx_x() as usize;
+    let mut rest = [[0u32; 2]; PER_THREAD];
+    // SAFETY: inside the smem map; all reads happen before the barrier, all writes after.
+    unsafe {
+        for (k, r) in rest.iter_mut().enumerate() {
+            let from = (k * COMPRESS_THREADS as usize + thread + pairs as usize)
+                .min(COMPACT_QUEUE as usize - 1);
+            for i in 0..2 {
+                r[i] = *words.add(arrays[i] + from);
+            }
+        }
+        sync_threads();
+        for (k, r) in rest.iter().enumerate() {
+            let to = k * COMPRESS_THREADS as usize + thread;
+            if to < COMPACT_QUEUE as usize {
+                for i in 0..2 {
+                    *words.add(arrays[i] + to) = r[i];
+                }
+            }
+        }
+    }
+}
+
 /// Moves the first `pairs` queued movers into the first `pairs` queued holes: their pool
 /// slots replace the queue entries, then the whole CTA copies `(move, K or V, chunk)` items,
-/// `COPIES` loads in flight per thread, and each move's metric and position.
+/// `COPIES` loads in flight per thread, and stores each move's queued metric and position.
 ///
 /// # Safety
 /// Every thread calls it; the queues hold at least `pairs` live logical indices each.
@@ -421,30 +464,13 @@ unsafe fn copy_moves(p: &CompressParams, head_slot: u64, pairs: u32, words: *mut
             }
             first += COPIES as u32 * COMPRESS_THREADS;
         }
-        // Metric and position, `COPIES` moves a thread at once: all loads before any store
-        // (a store between them would keep the next loads waiting behind it).
-        let mut first = thread;
-        while first < pairs {
-            let mut values = [(0.0f32, 0i32); COPIES];
-            let mut to = [0u64; COPIES];
-            for (c, value) in values.iter_mut().enumerate() {
-                let i = first + (c as u32) * COMPRESS_THREADS;
-                if i < pairs {
-                    let src = *words.add(MOVERS_AT + i as usize) as u64;
-                    to[c] = *words.add(HOLES_AT + i as usize) as u64;
-                    *value = (
-                        load::<f32>(p.cache.metric, src),
-                        load::<i32>(p.cache.position, src),
-                    );
-                }
-            }
-            for (c, value) in values.iter().enumerate() {
-                if first + (c as u32) * COMPRESS_THREADS < pairs {
-                    store::<f32>(p.cache.metric, to[c], value.0);
-                    store::<i32>(p.cache.position, to[c], value.1);
-                }
-            }
-            first += COPIES as u32 * COMPRESS_THREADS;
+        // Metric and position, as the mover scan read them.
+        let mut i = thread as usize;
+        while i < pairs as usize {
+            let to = *words.add(HOLES_AT + i) as u64;
+            store::<u32>(p.cache.metric, to, *words.add(MOVER_METRICS_AT + i));
+            store::<u32>(p.cache.position, to, *words.add(MOVER_POSITIONS_AT + i));
+            i += COMPRESS_THREADS as usize;
         }
     }
 }

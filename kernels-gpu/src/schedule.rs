@@ -85,6 +85,8 @@ const _: () = assert!(BATCH as u32 <= MIN_BLOCK_SIZE);
 /// Position, metric key and evictability of `BATCH` logical KVs of a head slot.
 pub struct KvBatch {
     pub position: [i32; BATCH],
+    /// The metric's bits.
+    pub metric: [u32; BATCH],
     pub key: [u32; BATCH],
     pub evictable: [bool; BATCH],
 }
@@ -114,6 +116,7 @@ pub unsafe fn kv_batch(
     }
     let mut batch = KvBatch {
         position: [0; BATCH],
+        metric: [0; BATCH],
         key: [0; BATCH],
         evictable: [false; BATCH],
     };
@@ -121,7 +124,8 @@ pub unsafe fn kv_batch(
         // SAFETY: slot < num_blocks * B.
         unsafe {
             batch.position[u] = load::<i32>(p.cache.position, slot[u]);
-            batch.key[u] = metric_key(load::<f32>(p.cache.metric, slot[u]));
+            batch.metric[u] = load::<u32>(p.cache.metric, slot[u]);
+            batch.key[u] = metric_key(f32::from_bits(batch.metric[u]));
         }
         batch.evictable[u] = idx[u] < len && view.may_evict(batch.position[u]);
     }
@@ -163,6 +167,7 @@ pub unsafe fn kv_run(
 ) -> KvBatch {
     let mut batch = KvBatch {
         position: [0; BATCH],
+        metric: [0; BATCH],
         key: [0; BATCH],
         evictable: [false; BATCH],
     };
@@ -178,7 +183,8 @@ pub unsafe fn kv_run(
         )
     };
     for u in 0..BATCH {
-        batch.key[u] = metric_key(f32::from_bits(metrics[u / 4][u % 4]));
+        batch.metric[u] = metrics[u / 4][u % 4];
+        batch.key[u] = metric_key(f32::from_bits(batch.metric[u]));
         batch.position[u] = positions[u / 4][u % 4] as i32;
         batch.evictable[u] = first + (u as u32) < len && view.may_evict(batch.position[u]);
     }

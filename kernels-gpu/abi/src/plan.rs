@@ -1072,8 +1072,12 @@ pub mod compact_smem {
     pub const HOLES: usize = WARP_COUNTS + 8 * COMPRESS_WARPS as usize;
     /// `[COMPACT_QUEUE]` mover logical indices (then pool slots, during a round's moves).
     pub const MOVERS: usize = HOLES + COMPACT_QUEUE as usize;
+    /// `[COMPACT_QUEUE]` each queued mover's metric bits, as its scan read them.
+    pub const MOVER_METRICS: usize = MOVERS + COMPACT_QUEUE as usize;
+    /// `[COMPACT_QUEUE]` each queued mover's position, as its scan read it.
+    pub const MOVER_POSITIONS: usize = MOVER_METRICS + COMPACT_QUEUE as usize;
     /// Words in all.
-    pub const WORDS: usize = MOVERS + COMPACT_QUEUE as usize;
+    pub const WORDS: usize = MOVER_POSITIONS + COMPACT_QUEUE as usize;
 }
 
 /// The compression launches for `num_work_seqs` sequences of `geometry` whose longest head
