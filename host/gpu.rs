@@ -410,25 +410,21 @@ impl Gpu {
     }
 
     /// A new timing event.
-    pub(crate) fn event(&self) -> Result<cudarc::driver::CudaEvent> {
+    pub(crate) fn event(&self) -> Result<CudaEvent> {
         self.ctx
             .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(Error::driver("creating an event"))
     }
 
     /// Records `event` on the stream.
-    pub(crate) fn record(&self, event: &cudarc::driver::CudaEvent) -> Result<()> {
+    pub(crate) fn record(&self, event: &CudaEvent) -> Result<()> {
         event
             .record(&self.stream)
             .map_err(Error::driver("recording an event"))
     }
 
     /// Milliseconds between two recorded events (waits for the second).
-    pub(crate) fn elapsed_ms(
-        &self,
-        start: &cudarc::driver::CudaEvent,
-        end: &cudarc::driver::CudaEvent,
-    ) -> Result<f64> {
+    pub(crate) fn elapsed_ms(&self, start: &CudaEvent, end: &CudaEvent) -> Result<f64> {
         end.synchronize()
             .map_err(Error::driver("waiting for an event"))?;
         Ok(start
