@@ -80,6 +80,10 @@ fn build_ptx(root: &Path, out_dir: &Path) -> Result<String, String> {
             "--",
             "-C",
             "target-cpu=sm_80",
+            // PTX ISA 7.4 (still sm_80 code): L2 cache policies and `discard.global.L2`
+            // (the decode's score stash, `gpu/mem.rs`).
+            "-C",
+            "target-feature=+ptx74",
             "--emit=asm",
             "-C",
             "linker=true",

@@ -51,6 +51,7 @@ fn params_arrive_byte_for_byte() {
         reserved: 0x4444_0005,
         thresholds: 0x3333_0000_0000_0006,
         counters: 0x3333_0000_0000_0007,
+        stash: 0x3333_0000_0000_0008,
     };
     let (sent, received) = gpu.echo(decode).unwrap();
     assert_eq!(

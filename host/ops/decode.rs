@@ -32,7 +32,7 @@ pub(crate) fn decode(
     let gpu = &d.gpu;
     let recording = job.args.record.is_some();
     let entry = decode_entry(dtype, g.head_dim, g.group_size, recording);
-    let smem = decode_smem(g.group_size, g.head_dim, dtype.elem_bytes(), 0).bytes;
+    let smem = decode_smem(g.group_size, g.head_dim, dtype.elem_bytes()).bytes;
     let kernel = gpu.kernel_props(&entry, DECODE_WARPS * WARP_SIZE, smem)?;
     let plan = plan_decode(
         &g,
@@ -83,10 +83,11 @@ pub(crate) fn decode(
         reserved: 0,
         thresholds: gpu.addr(&d.recording.thresholds),
         counters: gpu.addr(&d.recording.counters),
+        stash: base + plan.stash_offset(g.head_dim),
     };
     // SAFETY: validate::decode checked q, out, layer, scale and metric_skip; the cache's
     // tables are valid by construction (PagedKvCache); the workspace holds the plan's
-    // partials; the cache's counters are zero (allocated so, left so by every launch) and,
+    // partials and score stash; the cache's counters are zero (allocated so, left so by every launch) and,
     // when recording, its thresholds are this call's; can_record bounds a head slot's
     // partitions by the SM count.
     unsafe {

@@ -15,11 +15,11 @@
 //! unnormalised accumulators and `(max, sum)` for `decode_merge` (a second launch without
 //! recording; with recording, the CTA that leaves the handshake last merges them).
 //!
-//! Metric recording (`record` L2 or L1): every lane stashes the scores of its rows in shared
-//! memory, and while a row is loaded its position and metric are copied into the stash too
-//! (`cp.async`), so the record phase reads no global memory; at the end the CTA normalises them with the head slot's global max and sum and adds
-//! `sum over g of a^2` (or `a`) to the metric of each recorded KV, one thread per KV (a
-//! deterministic order, no float atomics). With a split, the global max and sum need every
+//! Metric recording (`record` L2 or L1): every lane stores the scores of its rows in the
+//! workspace's stash (`DecodeParams::stash`; in shared memory it would cost the SM a CTA), and
+//! at the end the CTA reads them back, normalises them with the head slot's global max and sum
+//! and adds `sum over g of a^2` (or `a`) to the metric of each recorded KV, one thread per KV
+//! (a deterministic order, no float atomics). With a split, the global max and sum need every
 //! partition: a CTA publishes its `(max, sum)`, counts itself in (release), and waits until all
 //! live partitions of its head slot have (acquire). So that waiting cannot deadlock, CTAs take
 //! their work in the order they start (a ticket from an atomic counter), partitions of a head
@@ -34,14 +34,15 @@
 //! entry point. Rows past the live range are never read: they are clamped to the last live row
 //! and masked, so stale or poisoned slots cannot leak in.
 
-use kvc_abi::params::{record, DecodeParams};
+use kvc_abi::params::{record, stash_rows, DecodeParams, STASH_LINE_WORDS};
 use kvc_abi::plan::{decode_smem, decode_tile, DecodeTile, DECODE_WARPS, WARP_SIZE};
 use kvc_abi::Geometry;
 
 use crate::decode_merge::{merge_recorded, partition_stats};
 use crate::gpu::math::{exp2, fma, fmax, store_elem, CacheElem};
-use crate::gpu::mem::{load, load_chunk, load_chunk_nc, store, Chunk};
-use crate::gpu::mma::{copy_async_word, shared_addr, wait_async_copies};
+use crate::gpu::mem::{
+    discard_l2_line, l2_keep_policy, load, load_chunk, load_chunk_nc, store, store_word_kept, Chunk,
+};
 use crate::gpu::smem::dynamic_f32;
 use crate::gpu::sync::{atomic_add_relaxed, fence_gpu, load_acquire, nanosleep, red_add_release};
 use crate::gpu::thread::{
@@ -136,7 +137,7 @@ pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize, const RE
     let elem_bytes = T::BYTES as u64;
     let lane = lane_id();
     let warp = warp_id();
-    let smem = decode_smem(G as u32, D as u32, T::BYTES, 0);
+    let smem = decode_smem(G as u32, D as u32, T::BYTES);
     let words = dynamic_f32();
     // SAFETY: every thread of the CTA calls this first.
     let work = unsafe { begin::<T, G>(p) };
@@ -164,6 +165,9 @@ pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize, const RE
     }
 
     let mut state = Softmax::<G>::new();
+    // The stash stays in L2 until the record phase reads and drops it.
+    let keep = l2_keep_policy();
+    let stash = Stash::of::<G>(p, &work);
     // SAFETY: every thread of the CTA calls it.
     let blocks = unsafe { BlockIds::load::<T, G>(p, &work) };
     let mut tile_start = start + warp * tile.tile_rows;
@@ -179,10 +183,6 @@ pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize, const RE
             // SAFETY: start <= row < end.
             let block_id = unsafe { blocks.get(geom, row) };
             let row_elem = geom.kv_elem(block_id, geom.slot_in_block(row));
-            if RECORD && live[i] && lane.is_multiple_of(tile.lanes_per_row) {
-                // SAFETY: row - start < partition_kvs, the stash's rows.
-                unsafe { stash_row_state::<T, G>(p, row - start, block_id, row) };
-            }
             for c in 0..chunks {
                 let byte = (row_elem + tile.lane_elem(lane, c as u32) as u64) * elem_bytes;
                 // SAFETY: block_id is a validated pool block; the chunk lies inside its row.
@@ -207,9 +207,10 @@ pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize, const RE
             if RECORD && live[i] && lane.is_multiple_of(tile.lanes_per_row) {
                 let row = tile_start + tile.lane_row(lane, i as u32) - start;
                 for g in 0..G {
-                    let word = smem.stash_word(G as u32, row, g as u32);
-                    // SAFETY: row < partition_kvs, the stash's rows (the launch reserved them).
-                    unsafe { *words.add(word as usize) = score[i][g] };
+                    // SAFETY: row < partition_kvs: a word of the plan's stash.
+                    unsafe {
+                        store_word_kept(stash.at(g as u32, row), score[i][g].to_bits(), keep)
+                    };
                 }
             }
         }
@@ -298,7 +299,7 @@ impl BlockIds {
     #[inline(always)]
     pub(crate) unsafe fn load<T: CacheElem, const G: usize>(p: &DecodeParams, work: &Work) -> Self {
         let geom = p.cache.geometry;
-        let smem = decode_smem(G as u32, geom.head_dim, T::BYTES, 0);
+        let smem = decode_smem(G as u32, geom.head_dim, T::BYTES);
         let table = p.cache.block_tables + geom.block_table_at(work.head_slot, 0) * 4;
         let first_block = geom.logical_block(work.start);
         let count = if work.start < work.end {
@@ -334,34 +335,27 @@ impl BlockIds {
     }
 }
 
-/// Starts copying the position and metric of row `row` (block `block_id`) into stash row
-/// `stash_row`, so that recording needs no global load after the main loop.
-///
-/// # Safety
-/// `stash_row < partition_kvs`; the row is live.
-#[inline(always)]
-pub(crate) unsafe fn stash_row_state<T: CacheElem, const G: usize>(
-    p: &DecodeParams,
-    stash_row: u32,
-    block_id: u32,
-    row: u32,
-) {
-    let geom = p.cache.geometry;
-    let smem = decode_smem(G as u32, geom.head_dim, T::BYTES, 0);
-    let base = shared_addr(dynamic_f32());
-    let slot = geom.pool_slot(block_id, geom.slot_in_block(row));
-    // SAFETY: stash words of this row (the launch reserved partition_kvs rows); slot is a
-    // live KV's pool slot. Positions are not written during decode; the metric is written
-    // only by this CTA's record phase, after `finish` waited for the copies.
-    unsafe {
-        copy_async_word(
-            base + smem.stash_word(G as u32, stash_row, G as u32) * 4,
-            p.cache.position + slot * 4,
-        );
-        copy_async_word(
-            base + smem.stash_word(G as u32, stash_row, G as u32 + 1) * 4,
-            p.cache.metric + slot * 4,
-        );
+/// A CTA's rows of the score stash (`DecodeParams::stash`): query head `g` of the group, row
+/// `row` from the partition's start, is at byte address `at(g, row)`.
+#[derive(Clone, Copy)]
+pub(crate) struct Stash {
+    base: u64,
+    head_words: u64,
+}
+
+impl Stash {
+    #[inline(always)]
+    pub(crate) fn of<const G: usize>(p: &DecodeParams, work: &Work) -> Self {
+        let first = p.stash_word(work.seq, work.kv_head * G as u32, work.partition, 0);
+        Self {
+            base: p.stash + 4 * first,
+            head_words: p.stash_head_words(),
+        }
+    }
+
+    #[inline(always)]
+    pub(crate) fn at(self, g: u32, row: u32) -> u64 {
+        self.base + 4 * (g as u64 * self.head_words + row as u64)
     }
 }
 
@@ -384,7 +378,7 @@ pub(crate) struct Work {
 #[inline(always)]
 pub(crate) unsafe fn begin<T: CacheElem, const G: usize>(p: &DecodeParams) -> Work {
     let geom = p.cache.geometry;
-    let smem = decode_smem(G as u32, geom.head_dim, T::BYTES, 0);
+    let smem = decode_smem(G as u32, geom.head_dim, T::BYTES);
     // SAFETY: forwarded from the caller; the ticket word is in the decode_smem map.
     let (partition, kv_head, seq) =
         unsafe { work_item(p, dynamic_f32().add(smem.ticket as usize)) };
@@ -415,7 +409,7 @@ pub(crate) unsafe fn finish<T: CacheElem, const D: usize, const G: usize, const 
     work: &Work,
     blocks: &BlockIds,
 ) {
-    let smem = decode_smem(G as u32, D as u32, T::BYTES, 0);
+    let smem = decode_smem(G as u32, D as u32, T::BYTES);
     let words = dynamic_f32();
     let &Work {
         partition,
@@ -426,12 +420,8 @@ pub(crate) unsafe fn finish<T: CacheElem, const D: usize, const G: usize, const 
         end,
         ..
     } = work;
-    // SAFETY: every thread of the CTA reaches this barrier (no thread returned early); the
-    // stash copies of every thread have landed after it.
-    unsafe {
-        wait_async_copies();
-        sync_threads();
-    }
+    // SAFETY: every thread of the CTA reaches this barrier (no thread returned early).
+    unsafe { sync_threads() };
     let thread = thread_idx_x();
     if (thread as usize) < G {
         let g = thread;
@@ -510,7 +500,7 @@ pub(crate) unsafe fn finish<T: CacheElem, const D: usize, const G: usize, const 
     // zero output: no merge launch follows. The branches are uniform over the CTA.
     if RECORD && start < end {
         // SAFETY: every thread of the CTA takes this branch.
-        if unsafe { record_metrics::<T, G>(p, seq, kv_head, start, end, len, blocks) } {
+        if unsafe { record_metrics::<T, G>(p, work, blocks) } {
             // SAFETY: as above; record_metrics said this CTA left the handshake last.
             unsafe { merge_recorded::<T, D, G>(p, seq, kv_head, p.live_partitions(len)) };
         }
@@ -553,25 +543,118 @@ unsafe fn work_item(p: &DecodeParams, ticket_word: *mut f32) -> (u32, u32, u32) 
     (partition, rest % kv_heads, rest / kv_heads)
 }
 
-/// Adds the recorded metric of rows `[start, end)` of the head slot (module header). Returns
-/// whether this CTA left a split head slot's handshake last (false without a split).
+/// Most rows each thread of the record phase reads at once, so that their loads overlap: 8,
+/// or 4 for `G = 8` (whose 8 rows of scores would cost the kernel 208 registers, not 174).
+const RECORD_ROWS: usize = 8;
+
+/// Rows each thread of the record phase reads at once for group size `g`.
+const fn record_rows(g: usize) -> usize {
+    if g >= 8 {
+        RECORD_ROWS / 2
+    } else {
+        RECORD_ROWS
+    }
+}
+
+/// What the record phase needs of one thread's rows `first + r * threads` (`r < rows`): each
+/// row's pool slot, position, metric and stashed scores. A row past the partition's end is
+/// read as its last row and never written.
+struct RecordBatch<const G: usize> {
+    first: u32,
+    slot: [u64; RECORD_ROWS],
+    position: [i32; RECORD_ROWS],
+    metric: [f32; RECORD_ROWS],
+    score: [[f32; G]; RECORD_ROWS],
+}
+
+impl<const G: usize> RecordBatch<G> {
+    /// Issues every load of the thread's rows from `first` before any use.
+    ///
+    /// # Safety
+    /// `work.start <= first < work.end`; the CTA's stash stores are ordered before (a barrier).
+    #[inline(always)]
+    unsafe fn load(p: &DecodeParams, work: &Work, blocks: &BlockIds, first: u32) -> Self {
+        let geom = p.cache.geometry;
+        let stash = Stash::of::<G>(p, work);
+        let mut batch = Self {
+            first,
+            slot: [0; RECORD_ROWS],
+            position: [0; RECORD_ROWS],
+            metric: [0.0; RECORD_ROWS],
+            score: [[0.0; G]; RECORD_ROWS],
+        };
+        for r in 0..record_rows(G) {
+            let row = (first + r as u32 * DECODE_WARPS * WARP_SIZE).min(work.end - 1);
+            // SAFETY: start <= row < end: a live KV of the partition and its stash words.
+            unsafe {
+                batch.slot[r] = geom.pool_slot(blocks.get(geom, row), geom.slot_in_block(row));
+                batch.position[r] = load::<i32>(p.cache.position, batch.slot[r]);
+                batch.metric[r] = load::<f32>(p.cache.metric, batch.slot[r]);
+                for g in 0..G {
+                    batch.score[r][g] = load::<f32>(stash.at(g as u32, row - work.start), 0);
+                }
+            }
+        }
+        batch
+    }
+
+    /// Adds the recorded value to the metric of each of the rows that is live and at or before
+    /// `threshold`, normalising with the `(max, 1 / sum)` per query head at `record_ml`.
+    ///
+    /// # Safety
+    /// `record_ml` holds the head slot's `2 G` words; only this thread writes these metrics.
+    #[inline(always)]
+    unsafe fn record(&self, p: &DecodeParams, end: u32, threshold: i32, record_ml: *const f32) {
+        for r in 0..record_rows(G) {
+            let row = self.first + r as u32 * DECODE_WARPS * WARP_SIZE;
+            if row < end && self.position[r] <= threshold {
+                let mut value = 0.0f32;
+                for g in 0..G {
+                    // SAFETY: forwarded from the caller.
+                    let (max, inv_sum) =
+                        unsafe { (*record_ml.add(2 * g), *record_ml.add(2 * g + 1)) };
+                    let a = exp2(self.score[r][g] - max) * inv_sum;
+                    value += if p.record == record::L2 { a * a } else { a };
+                }
+                // SAFETY: forwarded from the caller; the slot of a live KV.
+                unsafe { store::<f32>(p.cache.metric, self.slot[r], self.metric[r] + value) };
+            }
+        }
+    }
+}
+
+/// Adds the recorded metric of the CTA's rows `[start, end)` of its head slot (module header).
+/// Returns whether this CTA left a split head slot's handshake last (false without a split).
+/// The first rows' loads are issued before the handshake, so they overlap the wait.
 ///
 /// # Safety
-/// Called by every thread of the CTA after the output phase, with the stash filled.
+/// Called by every thread of the CTA after the output phase, with the stash filled (the
+/// barrier in `finish` orders the main loop's stash stores before these loads); `start < end`.
 #[inline(always)]
 unsafe fn record_metrics<T: CacheElem, const G: usize>(
     p: &DecodeParams,
-    seq: u32,
-    kv_head: u32,
-    start: u32,
-    end: u32,
-    len: u32,
+    work: &Work,
     blocks: &BlockIds,
 ) -> bool {
+    let &Work {
+        kv_head,
+        seq,
+        len,
+        start,
+        end,
+        ..
+    } = work;
     let geom = p.cache.geometry;
-    let smem = decode_smem(G as u32, geom.head_dim, T::BYTES, 0);
+    let smem = decode_smem(G as u32, geom.head_dim, T::BYTES);
     let words = dynamic_f32();
     let thread = thread_idx_x();
+    let threads = DECODE_WARPS * WARP_SIZE;
+    let step = record_rows(G) as u32 * threads;
+    // A thread past the end loads the last row, and records nothing.
+    // SAFETY: start < end; the stash stores are ordered before (the caller).
+    let mut batch = unsafe { RecordBatch::<G>::load(p, work, blocks, start + thread) };
+    // SAFETY: thresholds holds [num_seqs] i32.
+    let threshold = unsafe { load::<i32>(p.thresholds, seq as u64) };
     // The ticket word, free once `begin` has read it, tells the CTA who left last.
     let last_out = words.wrapping_add(smem.ticket as usize) as *mut u32;
     let mut merges = false;
@@ -635,42 +718,28 @@ unsafe fn record_metrics<T: CacheElem, const G: usize>(
     // SAFETY: every thread reaches it.
     unsafe { sync_threads() };
 
-    // SAFETY: thresholds holds [num_seqs] i32.
-    let threshold = unsafe { load::<i32>(p.thresholds, seq as u64) };
-    let threads = DECODE_WARPS * WARP_SIZE;
-    let mut row = start + thread;
-    while row < end {
-        // The main loop copied each live row's position and metric into the stash.
-        // SAFETY: stash words of a live row of the partition.
-        let (position, metric) = unsafe {
-            (
-                *(words.add(smem.stash_word(G as u32, row - start, G as u32) as usize)
-                    as *const i32),
-                *words.add(smem.stash_word(G as u32, row - start, G as u32 + 1) as usize),
-            )
-        };
-        if position <= threshold {
-            let mut value = 0.0f32;
-            for g in 0..G as u32 {
-                // SAFETY: inside the decode_smem map (row - start < partition_kvs).
-                let (score, max, inv_sum) = unsafe {
-                    (
-                        *words.add(smem.stash_word(G as u32, row - start, g) as usize),
-                        *words.add((smem.record_ml + 2 * g) as usize),
-                        *words.add((smem.record_ml + 2 * g + 1) as usize),
-                    )
-                };
-                let a = exp2(score - max) * inv_sum;
-                value += if p.record == record::L2 { a * a } else { a };
-            }
-            // SAFETY: start <= row < end; the slot of a live KV, whose metric only this
-            // thread writes.
-            unsafe {
-                let slot = geom.pool_slot(blocks.get(geom, row), geom.slot_in_block(row));
-                crate::gpu::mem::store::<f32>(p.cache.metric, slot, metric + value);
-            }
+    let record_ml = words.wrapping_add(smem.record_ml as usize) as *const f32;
+    loop {
+        // SAFETY: record_ml was written before the barrier; the rows are this thread's.
+        unsafe { batch.record(p, end, threshold, record_ml) };
+        let first = batch.first + step;
+        if first >= end {
+            break;
         }
-        row += threads;
+        // SAFETY: start <= first < end.
+        batch = unsafe { RecordBatch::<G>::load(p, work, blocks, first) };
+    }
+    // Every thread's stash reads are done after the barrier: drop the partition's stash from
+    // L2 unwritten (each query head's rows are whole lines from a 128-byte aligned start).
+    // SAFETY: every thread reaches it.
+    unsafe { sync_threads() };
+    let stash = Stash::of::<G>(p, work);
+    let lines = stash_rows(p.partition_kvs) / STASH_LINE_WORDS;
+    let mut i = thread;
+    while i < G as u32 * lines {
+        // SAFETY: a line of this CTA's stash, read for the last time above.
+        unsafe { discard_l2_line(stash.at(i / lines, STASH_LINE_WORDS * (i % lines))) };
+        i += threads;
     }
     merges
 }

@@ -173,7 +173,7 @@ pub unsafe fn merge_recorded<T: CacheElem, const D: usize, const G: usize>(
     kv_head: u32,
     live: u32,
 ) {
-    let smem = decode_smem(G as u32, D as u32, T::BYTES, 0);
+    let smem = decode_smem(G as u32, D as u32, T::BYTES);
     let stats = dynamic_f32().wrapping_add(smem.record_ml as usize);
     // A warp's 32 items are consecutive columns of one head (D is a multiple of 32).
     let mut item = thread_idx_x();

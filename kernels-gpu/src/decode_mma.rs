@@ -29,9 +29,9 @@ use kvc_abi::plan::{
     WARP_SIZE,
 };
 
-use crate::decode::{begin, finish, stash_row_state, BlockIds, Work};
+use crate::decode::{begin, finish, BlockIds, Stash, Work};
 use crate::gpu::math::{exp2, fmax, CacheElem};
-use crate::gpu::mem::load_chunk;
+use crate::gpu::mem::{l2_keep_policy, load_chunk, store_word_kept};
 use crate::gpu::mma::{
     commit_async_copies, copy_async_chunk, load_shared_chunk, pair_halves, shared_addr,
     wait_async_copies_but_last, Mma16,
@@ -76,7 +76,7 @@ pub unsafe fn decode_mma_body<
     let warp = warp_id();
     let gid = lane / 4;
     let tig = lane % 4;
-    let smem = decode_smem(G as u32, D as u32, T::BYTES, 0);
+    let smem = decode_smem(G as u32, D as u32, T::BYTES);
     let words = dynamic_f32();
     // SAFETY: every thread of the CTA calls this first.
     let work = unsafe { begin::<T, G>(p) };
@@ -105,18 +105,12 @@ pub unsafe fn decode_mma_body<
     let mut acc = [[0.0f32; 2]; MAX_OUT_TILES];
     // SAFETY: every thread of the CTA calls it.
     let blocks = unsafe { BlockIds::load::<T, G>(p, &work) };
-    // The element offset of tile row `row`, clamped to the last live row (masked later),
-    // whether it is live, and its block id.
+    // The element offset of tile row `row`, clamped to the last live row (masked later).
     let row_elem = |row: u32| {
-        let live = row < end;
-        let row = if live { row } else { end - 1 };
+        let row = if row < end { row } else { end - 1 };
         // SAFETY: start <= row < end.
         let block_id = unsafe { blocks.get(geom, row) };
-        (
-            geom.kv_elem(block_id, geom.slot_in_block(row)),
-            live,
-            block_id,
-        )
+        geom.kv_elem(block_id, geom.slot_in_block(row))
     };
     let step_rows = MMA_TILE_ROWS * tiles as u32;
     let smem_base = shared_addr(words);
@@ -128,18 +122,13 @@ pub unsafe fn decode_mma_body<
         smem_base + smem.staging_word(D as u32, warp, stage, staged) * 4
     };
     // Starts copying the K and V rows of the step at `step_start` into `stage`, whole rows per
-    // copy instruction; when recording, also each live row's position and metric.
+    // copy instruction.
     let stage_step = |step_start: u32, stage: u32| {
         for nt in 0..tiles {
             let tile_start = step_start + nt as u32 * MMA_TILE_ROWS;
             for i in 0..tile_chunks / WARP_SIZE {
                 let (row, chunk) = MmaTile::copy_chunk(D as u32, i, lane);
-                let (elem, live, block_id) = row_elem(tile_start + row);
-                if RECORD && live && chunk == 0 {
-                    let row = tile_start + row;
-                    // SAFETY: a live row, less than partition_kvs past start.
-                    unsafe { stash_row_state::<T, G>(p, row - start, block_id, row) };
-                }
+                let elem = row_elem(tile_start + row);
                 let byte = (elem + (chunk as usize * T::PER_CHUNK) as u64) * elem_bytes;
                 // SAFETY: staged chunks of this warp's stage; a validated pool block, the
                 // chunk inside its row, never written during the kernel.
@@ -157,6 +146,9 @@ pub unsafe fn decode_mma_body<
         }
     };
 
+    // The stash stays in L2 until the record phase reads and drops it.
+    let keep = l2_keep_policy();
+    let stash = Stash::of::<G>(p, &work);
     let stride = DECODE_WARPS * step_rows;
     let mut step_start = start + warp * step_rows;
     let mut stage = 0;
@@ -210,10 +202,12 @@ pub unsafe fn decode_mma_body<
                     let row = tile_start + MmaTile::score_row(lane, half as u32, e as u32);
                     live[nt][half][e] = row < end;
                     score[nt][half][e] = c[e] * p.scale_log2;
-                    if RECORD && live[nt][half][e] && (gid as usize) < G {
-                        let word = smem.stash_word(G as u32, row - start, gid);
-                        // SAFETY: row - start < partition_kvs, the stash's rows.
-                        unsafe { *words.add(word as usize) = score[nt][half][e] };
+                    if RECORD && (gid as usize) < G {
+                        // Dead rows too (never read back): the stash holds the partition's
+                        // every row, and no branch is needed.
+                        let at = stash.at(gid, row - start);
+                        // SAFETY: row - start < partition_kvs: a word of the plan's stash.
+                        unsafe { store_word_kept(at, score[nt][half][e].to_bits(), keep) };
                     }
                 }
             }

@@ -43,6 +43,20 @@ pub struct DecodeParams {
     /// than one partition; the launch leaves them zero again (its last CTA to take a ticket
     /// resets the ticket word, the last to leave a head slot's handshake its arrival word).
     pub counters: u64,
+    /// `[num_seqs, Hq, num_partitions, stash_rows(partition_kvs)]`, f32 (only when
+    /// recording): the log2-domain score of each row of a partition for each query head,
+    /// written by the partition's CTA while it computes them and read back by its record
+    /// phase; 128-byte aligned.
+    pub stash: u64,
+}
+
+/// f32 words of one 128-byte L2 line: the unit in which the decode drops its score stash.
+pub const STASH_LINE_WORDS: u32 = 32;
+
+/// Rows of the decode's score stash per `(seq, q_head, partition)`: `partition_kvs` in whole
+/// L2 lines.
+pub const fn stash_rows(partition_kvs: u32) -> u32 {
+    partition_kvs.next_multiple_of(STASH_LINE_WORDS)
 }
 
 /// Values of [`DecodeParams::record`] (and of the window aggregation's metric).
@@ -62,6 +76,21 @@ impl DecodeParams {
         (seq as u64 * self.cache.geometry.num_q_heads() as u64 + q_head as u64)
             * self.num_partitions as u64
             + partition as u64
+    }
+
+    /// Word of `stash` holding the score of row `row` (from the partition's start) of
+    /// `(seq, q_head, partition)`.
+    #[inline(always)]
+    pub const fn stash_word(&self, seq: u32, q_head: u32, partition: u32, row: u32) -> u64 {
+        self.partial_row(seq, q_head, partition) * stash_rows(self.partition_kvs) as u64
+            + row as u64
+    }
+
+    /// Words of `stash` between the rows of consecutive query heads (`stash_word` of
+    /// `q_head + 1` less that of `q_head`).
+    #[inline(always)]
+    pub const fn stash_head_words(&self) -> u64 {
+        self.num_partitions as u64 * stash_rows(self.partition_kvs) as u64
     }
 
     /// Partitions holding live KVs of a head slot of `len` KVs.

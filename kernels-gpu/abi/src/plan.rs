@@ -240,17 +240,17 @@ pub const fn decode_warp_rows(head_dim: u32, elem_bytes: u32, group_size: u32) -
     }
 }
 
-/// Words a decode CTA keeps in shared memory per partition when it records metrics: `G`
-/// scores, the position and the metric of each row, `partition_kvs * (G + 2)` words at most
-/// (36 KiB: two recording CTAs of the tensor-core path fit a 228 KiB SM for `D <= 128` and
-/// `G <= 4`; see the test `recording_ctas_of_the_tensor_core_path_pair_up`).
-/// Partitions are never longer than this allows, recording or not, so that recording never
-/// changes the split (and the output bits).
-pub const STASH_WORDS: u32 = 9216;
+/// The longest partition, in words of `G + 2` per row: the bound a shared-memory stash of
+/// each row's scores, position and metric once set (36 KiB). The stash now lives in the
+/// workspace (docs/PERF.md decode v3.5), but every split was planned and measured under this
+/// bound (16x8192 takes 6 partitions of 1536 KVs by it), so it stays until a measurement says
+/// otherwise.
+pub const PARTITION_WORDS: u32 = 9216;
 
-/// Longest partition for group size `group_size`: the stash bound, in whole 64-row tiles.
+/// Longest partition for group size `group_size`, in whole 64-row tiles. Recording or not,
+/// the split is the same (so is the output).
 pub const fn max_partition_kvs(group_size: u32) -> u32 {
-    STASH_WORDS / (group_size + 2) / 64 * 64
+    PARTITION_WORDS / (group_size + 2) / 64 * 64
 }
 
 /// A split policy must keep at least this fraction of the device's resident CTA slots busy
@@ -266,8 +266,9 @@ pub const PLANNED_CTAS_PER_SM: u32 = 2;
 
 /// Shared memory of one decode CTA, in 4-byte words: per warp and query head of the group the
 /// warp's `(max, sum)` and `D` accumulators (merged across warps at the end), the CTA's
-/// `(max, sum)` per head, the `(max, 1 / sum)` recording normalises with, a ticket word, and
-/// when recording the stash of the partition's scores.
+/// `(max, sum)` per head, the `(max, 1 / sum)` recording normalises with, and a ticket word.
+/// Recording needs no more: its scores go to the workspace (`DecodeParams::stash`), so a
+/// recording CTA takes the shared memory of a plain one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodeSmem {
     /// `[DECODE_WARPS, G, 2]` f32.
@@ -287,9 +288,6 @@ pub struct DecodeSmem {
     /// `[max_partition_kvs(G) / MIN_BLOCK_SIZE]` u32: the block ids of the partition's
     /// logical blocks, loaded once so that no load of K or V waits on a table load.
     pub blocks: u32,
-    /// `[partition_kvs, G + 2]` words (only when recording): the `G` log2-domain scores of
-    /// each row of the partition, then its position and its metric.
-    pub stash: u32,
     /// Bytes in all.
     pub bytes: u32,
 }
@@ -307,13 +305,6 @@ impl DecodeSmem {
         self.warp_acc + (warp * group_size + g) * head_dim + d
     }
 
-    /// Word of row `row` (relative to the partition start), head `g`, in `stash`; `g = G`
-    /// is the row's position, `g = G + 1` its metric (copied in while the row is loaded).
-    #[inline(always)]
-    pub const fn stash_word(&self, group_size: u32, row: u32, g: u32) -> u32 {
-        self.stash + row * (group_size + 2) + g
-    }
-
     /// Word of staged chunk `chunk` of `(warp, stage)` in `staging`.
     #[inline(always)]
     pub const fn staging_word(&self, head_dim: u32, warp: u32, stage: u32, chunk: u32) -> u32 {
@@ -323,14 +314,8 @@ impl DecodeSmem {
 }
 
 /// The decode shared-memory map for group size `group_size`, head dimension `head_dim` and
-/// element size `elem_bytes` (2: the tensor-core path, which stages K and V), with room for
-/// `stash_kvs` rows of scores (0 when not recording).
-pub const fn decode_smem(
-    group_size: u32,
-    head_dim: u32,
-    elem_bytes: u32,
-    stash_kvs: u32,
-) -> DecodeSmem {
+/// element size `elem_bytes` (2: the tensor-core path, which stages K and V).
+pub const fn decode_smem(group_size: u32, head_dim: u32, elem_bytes: u32) -> DecodeSmem {
     let staging = 0;
     let staging_words = if elem_bytes == 2 {
         DECODE_WARPS * MMA_STAGES * mma_lane_chunks(head_dim) * WARP_SIZE * 4
@@ -344,8 +329,7 @@ pub const fn decode_smem(
     let cta_ml = warp_acc + DECODE_WARPS * group_size * head_dim;
     let record_ml = cta_ml + group_size * 2;
     let ticket = record_ml + group_size * 2;
-    let stash = ticket + 1;
-    let words = stash + stash_kvs * (group_size + 2);
+    let words = ticket + 1;
     DecodeSmem {
         warp_ml,
         warp_acc,
@@ -354,7 +338,6 @@ pub const fn decode_smem(
         ticket,
         staging,
         blocks,
-        stash,
         bytes: words * 4,
     }
 }
@@ -383,6 +366,8 @@ pub struct DecodePlan {
     pub num_partitions: u32,
     /// Rows `(seq, q_head, partition)` of the partials (0 without a merge).
     pub partial_rows: u64,
+    /// f32 words of the score stash (`DecodeParams::stash`; 0 without recording).
+    pub stash_words: u64,
 }
 
 impl DecodePlan {
@@ -391,9 +376,15 @@ impl DecodePlan {
         self.partial_rows * head_dim as u64 * 4
     }
 
-    /// Bytes of workspace the plan needs: the partials.
+    /// Byte offset of the score stash in the workspace, after the partials, 128-byte aligned
+    /// (the decode drops it from L2 by whole lines).
+    pub const fn stash_offset(&self, head_dim: u32) -> u64 {
+        (self.partial_rows * (head_dim as u64 + 2) * 4).next_multiple_of(128)
+    }
+
+    /// Bytes of workspace the plan needs: the partials, then the score stash.
     pub const fn workspace_bytes(&self, head_dim: u32) -> u64 {
-        self.partial_rows * (head_dim as u64 + 2) * 4
+        self.stash_offset(head_dim) + self.stash_words * 4
     }
 
     /// Whether recording is possible: with a split, every partition of a head slot must be
@@ -434,17 +425,10 @@ pub fn plan_decode(
         .next_multiple_of(cta_rows)
         .clamp(cta_rows, longest);
     let num_partitions = max_context_len.div_ceil(partition_kvs).max(1);
-    let stash_kvs = if record { partition_kvs } else { 0 };
     let decode = LaunchDims {
         grid: [num_partitions, geometry.num_kv_heads, geometry.num_seqs],
         block: [DECODE_WARPS * WARP_SIZE, 1, 1],
-        smem_bytes: decode_smem(
-            geometry.group_size,
-            geometry.head_dim,
-            dtype.elem_bytes(),
-            stash_kvs,
-        )
-        .bytes,
+        smem_bytes: decode_smem(geometry.group_size, geometry.head_dim, dtype.elem_bytes()).bytes,
     };
     let (merge, partial_rows) = if num_partitions > 1 {
         let dims = LaunchDims {
@@ -457,12 +441,21 @@ pub fn plan_decode(
     } else {
         (None, 0)
     };
+    let stash_words = if record {
+        geometry.num_seqs as u64
+            * geometry.num_q_heads() as u64
+            * num_partitions as u64
+            * crate::params::stash_rows(partition_kvs) as u64
+    } else {
+        0
+    };
     DecodePlan {
         decode,
         merge,
         partition_kvs,
         num_partitions,
         partial_rows,
+        stash_words,
     }
 }
 
@@ -658,22 +651,15 @@ mod tests {
     }
 
     #[test]
-    fn recording_ctas_of_the_tensor_core_path_pair_up() {
-        // An H100/H200 SM has 228 KiB of shared memory, 1 KiB of it reserved per CTA.
-        let fits_two = |g: u32, d: u32| {
-            2 * (decode_smem(g, d, 2, max_partition_kvs(g)).bytes + 1024) <= 228 * 1024
-        };
+    fn three_tensor_core_ctas_share_an_sm() {
+        // An H100/H200 SM has 228 KiB of shared memory, 1 KiB of it reserved per CTA; recording
+        // CTAs take the same map (their scores go to the workspace).
         for g in [1, 2, 4] {
-            for d in [64, 128] {
-                assert!(fits_two(g, d), "G={g} D={d}");
-            }
+            assert!(
+                3 * (decode_smem(g, 128, 2).bytes + 1024) <= 228 * 1024,
+                "G={g}"
+            );
         }
-        // Documented exceptions: G = 8 at D = 128 (its accumulators) and D = 256 (its staging)
-        // record with one CTA per SM.
-        assert!(!fits_two(8, 128) && !fits_two(4, 256));
-        // Without recording, three f16 D=128 CTAs fit (registers, not shared memory, hold the
-        // kernel at two).
-        assert!(3 * (decode_smem(4, 128, 2, 0).bytes + 1024) <= 228 * 1024);
     }
 
     fn geometry(num_seqs: u32) -> Geometry {
@@ -789,7 +775,7 @@ mod tests {
             false,
         );
         assert_eq!((p.partition_kvs, p.num_partitions), (1024, 4));
-        // Partitions never exceed the score stash, recording or not.
+        // Partitions never exceed the bound, and recording never changes the split.
         let p = plan_decode(&geometry(64), DType::F16, 16384, &props, &k, None, false);
         assert!(p.partition_kvs <= max_partition_kvs(4));
         let r = plan_decode(&geometry(64), DType::F16, 16384, &props, &k, None, true);
@@ -797,7 +783,30 @@ mod tests {
             (r.partition_kvs, r.num_partitions),
             (p.partition_kvs, p.num_partitions)
         );
-        assert!(r.decode.smem_bytes > p.decode.smem_bytes);
+        assert_eq!(r.decode.smem_bytes, p.decode.smem_bytes);
+        assert_eq!((p.stash_words, r.merge), (0, None));
+        assert_eq!(
+            r.stash_words,
+            64 * 32 * r.num_partitions as u64 * r.partition_kvs as u64
+        );
+        assert_eq!(
+            r.workspace_bytes(128),
+            p.workspace_bytes(128) + 4 * r.stash_words
+        );
+        assert_eq!(r.stash_offset(128) % 128, 0);
+        // f32 partitions are whole tiles of as few as 8 rows; the stash rounds each up to
+        // whole 128-byte lines.
+        let wide = Geometry {
+            head_dim: 256,
+            group_size: 8,
+            ..geometry(2)
+        };
+        let f = plan_decode(&wide, DType::F32, 4000, &props, &k, Some(840), true);
+        assert_eq!(
+            (f.partition_kvs, crate::params::stash_rows(840)),
+            (840, 864)
+        );
+        assert_eq!(f.stash_words, 2 * 64 * f.num_partitions as u64 * 864);
         // At most one partition per SM, so that recording CTAs can wait for each other.
         let p = plan_decode(&geometry(1), DType::F16, 131072, &props, &k, Some(64), true);
         assert!(p.num_partitions <= 132 && p.can_record(&props));

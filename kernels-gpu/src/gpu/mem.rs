@@ -69,6 +69,59 @@ pub unsafe fn store_chunk(addr: u64, value: Chunk) {
     }
 }
 
+/// An L2 policy (`createpolicy`) that keeps the lines stored with it (`evict_last`) over
+/// lines read or written normally: for scratch a kernel writes and soon reads back while it
+/// streams much more data through L2.
+#[inline(always)]
+pub fn l2_keep_policy() -> u64 {
+    let policy: u64;
+    // SAFETY: createpolicy only builds a value in a register.
+    unsafe {
+        asm!(
+            "createpolicy.fractional.L2::evict_last.b64 {policy}, 1.0;",
+            policy = out(reg64) policy,
+            options(pure, nomem, nostack),
+        );
+    }
+    policy
+}
+
+/// Stores a 32-bit word at `addr` under L2 policy `policy` ([`l2_keep_policy`]).
+///
+/// # Safety
+/// `addr` is a valid, 4-byte-aligned global address that no other thread accesses.
+#[inline(always)]
+pub unsafe fn store_word_kept(addr: u64, value: u32, policy: u64) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        asm!(
+            "st.global.L2::cache_hint.b32 [{addr}], {value}, {policy};",
+            addr = in(reg64) addr,
+            value = in(reg32) value,
+            policy = in(reg64) policy,
+            options(nostack),
+        );
+    }
+}
+
+/// Drops the 128-byte L2 line at `addr` without writing it back to DRAM: its bytes become
+/// undefined. For scratch that has been read for the last time.
+///
+/// # Safety
+/// `addr` is a 128-byte-aligned global address of 128 bytes that no thread reads again before
+/// writing them, and that no other thread accesses meanwhile.
+#[inline(always)]
+pub unsafe fn discard_l2_line(addr: u64) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        asm!(
+            "discard.global.L2 [{addr}], 128;",
+            addr = in(reg64) addr,
+            options(nostack),
+        );
+    }
+}
+
 /// Loads element `index` of an array of `T` at `base`.
 ///
 /// # Safety
