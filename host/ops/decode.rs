@@ -3,11 +3,11 @@
 
 use cudarc::driver::CudaSlice;
 use kvc_abi::params::{record, DecodeParams};
-use kvc_abi::plan::{decode_smem, plan_decode, DECODE_WARPS, WARP_SIZE};
+use kvc_abi::plan::{decode_smem, max_partition_kvs, plan_decode, DECODE_WARPS, WARP_SIZE};
 use kvc_abi::{DType, Geometry};
 
 use crate::cache::{DecodeArgs, DeviceArrays};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::gpu::{decode_entry, decode_merge_entry};
 
 /// One validated decode call.
@@ -32,7 +32,10 @@ pub(crate) fn decode(
     let gpu = &d.gpu;
     let recording = job.args.record.is_some();
     let entry = decode_entry(dtype, g.head_dim, g.group_size, recording);
-    let smem = decode_smem(g.group_size, g.head_dim, dtype.elem_bytes()).bytes;
+    // Occupancy at the longest partition the policy takes (a longer context's partitions take
+    // more shared memory for their block ids: `plan_decode`).
+    let smem = decode_smem(g.group_size, g.head_dim, dtype.elem_bytes())
+        .bytes_for(max_partition_kvs(g.group_size));
     let kernel = gpu.kernel_props(&entry, DECODE_WARPS * WARP_SIZE, smem)?;
     let plan = plan_decode(
         &g,
@@ -43,17 +46,6 @@ pub(crate) fn decode(
         job.args.partition_kvs,
         recording,
     );
-    if recording && !plan.can_record(&gpu.props()) {
-        return Err(Error::Unsupported {
-            what: "decode metric recording at this context length",
-            value: format!(
-                "{} KVs need {} partitions, more than the {} SMs that must hold them at once",
-                job.max_context_len,
-                plan.num_partitions,
-                gpu.props().num_sms
-            ),
-        });
-    }
     let recording_state = &mut d.recording;
     if let Some(thresholds) = job.thresholds {
         // The handshake counters need no copy (the kernel leaves them zero); the thresholds
@@ -87,9 +79,9 @@ pub(crate) fn decode(
     };
     // SAFETY: validate::decode checked q, out, layer, scale and metric_skip; the cache's
     // tables are valid by construction (PagedKvCache); the workspace holds the plan's
-    // partials and score stash; the cache's counters are zero (allocated so, left so by every launch) and,
-    // when recording, its thresholds are this call's; can_record bounds a head slot's
-    // partitions by the SM count.
+    // partials and score stash; the cache's counters are zero (allocated so, left so by every
+    // launch) and, when recording, its thresholds are this call's; plan_decode keeps a head
+    // slot's partitions within the SM count and sizes the block-id table for its partitions.
     unsafe {
         gpu.launch(&entry, plan.decode, &params)?;
         if let Some(merge) = plan.merge {

@@ -311,7 +311,8 @@ impl BlockIds {
         let mut i = thread_idx_x();
         while i < count {
             // SAFETY: the blocks of rows < len are within the head slot's table; at most
-            // partition_kvs / MIN_BLOCK_SIZE of them, the region's size.
+            // partition_kvs / MIN_BLOCK_SIZE of them, the size the launch gave the region
+            // (`DecodeSmem::bytes_for`).
             unsafe { *ids.add(i as usize) = load::<u32>(table, (first_block + i) as u64) };
             i += DECODE_WARPS * WARP_SIZE;
         }

@@ -285,11 +285,10 @@ pub struct DecodeSmem {
     /// only): each warp's steps of K and V in flight, per stage the K tiles then the V tiles,
     /// each [`mma_tile_chunks`] laid out by [`MmaTile::staged_chunk`].
     pub staging: u32,
-    /// `[max_partition_kvs(G) / MIN_BLOCK_SIZE]` u32: the block ids of the partition's
-    /// logical blocks, loaded once so that no load of K or V waits on a table load.
+    /// `[partition_kvs / MIN_BLOCK_SIZE]` u32, last (the launch sizes it, [`Self::bytes_for`]):
+    /// the block ids of the partition's logical blocks, loaded once so that no load of K or V
+    /// waits on a table load.
     pub blocks: u32,
-    /// Bytes in all.
-    pub bytes: u32,
 }
 
 impl DecodeSmem {
@@ -303,6 +302,11 @@ impl DecodeSmem {
     #[inline(always)]
     pub const fn acc_word(&self, group_size: u32, head_dim: u32, warp: u32, g: u32, d: u32) -> u32 {
         self.warp_acc + (warp * group_size + g) * head_dim + d
+    }
+
+    /// Bytes of the map for partitions of `partition_kvs` KVs.
+    pub const fn bytes_for(&self, partition_kvs: u32) -> u32 {
+        (self.blocks + partition_kvs.div_ceil(MIN_BLOCK_SIZE)) * 4
     }
 
     /// Word of staged chunk `chunk` of `(warp, stage)` in `staging`.
@@ -322,14 +326,11 @@ pub const fn decode_smem(group_size: u32, head_dim: u32, elem_bytes: u32) -> Dec
     } else {
         0
     };
-    let blocks = staging + staging_words;
-    let blocks_words = max_partition_kvs(group_size) / MIN_BLOCK_SIZE;
-    let warp_ml = blocks + blocks_words;
+    let warp_ml = staging + staging_words;
     let warp_acc = warp_ml + DECODE_WARPS * group_size * 2;
     let cta_ml = warp_acc + DECODE_WARPS * group_size * head_dim;
     let record_ml = cta_ml + group_size * 2;
     let ticket = record_ml + group_size * 2;
-    let words = ticket + 1;
     DecodeSmem {
         warp_ml,
         warp_acc,
@@ -337,8 +338,7 @@ pub const fn decode_smem(group_size: u32, head_dim: u32, elem_bytes: u32) -> Dec
         record_ml,
         ticket,
         staging,
-        blocks,
-        bytes: words * 4,
+        blocks: ticket + 1,
     }
 }
 
@@ -386,12 +386,6 @@ impl DecodePlan {
     pub const fn workspace_bytes(&self, head_dim: u32) -> u64 {
         self.stash_offset(head_dim) + self.stash_words * 4
     }
-
-    /// Whether recording is possible: with a split, every partition of a head slot must be
-    /// resident at once (they wait for each other), which one CTA per SM guarantees.
-    pub const fn can_record(&self, props: &DeviceProps) -> bool {
-        self.num_partitions <= props.num_sms
-    }
 }
 
 /// Plans a decode over all sequence rows of `geometry` for one layer whose longest head slot
@@ -402,8 +396,9 @@ impl DecodePlan {
 /// (`num_sms * min(ctas_per_sm, PLANNED_CTAS_PER_SM)`) busy over all waves (or the best split if none does), no
 /// partition shorter than `MIN_PARTITION_KVS`; a merge kernel combines them.
 /// `partition_kvs` overrides the policy. Either way a partition is whole CTA tiles, at most
-/// [`max_partition_kvs`], and long enough that a head slot has at most `num_sms` partitions
-/// where that bound allows.
+/// [`max_partition_kvs`] unless the context needs longer ones, and long enough that a head
+/// slot has at most `num_sms` partitions: the partitions of a recording launch wait for each
+/// other, so all of a head slot's must be able to run at once.
 pub fn plan_decode(
     geometry: &Geometry,
     dtype: DType,
@@ -419,16 +414,21 @@ pub fn plan_decode(
     let resident = props.num_sms * kernel.ctas_per_sm.clamp(1, PLANNED_CTAS_PER_SM);
     let longest = max_partition_kvs(geometry.group_size) / cta_rows * cta_rows;
     let policy = split_policy(head_slots, max_context_len, resident, cta_rows, longest);
+    // At most one partition per SM: longer than `longest` for contexts past num_sms of those.
+    let per_sm = max_context_len
+        .div_ceil(props.num_sms.max(1))
+        .next_multiple_of(cta_rows);
     let partition_kvs = partition_kvs
         .unwrap_or(policy)
-        .max(max_context_len.div_ceil(props.num_sms.max(1)))
+        .max(per_sm)
         .next_multiple_of(cta_rows)
-        .clamp(cta_rows, longest);
+        .clamp(cta_rows, longest.max(per_sm));
     let num_partitions = max_context_len.div_ceil(partition_kvs).max(1);
     let decode = LaunchDims {
         grid: [num_partitions, geometry.num_kv_heads, geometry.num_seqs],
         block: [DECODE_WARPS * WARP_SIZE, 1, 1],
-        smem_bytes: decode_smem(geometry.group_size, geometry.head_dim, dtype.elem_bytes()).bytes,
+        smem_bytes: decode_smem(geometry.group_size, geometry.head_dim, dtype.elem_bytes())
+            .bytes_for(partition_kvs),
     };
     let (merge, partial_rows) = if num_partitions > 1 {
         let dims = LaunchDims {
@@ -655,10 +655,8 @@ mod tests {
         // An H100/H200 SM has 228 KiB of shared memory, 1 KiB of it reserved per CTA; recording
         // CTAs take the same map (their scores go to the workspace).
         for g in [1, 2, 4] {
-            assert!(
-                3 * (decode_smem(g, 128, 2).bytes + 1024) <= 228 * 1024,
-                "G={g}"
-            );
+            let bytes = decode_smem(g, 128, 2).bytes_for(max_partition_kvs(g));
+            assert!(3 * (bytes + 1024) <= 228 * 1024, "G={g}");
         }
     }
 
@@ -807,9 +805,22 @@ mod tests {
             (840, 864)
         );
         assert_eq!(f.stash_words, 2 * 64 * f.num_partitions as u64 * 864);
-        // At most one partition per SM, so that recording CTAs can wait for each other.
+        // At most one partition per SM, so that recording CTAs can wait for each other: past
+        // 132 of the longest partitions, longer ones, whose block ids take more shared memory.
         let p = plan_decode(&geometry(1), DType::F16, 131072, &props, &k, Some(64), true);
-        assert!(p.num_partitions <= 132 && p.can_record(&props));
+        assert!(p.num_partitions <= 132);
+        for context in [132 * 1536, 132 * 1536 + 1, 1 << 20] {
+            let p = plan_decode(&geometry(1), DType::F16, context, &props, &k, None, true);
+            assert!(p.num_partitions <= 132, "{context}");
+            assert!(p.partition_kvs * p.num_partitions >= context);
+            let smem = decode_smem(4, 128, 2);
+            assert_eq!(p.decode.smem_bytes, smem.bytes_for(p.partition_kvs));
+            assert_eq!(
+                p.partition_kvs > max_partition_kvs(4),
+                context > 132 * 1536,
+                "{context}"
+            );
+        }
     }
 }
 
