@@ -545,7 +545,8 @@ unsafe fn work_item(p: &DecodeParams, ticket_word: *mut f32) -> (u32, u32, u32) 
 }
 
 /// Most rows each thread of the record phase reads at once, so that their loads overlap: 8,
-/// or 4 for `G = 8` (whose 8 rows of scores would cost the kernel 208 registers, not 174).
+/// or 4 for `G = 8` (8 rows of 8 scores took that kernel to 208 registers, 4 rows to 174, when
+/// this was written).
 const RECORD_ROWS: usize = 8;
 
 /// Rows each thread of the record phase reads at once for group size `g`.
@@ -572,7 +573,8 @@ impl<const G: usize> RecordBatch<G> {
     /// Issues every load of the thread's rows from `first` before any use.
     ///
     /// # Safety
-    /// `work.start <= first < work.end`; the CTA's stash stores are ordered before (a barrier).
+    /// `work.start <= first` and `work.start < work.end` (rows from `work.end` on are read as
+    /// the last row); the CTA's stash stores are ordered before (a barrier).
     #[inline(always)]
     unsafe fn load(p: &DecodeParams, work: &Work, blocks: &BlockIds, first: u32) -> Self {
         let geom = p.cache.geometry;
