@@ -576,9 +576,14 @@ impl<const G: usize> RecordBatch<G> {
     /// `work.start <= first` and `work.start < work.end` (rows from `work.end` on are read as
     /// the last row); the CTA's stash stores are ordered before (a barrier).
     #[inline(always)]
-    unsafe fn load(p: &DecodeParams, work: &Work, blocks: &BlockIds, first: u32) -> Self {
+    unsafe fn load(
+        p: &DecodeParams,
+        work: &Work,
+        blocks: &BlockIds,
+        stash: Stash,
+        first: u32,
+    ) -> Self {
         let geom = p.cache.geometry;
-        let stash = Stash::of::<G>(p, work);
         let mut batch = Self {
             first,
             slot: [0; RECORD_ROWS],
@@ -653,9 +658,10 @@ unsafe fn record_metrics<T: CacheElem, const G: usize>(
     let thread = thread_idx_x();
     let threads = DECODE_WARPS * WARP_SIZE;
     let step = record_rows(G) as u32 * threads;
+    let stash = Stash::of::<G>(p, work);
     // A thread past the end loads the last row, and records nothing.
     // SAFETY: start < end; the stash stores are ordered before (the caller).
-    let mut batch = unsafe { RecordBatch::<G>::load(p, work, blocks, start + thread) };
+    let mut batch = unsafe { RecordBatch::<G>::load(p, work, blocks, stash, start + thread) };
     // SAFETY: thresholds holds [num_seqs] i32.
     let threshold = unsafe { load::<i32>(p.thresholds, seq as u64) };
     // The ticket word, free once `begin` has read it, tells the CTA who left last.
@@ -730,13 +736,12 @@ unsafe fn record_metrics<T: CacheElem, const G: usize>(
             break;
         }
         // SAFETY: start <= first < end.
-        batch = unsafe { RecordBatch::<G>::load(p, work, blocks, first) };
+        batch = unsafe { RecordBatch::<G>::load(p, work, blocks, stash, first) };
     }
     // Every thread's stash reads are done after the barrier: drop the partition's stash from
     // L2 unwritten (each query head's rows are whole lines from a 128-byte aligned start).
     // SAFETY: every thread reaches it.
     unsafe { sync_threads() };
-    let stash = Stash::of::<G>(p, work);
     let lines = stash_rows(p.partition_kvs) / STASH_LINE_WORDS;
     let mut i = thread;
     while i < G as u32 * lines {
