@@ -243,7 +243,7 @@ pub const fn decode_warp_rows(head_dim: u32, elem_bytes: u32, group_size: u32) -
 /// The longest partition, in words of `G + 2` per row: the bound a shared-memory stash of
 /// each row's scores, position and metric once set (36 KiB). The stash now lives in the
 /// workspace (docs/PERF.md decode v3.5), but every split was planned and measured under this
-/// bound (16x8192 takes 6 partitions of 1536 KVs by it), so it stays until a measurement says
+/// bound (16x8192 takes 6 partitions of 1408 KVs by it), so it stays until a measurement says
 /// otherwise.
 pub const PARTITION_WORDS: u32 = 9216;
 
