@@ -189,6 +189,7 @@ pub(crate) fn compress(
     let plan = plan_compress(&g, num_work_seqs, group_heads, max_context_len);
     let [seq_in_at, seq_out_at, heads_at, groups_at, status_at, hist_at] =
         plan.offsets(num_work_seqs);
+    let [key_high_at, evictable_at] = plan.digest_offsets(num_work_seqs);
     let mut seq_in = Vec::with_capacity((num_work_seqs * SEQ_IN_WORDS) as usize);
     for ((&seq, budget), &protected) in args.seqs.iter().zip(args.budgets).zip(args.protected) {
         let (kind, value) = match *budget {
@@ -220,6 +221,8 @@ pub(crate) fn compress(
         groups: base + groups_at,
         hist: base + hist_at,
         status: base + status_at,
+        key_high: base + key_high_at,
+        evictable: base + evictable_at,
         num_work_seqs,
         group_heads,
         sinks: args.sinks,

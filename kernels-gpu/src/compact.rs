@@ -37,7 +37,7 @@ use crate::gpu::smem::dynamic_f32;
 use crate::gpu::sync::shared_add;
 use crate::gpu::thread::{block_idx_x, lane_id, sync_threads, thread_idx_x, warp_id};
 use crate::gpu::warp::{ballot, lanemask_lt};
-use crate::schedule::{kv_batch, kv_run, pool_slot_of, seq_view, SeqView, BATCH};
+use crate::schedule::{digest_run, kv_batch, kv_run, pool_slot_of, seq_view, SeqView, BATCH};
 
 /// Shared-memory words (see `compact_smem`) and state fields.
 const BINS_AT: usize = compact_smem::BINS;
@@ -191,16 +191,40 @@ unsafe fn select(
                     load::<u32>(p.hist, p.hist_word(num_work_heads, pass, w, b));
                 b += COMPRESS_THREADS;
             }
+            // A histogram: which thread counts which KV does not matter, so each takes a run of
+            // consecutive KVs. The schedule's high keys and flags say which runs hold keys
+            // under the prefix; they also give the digit while it lies in the top 16 bits,
+            // and below that the run's metrics and positions are read (one table load, vector
+            // loads).
+            let high_bits = level.min(16);
             let mut base = 0;
             while !scheduled && base < len {
-                // A histogram: which thread counts which KV does not matter, so each takes a
-                // run of consecutive KVs (one table load, vector loads).
-                let kv = kv_run(p, view, head_slot, base + BATCH as u32 * thread, len);
-                for u in 0..BATCH {
-                    let wide = (kv.key[u] as u64) << 32 | kv.position[u] as u32 as u64;
-                    if kv.evictable[u] && (level == 0 || wide >> (64 - level) == prefix) {
-                        let digit = (wide >> (56 - level)) & 0xff;
-                        shared_add(shared_addr(words.add(BINS_AT + digit as usize)), 1);
+                let first = base + BATCH as u32 * thread;
+                if first < len {
+                    let (high, flags) = digest_run(p, w, first);
+                    let mut wanted = [false; BATCH];
+                    let mut any = false;
+                    for u in 0..BATCH {
+                        wanted[u] = flags & (1 << u) != 0
+                            && (high_bits == 0
+                                || (high[u] >> (32 - high_bits)) as u64
+                                    == prefix >> (level - high_bits));
+                        any |= wanted[u];
+                    }
+                    if any {
+                        let (key, position) = if level >= 16 {
+                            let kv = kv_run(p, view, head_slot, first, len);
+                            (kv.key, kv.position)
+                        } else {
+                            (high, [0; BATCH])
+                        };
+                        for u in 0..BATCH {
+                            let wide = (key[u] as u64) << 32 | position[u] as u32 as u64;
+                            if wanted[u] && (level == 0 || wide >> (64 - level) == prefix) {
+                                let digit = (wide >> (56 - level)) & 0xff;
+                                shared_add(shared_addr(words.add(BINS_AT + digit as usize)), 1);
+                            }
+                        }
                     }
                 }
                 base += COMPACT_TILE;

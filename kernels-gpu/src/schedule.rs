@@ -27,7 +27,7 @@ use kvc_abi::params::compress::{
 use kvc_abi::params::CompressParams;
 use kvc_abi::plan::{COMPRESS_THREADS, MIN_BLOCK_SIZE, SCAN_THREADS, SCAN_WARPS, WARP_SIZE};
 
-use crate::gpu::mem::{load, load_chunk, load_nc, store};
+use crate::gpu::mem::{load, load_chunk, load_nc, store, store_chunk};
 use crate::gpu::mma::shared_addr;
 use crate::gpu::smem::dynamic_f32;
 use crate::gpu::sync::{atomic_add_acq_rel, global_add, shared_add, shared_min};
@@ -191,6 +191,28 @@ pub unsafe fn kv_run(
     batch
 }
 
+/// The high keys (pass 0's top 16 bits of each metric key, as the top bits of a `u32`) and
+/// the evictable flags (bit `u` for KV `first + u`) of the `BATCH` KVs from `first` of work
+/// head slot `w`: one 16-byte load and one byte.
+///
+/// # Safety
+/// Histogram pass 0 ran; `first` is a multiple of `BATCH` below `p.key_stride()`.
+#[inline(always)]
+pub unsafe fn digest_run(p: &CompressParams, w: u32, first: u32) -> ([u32; BATCH], u32) {
+    let at = p.digest_index(w, first);
+    // SAFETY: inside w's rows (16-byte aligned high keys), which pass 0 wrote.
+    let (high, flags) = unsafe {
+        (
+            load_chunk(p.key_high + 2 * at),
+            load::<u8>(p.evictable, at / 8) as u32,
+        )
+    };
+    (
+        core::array::from_fn(|u| (high[u / 2] >> (16 * (u % 2))) << 16),
+        flags,
+    )
+}
+
 /// Pool slot of logical KV `idx` of `head_slot`.
 ///
 /// # Safety
@@ -208,6 +230,12 @@ pub unsafe fn pool_slot_of(p: &CompressParams, head_slot: u64, idx: u32) -> u64 
 /// evictable KVs whose high bits equal the group's threshold prefix, binned by their next 8
 /// bits (pass 0: all evictable keys, by their top 8 bits).
 ///
+/// Pass 0 gathers each KV's metric and position through the block tables; it also writes
+/// the top 16 bits of each key and an evictable flag per KV to the workspace (2 bytes and 1
+/// bit a KV against the 8 bytes it read), which the later passes stream instead: pass 1
+/// needs nothing else, and passes 2 and 3 gather the full metric only for the KVs whose high
+/// key matches the group's prefix (docs/PERF.md, compression v14).
+///
 /// # Safety
 /// Launched with `plan_compress`'s hist dims after the previous digit pass.
 #[inline(always)]
@@ -220,16 +248,6 @@ pub unsafe fn sched_hist_body(p: &CompressParams) {
     if p.pass > 0 && unsafe { load::<u32>(p.groups, p.group_word(q, GROUP_NEED)) } == 0 {
         return;
     }
-    // SAFETY: s < num_work_seqs.
-    let view = unsafe { seq_view(p, s) };
-    let head_slot = p.head_slot(view.seq, w);
-    // SAFETY: head_slot is a validated head slot.
-    let len = unsafe { load::<i32>(p.cache.context_lens, head_slot) } as u32;
-    let lo = chunk * p.chunk_kvs;
-    if lo >= len {
-        return; // uniform over the CTA
-    }
-    let hi = len.min(lo + p.chunk_kvs);
     let bins = dynamic_f32() as *mut u32;
     let thread = thread_idx_x();
     // SAFETY: the launch reserved RADIX_BINS words; all threads reach the barriers.
@@ -241,62 +259,17 @@ pub unsafe fn sched_hist_body(p: &CompressParams) {
         }
         sync_threads();
     }
-    let prefix = if p.pass > 0 {
-        // SAFETY: q < num_groups.
-        unsafe { load::<u32>(p.groups, p.group_word(q, GROUP_PREFIX)) }
-    } else {
-        0
-    };
-    let digit_shift = 24 - 8 * p.pass;
-    let filter = KeyFilter::new(prefix, 8 * p.pass);
     let bins_at = shared_addr(bins);
-    let mut base = lo;
-    while base < hi {
-        // A histogram: which thread counts which KV does not matter, so each takes a run
-        // (`run_at`). The positions are loaded with the metrics when every key is wanted, else
-        // only once some key is (a pass past the first wants few, and skips most positions).
-        let first = base + BATCH as u32 * thread;
-        if first < hi {
-            // SAFETY: first < hi <= len; the chunks lie in its block's slots.
-            let (position_at, metric_at) = unsafe { run_at(p, head_slot, first) };
-            let (metrics, early) = unsafe {
-                (
-                    [load_chunk(metric_at), load_chunk(metric_at + 16)],
-                    if filter.every_key() {
-                        [load_chunk(position_at), load_chunk(position_at + 16)]
-                    } else {
-                        [[0; 4]; 2]
-                    },
-                )
-            };
-            let mut key = [0u32; BATCH];
-            let mut wanted = [false; BATCH];
-            let mut any = false;
-            for u in 0..BATCH {
-                key[u] = metric_key(f32::from_bits(metrics[u / 4][u % 4]));
-                wanted[u] = first + (u as u32) < hi && filter.wants(key[u]);
-                any |= wanted[u];
-            }
-            if any {
-                let positions = if filter.every_key() {
-                    early
-                } else {
-                    // SAFETY: as above.
-                    unsafe { [load_chunk(position_at), load_chunk(position_at + 16)] }
-                };
-                for u in 0..BATCH {
-                    if wanted[u] && view.may_evict(positions[u / 4][u % 4] as i32) {
-                        let bin = (key[u] >> digit_shift) & 0xff;
-                        // SAFETY: the bin lies in the smem histogram.
-                        unsafe { shared_add(bins_at + 4 * bin, 1) };
-                    }
-                }
-            }
+    let lo = chunk * p.chunk_kvs;
+    // SAFETY: w, s and the chunk are the launch's; the bins are the CTA's.
+    unsafe {
+        if p.pass == 0 {
+            first_pass(p, w, s, lo, bins_at);
+        } else {
+            later_pass(p, w, s, q, lo, bins_at);
         }
-        base += BATCH as u32 * COMPRESS_THREADS;
+        sync_threads();
     }
-    // SAFETY: all threads reach it.
-    unsafe { sync_threads() };
     let num_work_heads = p.num_work_heads();
     let mut b = thread;
     while b < RADIX_BINS {
@@ -311,6 +284,107 @@ pub unsafe fn sched_hist_body(p: &CompressParams) {
             }
         }
         b += COMPRESS_THREADS;
+    }
+}
+
+/// Pass 0 of `sched_hist` over chunk `[lo, lo + chunk_kvs)` of work head slot `w` (of work
+/// sequence `s`): every evictable key, by its top 8 bits, into the shared bins at `bins_at`;
+/// and the chunk's high keys and evictable flags (both zero past the head slot's length).
+///
+/// # Safety
+/// `w`, `s` and `lo` are a histogram CTA's; `bins_at` holds `RADIX_BINS` zeroed words.
+#[inline(always)]
+unsafe fn first_pass(p: &CompressParams, w: u32, s: u32, lo: u32, bins_at: u32) {
+    // SAFETY: s < num_work_seqs.
+    let view = unsafe { seq_view(p, s) };
+    let head_slot = p.head_slot(view.seq, w);
+    // SAFETY: head_slot is a validated head slot.
+    let len = unsafe { load::<i32>(p.cache.context_lens, head_slot) } as u32;
+    let end = lo + p.chunk_kvs;
+    let hi = len.min(end);
+    let mut first = lo + BATCH as u32 * thread_idx_x();
+    while first < end {
+        let at = p.digest_index(w, first);
+        let mut flags = 0u32;
+        let mut high = [0u32; 4];
+        if first < hi {
+            // SAFETY: first < hi <= len; the chunks lie in its block's slots.
+            let (metrics, positions) = unsafe {
+                let (position_at, metric_at) = run_at(p, head_slot, first);
+                (
+                    [load_chunk(metric_at), load_chunk(metric_at + 16)],
+                    [load_chunk(position_at), load_chunk(position_at + 16)],
+                )
+            };
+            for u in 0..BATCH {
+                let key = metric_key(f32::from_bits(metrics[u / 4][u % 4]));
+                high[u / 2] |= (key >> 16) << (16 * (u % 2));
+                if first + (u as u32) < hi && view.may_evict(positions[u / 4][u % 4] as i32) {
+                    flags |= 1 << u;
+                    // SAFETY: the bin lies in the smem histogram.
+                    unsafe { shared_add(bins_at + 4 * (key >> 24), 1) };
+                }
+            }
+        }
+        // SAFETY: at is a multiple of 8 inside w's rows (16-byte aligned high keys).
+        unsafe {
+            store_chunk(p.key_high + 2 * at, high);
+            store::<u8>(p.evictable, at / 8, flags as u8);
+        }
+        first += BATCH as u32 * COMPRESS_THREADS;
+    }
+}
+
+/// Passes 1 to 3 of `sched_hist` over chunk `[lo, lo + chunk_kvs)` of work head slot `w` (of
+/// work sequence `s`, group `q`), from pass 0's high keys and flags: the evictable keys under
+/// the group's prefix, by their next 8 bits. From pass 2 on the digit lies below the high
+/// key, which then only preselects: the full metric is read for the runs it lets through.
+///
+/// # Safety
+/// As [`first_pass`], after pass 0 and the previous digit pass.
+#[inline(always)]
+unsafe fn later_pass(p: &CompressParams, w: u32, s: u32, q: u32, lo: u32, bins_at: u32) {
+    // SAFETY: q < num_groups.
+    let prefix = unsafe { load::<u32>(p.groups, p.group_word(q, GROUP_PREFIX)) };
+    let bits = 8 * p.pass;
+    let high_bits = bits.min(16);
+    let high_filter = KeyFilter::new(prefix >> (bits - high_bits), high_bits);
+    let filter = KeyFilter::new(prefix, bits);
+    let digit_shift = 24 - bits;
+    let end = lo + p.chunk_kvs;
+    let mut first = lo + BATCH as u32 * thread_idx_x();
+    while first < end {
+        // SAFETY: pass 0 wrote the chunk's high keys and flags.
+        let (mut key, flags) = unsafe { digest_run(p, w, first) };
+        let mut wanted = [false; BATCH];
+        let mut any = false;
+        for u in 0..BATCH {
+            wanted[u] = flags & (1 << u) != 0 && high_filter.wants(key[u]);
+            any |= wanted[u];
+        }
+        if any {
+            if bits >= 16 {
+                // SAFETY: s < num_work_seqs; a flag is set only below the head slot's length,
+                // so first < len and the chunks lie in its block's slots.
+                let metrics = unsafe {
+                    let seq = load::<u32>(p.seq_in, p.seq_in_word(s, SEQ_IN_SEQ));
+                    let head_slot = p.head_slot(seq, w);
+                    let (_, metric_at) = run_at(p, head_slot, first);
+                    [load_chunk(metric_at), load_chunk(metric_at + 16)]
+                };
+                for u in 0..BATCH {
+                    key[u] = metric_key(f32::from_bits(metrics[u / 4][u % 4]));
+                }
+            }
+            for u in 0..BATCH {
+                if wanted[u] && filter.wants(key[u]) {
+                    let bin = (key[u] >> digit_shift) & 0xff;
+                    // SAFETY: the bin lies in the smem histogram.
+                    unsafe { shared_add(bins_at + 4 * bin, 1) };
+                }
+            }
+        }
+        first += BATCH as u32 * COMPRESS_THREADS;
     }
 }
 

@@ -280,6 +280,13 @@ pub struct CompressParams {
     pub hist: u64,
     /// One word: non-zero when an explicit block budget cannot be met (nothing is changed).
     pub status: u64,
+    /// `[W, key_stride]` u16: the top 16 bits of each KV's metric key, written by histogram
+    /// pass 0 for the later passes, which stream them instead of gathering every metric
+    /// through the block tables ([`CompressParams::digest_index`]).
+    pub key_high: u64,
+    /// `[W, key_stride / 8]` bytes: bit `i % 8` of byte `i / 8` of a head slot's row says
+    /// whether its KV `i` is evictable; zero past its length. Written by histogram pass 0.
+    pub evictable: u64,
     /// Sequences being compressed.
     pub num_work_seqs: u32,
     /// Work head slots per group.
@@ -314,6 +321,20 @@ impl CompressParams {
             } else {
                 self.heads_per_seq()
             }) as u64
+    }
+
+    /// KVs of a work head slot's row in `key_high` and `evictable`: the histogram chunks of
+    /// the longest head slot, a multiple of 8 (16-byte rows of high keys, whole flag bytes).
+    #[inline(always)]
+    pub const fn key_stride(&self) -> u64 {
+        self.chunks_per_head as u64 * self.chunk_kvs as u64
+    }
+
+    /// Index of logical KV `i` of work head slot `w` in `key_high` (u16 elements) and, over
+    /// 8, in `evictable` (bytes).
+    #[inline(always)]
+    pub const fn digest_index(&self, w: u32, i: u32) -> u64 {
+        w as u64 * self.key_stride() + i as u64
     }
 
     /// Word `field` of work head slot `w` in `heads`.

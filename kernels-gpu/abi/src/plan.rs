@@ -822,6 +822,28 @@ mod tests {
             );
         }
     }
+
+    /// A compression step's high keys and evictable flags follow its other arrays, the high
+    /// keys 16-byte aligned, with a row of whole histogram chunks for every work head slot,
+    /// and end with the workspace.
+    #[test]
+    fn compress_digests_follow_the_schedule_arrays() {
+        for (seqs, group_heads, longest) in [(1, 8, 1), (3, 8, 4097), (16, 1, 8192), (2, 4, 100)] {
+            let plan = plan_compress(&geometry(seqs), seqs, group_heads, longest);
+            let [key_high, evictable] = plan.digest_offsets(seqs);
+            let stride = plan.key_stride();
+            assert_eq!(
+                stride,
+                longest.div_ceil(HIST_CHUNK_KVS).max(1) as u64 * 4096
+            );
+            assert_eq!(key_high % 16, 0);
+            let before = plan.offsets(seqs)[5] + plan.hist_bytes();
+            assert!(key_high >= before);
+            let kvs = plan.num_work_heads as u64 * stride;
+            assert_eq!(evictable, key_high + 2 * kvs);
+            assert_eq!(plan.workspace_bytes(seqs), evictable + kvs / 8);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1148,13 +1170,28 @@ impl CompressPlan {
         crate::params::compress::tickets_end(self.num_work_heads, self.num_groups) * 4
     }
 
-    /// Bytes of workspace in all: then the partial sums of groups of several slices
-    /// (`CompressParams::partial_word`).
-    pub const fn workspace_bytes(&self, num_work_seqs: u32) -> u64 {
+    /// KVs per work head slot in the high keys and evictable flags
+    /// (`CompressParams::key_stride`).
+    pub const fn key_stride(&self) -> u64 {
+        self.chunks_per_head as u64 * HIST_CHUNK_KVS as u64
+    }
+
+    /// Byte offsets of the high keys and of the evictable flags
+    /// (`CompressParams::key_high`, `CompressParams::evictable`), after the partial sums of
+    /// groups of several slices (`CompressParams::partial_word`); the first 16-byte aligned.
+    pub const fn digest_offsets(&self, num_work_seqs: u32) -> [u64; 2] {
         use crate::params::compress::{partial_words, partials_at};
         let words = partials_at(self.num_work_heads, self.num_groups)
             + partial_words(self.num_groups, self.slices);
-        self.offsets(num_work_seqs)[5] + words * 4
+        let key_high = (self.offsets(num_work_seqs)[5] + words * 4).next_multiple_of(16);
+        let kvs = self.num_work_heads as u64 * self.key_stride();
+        [key_high, key_high + 2 * kvs]
+    }
+
+    /// Bytes of workspace in all: the arrays of `offsets`, then those of `digest_offsets`.
+    pub const fn workspace_bytes(&self, num_work_seqs: u32) -> u64 {
+        let kvs = self.num_work_heads as u64 * self.key_stride();
+        self.digest_offsets(num_work_seqs)[1] + kvs / 8
     }
 }
 
