@@ -19,7 +19,7 @@ use kvc_abi::params::compress::{
     RADIX_PASSES, SEQ_IN_WORDS, SEQ_OUT_CLAMPED, SEQ_OUT_REQUESTED, SEQ_OUT_TAKEN,
 };
 use kvc_abi::params::CompressParams;
-use kvc_abi::plan::{plan_compress, HIST_CHUNK_KVS};
+use kvc_abi::plan::plan_compress;
 use kvc_abi::Geometry;
 
 use crate::allocator::BlockAllocator;
@@ -227,10 +227,8 @@ pub(crate) fn compress(
         group_heads,
         sinks: args.sinks,
         pass: 0,
-        chunk_kvs: HIST_CHUNK_KVS,
         chunks_per_head: plan.chunks_per_head,
         row_bytes: g.head_dim * cache.dtype().elem_bytes(),
-        reserved: 0,
     };
     // Timing events only for a timed step: creating and recording them costs the engine.
     let events = if timed {

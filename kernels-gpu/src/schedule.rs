@@ -25,7 +25,9 @@ use kvc_abi::params::compress::{
     SEQ_OUT_TAKEN, SLICE_HEADS,
 };
 use kvc_abi::params::CompressParams;
-use kvc_abi::plan::{COMPRESS_THREADS, MIN_BLOCK_SIZE, SCAN_THREADS, SCAN_WARPS, WARP_SIZE};
+use kvc_abi::plan::{
+    COMPRESS_THREADS, HIST_CHUNK_KVS, MIN_BLOCK_SIZE, SCAN_THREADS, SCAN_WARPS, WARP_SIZE,
+};
 
 use crate::gpu::mem::{load, load_chunk, load_nc, store, store_chunk};
 use crate::gpu::mma::shared_addr;
@@ -244,9 +246,12 @@ pub unsafe fn sched_hist_body(p: &CompressParams) {
     let chunk = block_idx_x() % p.chunks_per_head.max(1);
     let s = w / p.heads_per_seq().max(1);
     let q = w / p.group_heads.max(1);
-    // SAFETY: q < num_groups; a group that gives nothing skips the later passes.
-    if p.pass > 0 && unsafe { load::<u32>(p.groups, p.group_word(q, GROUP_NEED)) } == 0 {
-        return;
+    let lo = chunk * HIST_CHUNK_KVS;
+    // SAFETY: the launch's work head slot, sequence, group and chunk; pass 0 ran before any
+    // later pass.
+    let later = (p.pass > 0).then(|| unsafe { LaterRuns::load(p, w, s, q, lo) });
+    if later.as_ref().is_some_and(|l| l.need == 0) {
+        return; // a group that gives nothing skips the later passes (uniform over the CTA)
     }
     let bins = dynamic_f32() as *mut u32;
     let thread = thread_idx_x();
@@ -260,13 +265,11 @@ pub unsafe fn sched_hist_body(p: &CompressParams) {
         sync_threads();
     }
     let bins_at = shared_addr(bins);
-    let lo = chunk * p.chunk_kvs;
     // SAFETY: w, s and the chunk are the launch's; the bins are the CTA's.
     unsafe {
-        if p.pass == 0 {
-            first_pass(p, w, s, lo, bins_at);
-        } else {
-            later_pass(p, w, s, q, lo, bins_at);
+        match later {
+            None => first_pass(p, w, s, lo, bins_at),
+            Some(later) => later.count(p, w, bins_at),
         }
         sync_threads();
     }
@@ -287,7 +290,7 @@ pub unsafe fn sched_hist_body(p: &CompressParams) {
     }
 }
 
-/// Pass 0 of `sched_hist` over chunk `[lo, lo + chunk_kvs)` of work head slot `w` (of work
+/// Pass 0 of `sched_hist` over chunk `[lo, lo + HIST_CHUNK_KVS)` of work head slot `w` (of work
 /// sequence `s`): every evictable key, by its top 8 bits, into the shared bins at `bins_at`;
 /// and the chunk's high keys and evictable flags (both zero past the head slot's length).
 ///
@@ -300,7 +303,7 @@ unsafe fn first_pass(p: &CompressParams, w: u32, s: u32, lo: u32, bins_at: u32) 
     let head_slot = p.head_slot(view.seq, w);
     // SAFETY: head_slot is a validated head slot.
     let len = unsafe { load::<i32>(p.cache.context_lens, head_slot) } as u32;
-    let end = lo + p.chunk_kvs;
+    let end = lo + HIST_CHUNK_KVS;
     let hi = len.min(end);
     let mut first = lo + BATCH as u32 * thread_idx_x();
     while first < end {
@@ -335,56 +338,102 @@ unsafe fn first_pass(p: &CompressParams, w: u32, s: u32, lo: u32, bins_at: u32) 
     }
 }
 
-/// Passes 1 to 3 of `sched_hist` over chunk `[lo, lo + chunk_kvs)` of work head slot `w` (of
-/// work sequence `s`, group `q`), from pass 0's high keys and flags: the evictable keys under
-/// the group's prefix, by their next 8 bits. From pass 2 on the digit lies below the high
-/// key, which then only preselects: the full metric is read for the runs it lets through.
-///
-/// # Safety
-/// As [`first_pass`], after pass 0 and the previous digit pass.
-#[inline(always)]
-unsafe fn later_pass(p: &CompressParams, w: u32, s: u32, q: u32, lo: u32, bins_at: u32) {
-    // SAFETY: q < num_groups.
-    let prefix = unsafe { load::<u32>(p.groups, p.group_word(q, GROUP_PREFIX)) };
-    let bits = 8 * p.pass;
-    let high_bits = bits.min(16);
-    let high_filter = KeyFilter::new(prefix >> (bits - high_bits), high_bits);
-    let filter = KeyFilter::new(prefix, bits);
-    let digit_shift = 24 - bits;
-    let end = lo + p.chunk_kvs;
-    let mut first = lo + BATCH as u32 * thread_idx_x();
-    while first < end {
-        // SAFETY: pass 0 wrote the chunk's high keys and flags.
-        let (mut key, flags) = unsafe { digest_run(p, w, first) };
-        let mut wanted = [false; BATCH];
-        let mut any = false;
-        for u in 0..BATCH {
-            wanted[u] = flags & (1 << u) != 0 && high_filter.wants(key[u]);
-            any |= wanted[u];
+/// Runs of `BATCH` KVs a thread of a later histogram pass reads at once: its whole share of
+/// the chunk.
+const LATER_RUNS: usize = 2;
+const _: () = assert!(HIST_CHUNK_KVS == LATER_RUNS as u32 * BATCH as u32 * COMPRESS_THREADS);
+
+/// What a thread of histogram passes 1 to 3 reads before it counts, every load issued at
+/// once (these passes are short: a chain of dependent loads would set their time): the
+/// group's need and prefix, the sequence row, and pass 0's high keys and flags of the
+/// thread's runs of the chunk.
+struct LaterRuns {
+    need: u32,
+    prefix: u32,
+    seq: u32,
+    first: [u32; LATER_RUNS],
+    key: [[u32; BATCH]; LATER_RUNS],
+    flags: [u32; LATER_RUNS],
+}
+
+impl LaterRuns {
+    /// The reads of this thread for chunk `[lo, lo + HIST_CHUNK_KVS)` of work head slot `w`
+    /// (of work sequence `s`, group `q`).
+    ///
+    /// # Safety
+    /// `w`, `s`, `q` and `lo` are a histogram CTA's; pass 0 ran.
+    #[inline(always)]
+    unsafe fn load(p: &CompressParams, w: u32, s: u32, q: u32, lo: u32) -> LaterRuns {
+        let first: [u32; LATER_RUNS] = core::array::from_fn(|r| {
+            lo + BATCH as u32 * (thread_idx_x() + r as u32 * COMPRESS_THREADS)
+        });
+        let mut runs = LaterRuns {
+            // SAFETY: q < num_groups, s < num_work_seqs.
+            need: unsafe { load::<u32>(p.groups, p.group_word(q, GROUP_NEED)) },
+            prefix: unsafe { load::<u32>(p.groups, p.group_word(q, GROUP_PREFIX)) },
+            seq: unsafe { load::<u32>(p.seq_in, p.seq_in_word(s, SEQ_IN_SEQ)) },
+            first,
+            key: [[0; BATCH]; LATER_RUNS],
+            flags: [0; LATER_RUNS],
+        };
+        for r in 0..LATER_RUNS {
+            // SAFETY: the run lies in the chunk, whose high keys and flags pass 0 wrote.
+            (runs.key[r], runs.flags[r]) = unsafe { digest_run(p, w, first[r]) };
         }
-        if any {
-            if bits >= 16 {
-                // SAFETY: s < num_work_seqs; a flag is set only below the head slot's length,
-                // so first < len and the chunks lie in its block's slots.
-                let metrics = unsafe {
-                    let seq = load::<u32>(p.seq_in, p.seq_in_word(s, SEQ_IN_SEQ));
-                    let head_slot = p.head_slot(seq, w);
-                    let (_, metric_at) = run_at(p, head_slot, first);
-                    [load_chunk(metric_at), load_chunk(metric_at + 16)]
-                };
-                for u in 0..BATCH {
-                    key[u] = metric_key(f32::from_bits(metrics[u / 4][u % 4]));
+        runs
+    }
+
+    /// Pass `p.pass` (1 to 3) over the runs into the shared bins at `bins_at`: the evictable
+    /// keys under the group's prefix, by their next 8 bits. From pass 2 on the digit lies
+    /// below the high key, which then only preselects: the full metrics are read for the
+    /// runs it lets through (all such runs' loads at once).
+    ///
+    /// # Safety
+    /// As [`LaterRuns::load`], whose reads these are; `bins_at` holds `RADIX_BINS` zeroed
+    /// words.
+    #[inline(always)]
+    unsafe fn count(mut self, p: &CompressParams, w: u32, bins_at: u32) {
+        let bits = 8 * p.pass;
+        let high_bits = bits.min(16);
+        let high_filter = KeyFilter::new(self.prefix >> (bits - high_bits), high_bits);
+        let filter = KeyFilter::new(self.prefix, bits);
+        let digit_shift = 24 - bits;
+        let mut wanted = [[false; BATCH]; LATER_RUNS];
+        let mut any = [false; LATER_RUNS];
+        for r in 0..LATER_RUNS {
+            for u in 0..BATCH {
+                wanted[r][u] = self.flags[r] & (1 << u) != 0 && high_filter.wants(self.key[r][u]);
+                any[r] |= wanted[r][u];
+            }
+        }
+        if bits >= 16 {
+            let head_slot = p.head_slot(self.seq, w);
+            let mut metrics = [[[0u32; 4]; 2]; LATER_RUNS];
+            for r in 0..LATER_RUNS {
+                if any[r] {
+                    // SAFETY: a flag is set only below the head slot's length, so the run
+                    // starts below it and its chunks lie in its block's slots.
+                    metrics[r] = unsafe {
+                        let (_, metric_at) = run_at(p, head_slot, self.first[r]);
+                        [load_chunk(metric_at), load_chunk(metric_at + 16)]
+                    };
                 }
             }
+            for r in 0..LATER_RUNS {
+                for u in 0..BATCH {
+                    self.key[r][u] = metric_key(f32::from_bits(metrics[r][u / 4][u % 4]));
+                }
+            }
+        }
+        for r in 0..LATER_RUNS {
             for u in 0..BATCH {
-                if wanted[u] && filter.wants(key[u]) {
-                    let bin = (key[u] >> digit_shift) & 0xff;
+                if wanted[r][u] && filter.wants(self.key[r][u]) {
+                    let bin = (self.key[r][u] >> digit_shift) & 0xff;
                     // SAFETY: the bin lies in the smem histogram.
                     unsafe { shared_add(bins_at + 4 * bin, 1) };
                 }
             }
         }
-        first += BATCH as u32 * COMPRESS_THREADS;
     }
 }
 

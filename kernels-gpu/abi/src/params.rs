@@ -295,14 +295,10 @@ pub struct CompressParams {
     pub sinks: u32,
     /// Radix pass of the current launch (histogram and digit kernels).
     pub pass: u32,
-    /// Keys per CTA of the histogram kernel.
-    pub chunk_kvs: u32,
-    /// Histogram CTAs per work head slot.
+    /// Histogram CTAs per work head slot, [`crate::plan::HIST_CHUNK_KVS`] KVs each.
     pub chunks_per_head: u32,
     /// Bytes of one K or V row, `D * elem_bytes`.
     pub row_bytes: u32,
-    /// Padding (keeps the struct free of implicit padding).
-    pub reserved: u32,
 }
 
 impl CompressParams {
@@ -327,7 +323,7 @@ impl CompressParams {
     /// the longest head slot, a multiple of 8 (16-byte rows of high keys, whole flag bytes).
     #[inline(always)]
     pub const fn key_stride(&self) -> u64 {
-        self.chunks_per_head as u64 * self.chunk_kvs as u64
+        self.chunks_per_head as u64 * crate::plan::HIST_CHUNK_KVS as u64
     }
 
     /// Index of logical KV `i` of work head slot `w` in `key_high` (u16 elements) and, over
