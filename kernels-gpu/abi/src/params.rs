@@ -601,12 +601,6 @@ pub mod compress {
             }
         }
 
-        /// Whether it wants every key (no prefix).
-        #[inline(always)]
-        pub fn every_key(self) -> bool {
-            self.mask == 0
-        }
-
         /// Whether the top bits of `key` are the prefix.
         #[inline(always)]
         pub fn wants(self, key: u32) -> bool {
@@ -648,7 +642,6 @@ pub mod compress {
                             literal,
                             "{key:#x} under {prefix:#x}/{bits}"
                         );
-                        assert_eq!(filter.every_key(), bits == 0);
                     }
                 }
             }
