@@ -5,8 +5,9 @@
 mod common;
 
 use common::gpu_or_skip;
-use kvcompress::abi::params::{AppendParams, DecodeParams};
+use kvcompress::abi::params::{AggregateParams, AppendParams, CompressParams, DecodeParams};
 use kvcompress::abi::{CacheView, Geometry};
+use kvcompress::gpu::{EchoParams, Gpu};
 
 fn distinct_view() -> CacheView {
     CacheView {
@@ -27,6 +28,12 @@ fn distinct_view() -> CacheView {
         block_tables: 0x2222_0000_0000_0005,
         context_lens: 0x2222_0000_0000_0006,
     }
+}
+
+/// Sends `params` through its echo kernel and checks the bytes that came back.
+fn echoes<P: EchoParams>(gpu: &Gpu, params: P, name: &str) {
+    let (sent, received) = gpu.echo(params).unwrap();
+    assert_eq!(bytemuck::bytes_of(&sent), received.as_slice(), "{name}");
 }
 
 #[test]
@@ -53,12 +60,7 @@ fn params_arrive_byte_for_byte() {
         counters: 0x3333_0000_0000_0007,
         stash: 0x3333_0000_0000_0008,
     };
-    let (sent, received) = gpu.echo(decode).unwrap();
-    assert_eq!(
-        bytemuck::bytes_of(&sent),
-        received.as_slice(),
-        "DecodeParams"
-    );
+    echoes(&gpu, decode, "DecodeParams");
 
     let append = AppendParams {
         cache: distinct_view(),
@@ -70,10 +72,41 @@ fn params_arrive_byte_for_byte() {
         row_bytes: 0x6666_0003,
         scatter_ctas: 0x6666_0004,
     };
-    let (sent, received) = gpu.echo(append).unwrap();
-    assert_eq!(
-        bytemuck::bytes_of(&sent),
-        received.as_slice(),
-        "AppendParams"
-    );
+    echoes(&gpu, append, "AppendParams");
+
+    let aggregate = AggregateParams {
+        cache: distinct_view(),
+        q: 0x7777_0000_0000_0001,
+        stats: 0,
+        partials: 0x7777_0000_0000_0003,
+        seq_info: 0x7777_0000_0000_0004,
+        layer_idx: 0x8888_0001,
+        window: 0x8888_0002,
+        key_splits: 0x8888_0003,
+        split_kvs: 0x8888_0004,
+        scale_log2: 0.456_789_1,
+        record: 0x8888_0005,
+        pool_half: 0x8888_0006,
+        score_kvs: 0x8888_0007,
+    };
+    echoes(&gpu, aggregate, "AggregateParams");
+
+    let compress = CompressParams {
+        cache: distinct_view(),
+        seq_in: 0x9999_0000_0000_0001,
+        seq_out: 0x9999_0000_0000_0002,
+        heads: 0,
+        groups: 0x9999_0000_0000_0004,
+        hist: 0x9999_0000_0000_0005,
+        status: 0x9999_0000_0000_0006,
+        key_high: 0x9999_0000_0000_0007,
+        evictable: 0x9999_0000_0000_0008,
+        num_work_seqs: 0xaaaa_0001,
+        group_heads: 0xaaaa_0002,
+        sinks: 0xaaaa_0003,
+        pass: 0xaaaa_0004,
+        chunks_per_head: 0xaaaa_0005,
+        row_bytes: 0xaaaa_0006,
+    };
+    echoes(&gpu, compress, "CompressParams");
 }
