@@ -23,7 +23,8 @@
 //! Skipped entirely when `status` reports an explicit budget that cannot be met.
 
 use kvc_abi::params::compress::{
-    GROUP_PREFIX, HEAD_BELOW, HEAD_BLOCKS, HEAD_EVICTABLE, HEAD_EVICTIONS, HEAD_LEN, RADIX_PASSES,
+    KeyFilter, GROUP_PREFIX, HEAD_BELOW, HEAD_BLOCKS, HEAD_EVICTABLE, HEAD_EVICTIONS, HEAD_LEN,
+    RADIX_PASSES,
 };
 use kvc_abi::params::CompressParams;
 use kvc_abi::plan::{
@@ -203,13 +204,11 @@ unsafe fn select(
                 let first = base + BATCH as u32 * thread;
                 if first < len {
                     let (high, flags) = digest_run(p, w, first);
+                    let filter = KeyFilter::new((prefix >> (level - high_bits)) as u32, high_bits);
                     let mut wanted = [false; BATCH];
                     let mut any = false;
                     for u in 0..BATCH {
-                        wanted[u] = flags & (1 << u) != 0
-                            && (high_bits == 0
-                                || (high[u] >> (32 - high_bits)) as u64
-                                    == prefix >> (level - high_bits));
+                        wanted[u] = flags & (1 << u) != 0 && filter.wants(high[u]);
                         any |= wanted[u];
                     }
                     if any {
