@@ -61,7 +61,11 @@ pub fn window_scores_entry(dtype: DType, head_dim: u32) -> String {
 /// Entry point of the merge of pass 1's key splits (dtype-agnostic).
 pub const WINDOW_STATS_MERGE_ENTRY: &str = "window_stats_merge";
 
-/// Entry points of the compression step (dtype-agnostic: compaction copies bytes).
+/// Entry points of the compression step (dtype-agnostic: compaction copies bytes). Histogram
+/// pass 0, which reads the cache and writes the key digests.
+pub const SCHED_KEYS_ENTRY: &str = "sched_keys";
+/// Histogram passes 1 to 3, from the key digests (an entry of its own, so that neither
+/// pass's code sets the other's registers).
 pub const SCHED_HIST_ENTRY: &str = "sched_hist";
 /// Per-group budget and threshold of the schedule.
 pub const SCHED_BUDGET_ENTRY: &str = "sched_budget";
@@ -138,6 +142,7 @@ pub fn entry_points() -> Vec<String> {
     }
     names.push(WINDOW_STATS_MERGE_ENTRY.to_string());
     for entry in [
+        SCHED_KEYS_ENTRY,
         SCHED_HIST_ENTRY,
         SCHED_BUDGET_ENTRY,
         SCHED_DIGIT_ENTRY,

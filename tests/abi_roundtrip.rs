@@ -101,6 +101,7 @@ fn params_arrive_byte_for_byte() {
         status: 0x9999_0000_0000_0006,
         key_high: 0x9999_0000_0000_0007,
         evictable: 0x9999_0000_0000_0008,
+        candidates: 0x9999_0000_0000_0009,
         num_work_seqs: 0xaaaa_0001,
         group_heads: 0xaaaa_0002,
         sinks: 0xaaaa_0003,

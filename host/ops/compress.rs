@@ -30,6 +30,7 @@ use crate::compress::{
 use crate::error::{Error, Result};
 use crate::gpu::{
     COMPACT_ENTRY, SCHED_BUDGET_ENTRY, SCHED_DIGIT_ENTRY, SCHED_FINAL_ENTRY, SCHED_HIST_ENTRY,
+    SCHED_KEYS_ENTRY,
 };
 use crate::validate;
 
@@ -190,6 +191,7 @@ pub(crate) fn compress(
     let [seq_in_at, seq_out_at, heads_at, groups_at, status_at, hist_at] =
         plan.offsets(num_work_seqs);
     let [key_high_at, evictable_at] = plan.digest_offsets(num_work_seqs);
+    let candidates_at = plan.candidates_offset(num_work_seqs);
     let mut seq_in = Vec::with_capacity((num_work_seqs * SEQ_IN_WORDS) as usize);
     for ((&seq, budget), &protected) in args.seqs.iter().zip(args.budgets).zip(args.protected) {
         let (kind, value) = match *budget {
@@ -223,6 +225,7 @@ pub(crate) fn compress(
         status: base + status_at,
         key_high: base + key_high_at,
         evictable: base + evictable_at,
+        candidates: base + candidates_at,
         num_work_seqs,
         group_heads,
         sinks: args.sinks,
@@ -244,7 +247,12 @@ pub(crate) fn compress(
     unsafe {
         for pass in 0..RADIX_PASSES {
             params.pass = pass;
-            gpu.launch(SCHED_HIST_ENTRY, plan.hist, &params)?;
+            let hist = if pass == 0 {
+                SCHED_KEYS_ENTRY
+            } else {
+                SCHED_HIST_ENTRY
+            };
+            gpu.launch(hist, plan.hist, &params)?;
             if pass == 0 {
                 gpu.launch(SCHED_BUDGET_ENTRY, plan.budget, &params)?;
             }

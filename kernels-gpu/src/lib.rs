@@ -154,7 +154,8 @@ entries! { AggregateParams =>
 }
 
 entries! { CompressParams =>
-    sched_hist = schedule::sched_hist_body;
+    sched_keys = schedule::sched_hist_body::<true>;
+    sched_hist = schedule::sched_hist_body::<false>;
     sched_budget = schedule::sched_budget_body;
     sched_digit = schedule::sched_digit_body;
     sched_final = schedule::sched_final_body;

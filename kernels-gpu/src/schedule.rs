@@ -6,8 +6,9 @@
 //! head slot `h` number `blocks_within(count_h(key <= t), r_h, B)`, which needs only the count
 //! of evictable keys `<= t`, not their order. So `T*` is found by a radix select over the
 //! 32-bit metric key (`metric_key`) in 4 passes of 8 bits, each pass a histogram per head slot
-//! (`sched_hist`, grid `(work head slot, chunk)`; pass 0 reads the cache and writes each
-//! KV's high key and evictable flag, which the later passes stream) and a digit choice per
+//! (grid `(work head slot, chunk)`: `sched_keys` for pass 0, which reads the cache and writes
+//! each KV's high key and evictable flag, `sched_hist` for the later passes, which stream
+//! those; pass 2 lists the few KVs pass 3 can want) and a digit choice per
 //! group
 //! (`sched_digit`, CTAs of 16 head slots of a group, a warp per head slot scanning its 256
 //! bins; the last CTA of a group to finish chooses). After the first histogram `sched_budget`
@@ -21,10 +22,10 @@
 use kvc_abi::geometry::metric_key;
 use kvc_abi::params::compress::{
     blocks_within, evictions, fill, EvictableWindow, KeyFilter, BUDGET_BLOCKS, BUDGET_RATE,
-    BUDGET_TOKENS, GROUP_NEED, GROUP_PREFIX, HEAD_BELOW, HEAD_BLOCKS, HEAD_EVICTABLE,
-    HEAD_EVICTIONS, HEAD_FILL, RADIX_BINS, RADIX_PASSES, SEQ_IN_BUDGET_KIND, SEQ_IN_BUDGET_VALUE,
-    SEQ_IN_LAST_POSITION, SEQ_IN_PROTECTED, SEQ_IN_SEQ, SEQ_OUT_CLAMPED, SEQ_OUT_REQUESTED,
-    SEQ_OUT_TAKEN, SLICE_HEADS,
+    BUDGET_TOKENS, CANDIDATE_WORDS, GROUP_NEED, GROUP_PREFIX, HEAD_BELOW, HEAD_BLOCKS,
+    HEAD_EVICTABLE, HEAD_EVICTIONS, HEAD_FILL, RADIX_BINS, RADIX_PASSES, SEQ_IN_BUDGET_KIND,
+    SEQ_IN_BUDGET_VALUE, SEQ_IN_LAST_POSITION, SEQ_IN_PROTECTED, SEQ_IN_SEQ, SEQ_OUT_CLAMPED,
+    SEQ_OUT_REQUESTED, SEQ_OUT_TAKEN, SLICE_HEADS,
 };
 use kvc_abi::params::CompressParams;
 use kvc_abi::plan::{
@@ -34,7 +35,7 @@ use kvc_abi::plan::{
 use crate::gpu::mem::{load, load_chunk, load_nc, store, store_chunk};
 use crate::gpu::mma::shared_addr;
 use crate::gpu::smem::dynamic_f32;
-use crate::gpu::sync::{atomic_add_acq_rel, global_add, shared_add, shared_min};
+use crate::gpu::sync::{atomic_add_acq_rel, global_add, shared_add, shared_fetch_add, shared_min};
 use crate::gpu::thread::{block_idx_x, lane_id, sync_threads, thread_idx_x, warp_id};
 use crate::gpu::warp::{inclusive_scan_u32, warp_sum_u64};
 
@@ -237,42 +238,81 @@ pub unsafe fn pool_slot_of(p: &CompressParams, head_slot: u64, idx: u32) -> u64 
 /// Pass 0 gathers each KV's metric and position through the block tables; it also writes
 /// the top 16 bits of each key and an evictable flag per KV to the workspace (2 bytes and 1
 /// bit a KV against the 8 bytes it read), which the later passes stream instead: pass 1
-/// needs nothing else, and passes 2 and 3 gather the full metric only for the KVs whose high
-/// key matches the group's prefix (docs/PERF.md, compression v14).
+/// needs nothing else, and pass 2 gathers the full metric only for the KVs whose high key
+/// matches the group's prefix (docs/PERF.md, compression v14). Those KVs are the only ones
+/// pass 3 can want, so pass 2 also lists their keys per chunk, and pass 3 reads the list
+/// instead of the chunk wherever it fit (compression v15).
 ///
 /// # Safety
 /// Launched with `plan_compress`'s hist dims after the previous digit pass.
 #[inline(always)]
-pub unsafe fn sched_hist_body(p: &CompressParams) {
+pub unsafe fn sched_hist_body<const FIRST: bool>(p: &CompressParams) {
     let w = block_idx_x() / p.chunks_per_head.max(1);
     let chunk = block_idx_x() % p.chunks_per_head.max(1);
     let s = w / p.heads_per_seq().max(1);
     let q = w / p.group_heads.max(1);
     let lo = chunk * HIST_CHUNK_KVS;
-    // SAFETY: the launch's work head slot, sequence, group and chunk; pass 0 ran before any
-    // later pass.
-    let later = (p.pass > 0).then(|| unsafe { LaterRuns::load(p, w, s, q, lo) });
-    if later.as_ref().is_some_and(|l| l.need == 0) {
-        return; // a group that gives nothing skips the later passes (uniform over the CTA)
+    if FIRST {
+        // SAFETY: the launch's work head slot, sequence and chunk; every thread gets here.
+        unsafe { histogram(p, w, |bins_at, _| first_pass(p, w, s, lo, bins_at)) };
+        return;
     }
+    if p.pass == LISTED_PASS {
+        // SAFETY: the launch's work head slot, group and chunk; pass 2 listed the chunk's
+        // candidates.
+        let listed = unsafe { Listed::load(p, w, q, chunk) };
+        if listed.need == 0 {
+            return; // a group that gives nothing skips the later passes (uniform over the CTA)
+        }
+        if listed.count <= LIST_KEYS {
+            // SAFETY: as above; every thread gets here (the count is the CTA's).
+            unsafe { histogram(p, w, |bins_at, _| listed.count(bins_at)) };
+            return;
+        }
+    }
+    // SAFETY: as above; pass 0 ran before.
+    let later = unsafe { LaterRuns::load(p, w, s, q, lo) };
+    if later.need == 0 {
+        return; // as above
+    }
+    // SAFETY: w and the chunk are the launch's; every thread gets here.
+    unsafe {
+        histogram(p, w, |bins_at, count_at| {
+            later.count(p, w, chunk, bins_at, count_at)
+        })
+    };
+    if p.pass == LISTING_PASS && thread_idx_x() == 0 {
+        // SAFETY: the chunk's row of the candidate lists; `histogram` ended with a barrier
+        // after the count was final.
+        unsafe {
+            let count = *(dynamic_f32() as *const u32).add(RADIX_BINS as usize);
+            store::<u32>(p.candidates, p.candidate_word(w, chunk, 0), count);
+        }
+    }
+}
+
+/// A CTA's histogram of pass `p.pass` for work head slot `w`: zeroes the shared bins and the
+/// candidate count after them, runs `fill(bins_at, count_at)` (shared addresses) on every
+/// thread, and adds the non-zero bins to the pass's global histogram.
+///
+/// # Safety
+/// Every thread calls it; the launch reserved `RADIX_BINS + 1` words of shared memory.
+#[inline(always)]
+unsafe fn histogram(p: &CompressParams, w: u32, fill: impl FnOnce(u32, u32)) {
     let bins = dynamic_f32() as *mut u32;
     let thread = thread_idx_x();
-    // SAFETY: the launch reserved RADIX_BINS words; all threads reach the barriers.
+    // SAFETY: inside the reserved words; all threads reach the barriers.
     unsafe {
         let mut b = thread;
-        while b < RADIX_BINS {
+        while b <= RADIX_BINS {
             *bins.add(b as usize) = 0;
             b += COMPRESS_THREADS;
         }
         sync_threads();
-    }
-    let bins_at = shared_addr(bins);
-    // SAFETY: w, s and the chunk are the launch's; the bins are the CTA's.
-    unsafe {
-        match later {
-            None => first_pass(p, w, s, lo, bins_at),
-            Some(later) => later.count(p, w, bins_at),
-        }
+        fill(
+            shared_addr(bins),
+            shared_addr(bins.add(RADIX_BINS as usize)),
+        );
         sync_threads();
     }
     let num_work_heads = p.num_work_heads();
@@ -292,7 +332,7 @@ pub unsafe fn sched_hist_body(p: &CompressParams) {
     }
 }
 
-/// Pass 0 of `sched_hist` over chunk `[lo, lo + HIST_CHUNK_KVS)` of work head slot `w` (of work
+/// Pass 0 (`sched_keys`) over chunk `[lo, lo + HIST_CHUNK_KVS)` of work head slot `w` (of work
 /// sequence `s`): every evictable key, by its top 8 bits, into the shared bins at `bins_at`;
 /// and the chunk's high keys and evictable flags (both zero past the head slot's length).
 ///
@@ -385,16 +425,18 @@ impl LaterRuns {
         runs
     }
 
-    /// Pass `p.pass` (1 to 3) over the runs into the shared bins at `bins_at`: the evictable
-    /// keys under the group's prefix, by their next 8 bits. From pass 2 on the digit lies
-    /// below the high key, which then only preselects: the full metrics are read for the
-    /// runs it lets through (all such runs' loads at once).
+    /// Pass `p.pass` (1 to 3) over the runs of chunk `chunk` into the shared bins at
+    /// `bins_at`: the evictable keys under the group's prefix, by their next 8 bits. From pass
+    /// 2 on the digit lies below the high key, which then only preselects: the full metrics
+    /// are read for the runs it lets through (all such runs' loads at once). Pass 2 also
+    /// lists the keys it let through in the chunk's row of `candidates`, counting them in the
+    /// shared word at `count_at`.
     ///
     /// # Safety
     /// As [`LaterRuns::load`], whose reads these are; `bins_at` holds `RADIX_BINS` zeroed
-    /// words.
+    /// words, `count_at` a zeroed word.
     #[inline(always)]
-    unsafe fn count(mut self, p: &CompressParams, w: u32, bins_at: u32) {
+    unsafe fn count(mut self, p: &CompressParams, w: u32, chunk: u32, bins_at: u32, count_at: u32) {
         let bits = 8 * p.pass;
         let high_bits = bits.min(16);
         let high_filter = KeyFilter::new(self.prefix >> (bits - high_bits), high_bits);
@@ -409,6 +451,8 @@ impl LaterRuns {
             }
         }
         if bits >= 16 {
+            // SAFETY: the count is the CTA's.
+            let place = (p.pass == LISTING_PASS).then(|| unsafe { reserve(count_at, &wanted) });
             let head_slot = p.head_slot(self.seq, w);
             let mut metrics = [[[0u32; 4]; 2]; LATER_RUNS];
             for r in 0..LATER_RUNS {
@@ -426,6 +470,10 @@ impl LaterRuns {
                     self.key[r][u] = metric_key(f32::from_bits(metrics[r][u / 4][u % 4]));
                 }
             }
+            if let Some(place) = place {
+                // SAFETY: the chunk's row of the candidate lists, from the places reserved.
+                unsafe { list(p, w, chunk, place, &self.key, &wanted) };
+            }
         }
         for r in 0..LATER_RUNS {
             for u in 0..BATCH {
@@ -435,6 +483,112 @@ impl LaterRuns {
                     unsafe { shared_add(bins_at + 4 * bin, 1) };
                 }
             }
+        }
+    }
+}
+
+/// The pass that lists its candidates (the first whose digit lies below the high key, so the
+/// first that reads full metrics), and the pass that reads them: every key the latter wants
+/// has the high key the former's group prefix selected.
+const LISTING_PASS: u32 = 2;
+const LISTED_PASS: u32 = 3;
+const _: () = assert!(LISTED_PASS == RADIX_PASSES - 1 && 8 * LISTING_PASS == 16);
+/// Keys a chunk's candidate list holds.
+const LIST_KEYS: u32 = CANDIDATE_WORDS - 1;
+const _: () = assert!(LIST_KEYS < COMPRESS_THREADS);
+
+/// Counts this thread's wanted KVs in the chunk's candidate count, the shared word at
+/// `count_at` (so a count above `LIST_KEYS` says the list is incomplete); returns the place
+/// in the list of the first.
+///
+/// # Safety
+/// `count_at` is a shared word the CTA zeroed.
+#[inline(always)]
+unsafe fn reserve(count_at: u32, wanted: &[[bool; BATCH]; LATER_RUNS]) -> u32 {
+    let mut n = 0;
+    for r in 0..LATER_RUNS {
+        for u in 0..BATCH {
+            n += wanted[r][u] as u32;
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    if n == 0 {
+        0
+    } else {
+        unsafe { shared_fetch_add(count_at, n) }
+    }
+}
+
+/// Writes the keys `key[r][u]` with `wanted[r][u]` to chunk `chunk` of work head slot `w`'s
+/// candidate list from place `at` on (see `reserve`), as far as it has room.
+///
+/// # Safety
+/// `w` and `chunk` are a histogram CTA's; `at` is what `reserve` returned for `wanted`.
+#[inline(always)]
+unsafe fn list(
+    p: &CompressParams,
+    w: u32,
+    chunk: u32,
+    mut at: u32,
+    key: &[[u32; BATCH]; LATER_RUNS],
+    wanted: &[[bool; BATCH]; LATER_RUNS],
+) {
+    // SAFETY: forwarded from the caller; entries past the row's room are not written.
+    unsafe {
+        for r in 0..LATER_RUNS {
+            for u in 0..BATCH {
+                if wanted[r][u] {
+                    if at < LIST_KEYS {
+                        store::<u32>(p.candidates, p.candidate_word(w, chunk, 1 + at), key[r][u]);
+                    }
+                    at += 1;
+                }
+            }
+        }
+    }
+}
+
+/// What a thread of histogram pass 3 reads first, every load issued at once: the group's
+/// need and prefix, the chunk's candidate count (pass 2's) and the key at the thread's place
+/// in the list (used only when the place is below the count and the count fits the list).
+struct Listed {
+    need: u32,
+    prefix: u32,
+    count: u32,
+    key: u32,
+}
+
+impl Listed {
+    /// The reads of this thread for chunk `chunk` of work head slot `w` (of group `q`).
+    ///
+    /// # Safety
+    /// `w`, `q` and `chunk` are a histogram CTA's; pass 2 ran.
+    #[inline(always)]
+    unsafe fn load(p: &CompressParams, w: u32, q: u32, chunk: u32) -> Listed {
+        let place = thread_idx_x().min(LIST_KEYS - 1);
+        // SAFETY: q < num_groups; the chunk's row of the candidate lists.
+        unsafe {
+            Listed {
+                need: load::<u32>(p.groups, p.group_word(q, GROUP_NEED)),
+                prefix: load::<u32>(p.groups, p.group_word(q, GROUP_PREFIX)),
+                count: load::<u32>(p.candidates, p.candidate_word(w, chunk, 0)),
+                key: load::<u32>(p.candidates, p.candidate_word(w, chunk, 1 + place)),
+            }
+        }
+    }
+
+    /// Pass 3 over the list into the shared bins at `bins_at`: the listed keys under the
+    /// group's 24-bit prefix, by their last 8 bits.
+    ///
+    /// # Safety
+    /// The list is complete (`count <= LIST_KEYS`); `bins_at` holds `RADIX_BINS` zeroed words.
+    #[inline(always)]
+    unsafe fn count(self, bins_at: u32) {
+        if thread_idx_x() < self.count
+            && KeyFilter::new(self.prefix, 8 * LISTED_PASS).wants(self.key)
+        {
+            // SAFETY: the bin lies in the smem histogram.
+            unsafe { shared_add(bins_at + 4 * (self.key & 0xff), 1) };
         }
     }
 }

@@ -287,6 +287,12 @@ pub struct CompressParams {
     /// `[W, key_stride / 8]` bytes: bit `i % 8` of byte `i / 8` of a head slot's row says
     /// whether its KV `i` is evictable; zero past its length. Written by histogram pass 0.
     pub evictable: u64,
+    /// `[W * chunks_per_head, compress::CANDIDATE_WORDS]` u32: per histogram chunk, the count
+    /// of histogram pass 2's candidates (evictable KVs whose high key is the group's 16-bit
+    /// prefix), then the metric keys of the first `compress::CANDIDATE_WORDS - 1` of them,
+    /// which pass 3 reads instead of the chunk when they all fit
+    /// ([`CompressParams::candidate_word`]).
+    pub candidates: u64,
     /// Sequences being compressed.
     pub num_work_seqs: u32,
     /// Work head slots per group.
@@ -331,6 +337,14 @@ impl CompressParams {
     #[inline(always)]
     pub const fn digest_index(&self, w: u32, i: u32) -> u64 {
         w as u64 * self.key_stride() + i as u64
+    }
+
+    /// Word `i` of chunk `chunk` of work head slot `w` in `candidates`: 0 the count, from 1
+    /// the keys.
+    #[inline(always)]
+    pub const fn candidate_word(&self, w: u32, chunk: u32, i: u32) -> u64 {
+        (w as u64 * self.chunks_per_head as u64 + chunk as u64) * compress::CANDIDATE_WORDS as u64
+            + i as u64
     }
 
     /// Word `field` of work head slot `w` in `heads`.
@@ -413,6 +427,9 @@ pub mod compress {
     pub const RADIX_PASSES: u32 = 4;
     /// Bins of one radix pass.
     pub const RADIX_BINS: u32 = 256;
+    /// Words of a histogram chunk's row in `candidates`: the count and up to 255 keys (about
+    /// one KV in 16 of a chunk; past that, pass 3 reads the chunk itself).
+    pub const CANDIDATE_WORDS: u32 = 256;
 
     /// `seq_in` words.
     pub const SEQ_IN_WORDS: u32 = 5;

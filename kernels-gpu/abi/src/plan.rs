@@ -824,8 +824,8 @@ mod tests {
     }
 
     /// A compression step's high keys and evictable flags follow its other arrays, the high
-    /// keys 16-byte aligned, with a row of whole histogram chunks for every work head slot,
-    /// and end with the workspace.
+    /// keys 16-byte aligned, with a row of whole histogram chunks for every work head slot;
+    /// the candidate lists, a row per chunk, end the workspace.
     #[test]
     fn compress_digests_follow_the_schedule_arrays() {
         for (seqs, group_heads, longest) in [(1, 8, 1), (3, 8, 4097), (16, 1, 8192), (2, 4, 100)] {
@@ -841,7 +841,14 @@ mod tests {
             assert!(key_high >= before);
             let kvs = plan.num_work_heads as u64 * stride;
             assert_eq!(evictable, key_high + 2 * kvs);
-            assert_eq!(plan.workspace_bytes(seqs), evictable + kvs / 8);
+            let candidates = plan.candidates_offset(seqs);
+            assert_eq!(candidates % 16, 0);
+            assert!(candidates >= evictable + kvs / 8);
+            let chunks = plan.num_work_heads as u64 * plan.chunks_per_head as u64;
+            assert_eq!(
+                plan.workspace_bytes(seqs),
+                candidates + chunks * crate::params::compress::CANDIDATE_WORDS as u64 * 4
+            );
         }
     }
 }
@@ -1188,10 +1195,19 @@ impl CompressPlan {
         [key_high, key_high + 2 * kvs]
     }
 
-    /// Bytes of workspace in all: the arrays of `offsets`, then those of `digest_offsets`.
-    pub const fn workspace_bytes(&self, num_work_seqs: u32) -> u64 {
+    /// Byte offset of histogram pass 2's candidate lists (`CompressParams::candidates`),
+    /// after the evictable flags, 16-byte aligned.
+    pub const fn candidates_offset(&self, num_work_seqs: u32) -> u64 {
         let kvs = self.num_work_heads as u64 * self.key_stride();
-        self.digest_offsets(num_work_seqs)[1] + kvs / 8
+        (self.digest_offsets(num_work_seqs)[1] + kvs / 8).next_multiple_of(16)
+    }
+
+    /// Bytes of workspace in all: the arrays of `offsets`, then those of `digest_offsets`,
+    /// then the candidate lists.
+    pub const fn workspace_bytes(&self, num_work_seqs: u32) -> u64 {
+        let chunks = self.num_work_heads as u64 * self.chunks_per_head as u64;
+        self.candidates_offset(num_work_seqs)
+            + chunks * crate::params::compress::CANDIDATE_WORDS as u64 * 4
     }
 }
 
@@ -1217,7 +1233,8 @@ pub fn plan_compress(
     let bins = crate::params::compress::RADIX_BINS;
     let slices = crate::params::compress::slices(group_heads);
     CompressPlan {
-        hist: dims(num_work_heads * chunks_per_head, bins),
+        // The bins and, in pass 2, the chunk's candidate count.
+        hist: dims(num_work_heads * chunks_per_head, bins + 1),
         budget: scan_dims(num_work_seqs, 2 * SCAN_WARPS),
         digit: scan_dims(num_groups * slices, SCAN_WARPS * bins + 2),
         finish: scan_dims(num_groups * slices, 2 * SCAN_WARPS + 1),

@@ -113,6 +113,20 @@ pub unsafe fn shared_add(addr: u32, value: u32) {
     }
 }
 
+/// Adds `value` to a u32 in shared memory and returns the old value.
+///
+/// # Safety
+/// As [`shared_add`].
+#[inline(always)]
+pub unsafe fn shared_fetch_add(addr: u32, value: u32) -> u32 {
+    let old: u32;
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        asm!("atom.shared.add.u32 {old}, [{addr}], {value};", old = out(reg32) old, addr = in(reg32) addr, value = in(reg32) value, options(nostack));
+    }
+    old
+}
+
 /// Lowers a u32 in shared memory to `value` if smaller.
 ///
 /// # Safety
