@@ -10,6 +10,7 @@ use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
     LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
+use kvc_abi::params::compress::RADIX_PASSES;
 use kvc_abi::params::{AggregateParams, AppendParams, CompressParams, DecodeParams};
 use kvc_abi::plan::{DeviceProps, KernelProps, LaunchDims};
 use kvc_abi::DType;
@@ -61,12 +62,11 @@ pub fn window_scores_entry(dtype: DType, head_dim: u32) -> String {
 /// Entry point of the merge of pass 1's key splits (dtype-agnostic).
 pub const WINDOW_STATS_MERGE_ENTRY: &str = "window_stats_merge";
 
-/// Entry points of the compression step (dtype-agnostic: compaction copies bytes). Histogram
-/// pass 0, which reads the cache and writes the key digests.
-pub const SCHED_KEYS_ENTRY: &str = "sched_keys";
-/// Histogram passes 1 to 3, from the key digests (an entry of its own, so that neither
-/// pass's code sets the other's registers).
-pub const SCHED_HIST_ENTRY: &str = "sched_hist";
+/// Entry points of the compression step (dtype-agnostic: compaction copies bytes). The
+/// histogram passes, each an entry of its own (so that no pass's code sets another's
+/// registers): pass 0 reads the cache and writes the key digests, the others read those.
+pub const SCHED_HIST_ENTRIES: [&str; RADIX_PASSES as usize] =
+    ["sched_hist0", "sched_hist1", "sched_hist2", "sched_hist3"];
 /// Per-group budget and threshold of the schedule.
 pub const SCHED_BUDGET_ENTRY: &str = "sched_budget";
 /// One radix digit of the schedule's threshold.
@@ -141,14 +141,12 @@ pub fn entry_points() -> Vec<String> {
         }
     }
     names.push(WINDOW_STATS_MERGE_ENTRY.to_string());
-    for entry in [
-        SCHED_KEYS_ENTRY,
-        SCHED_HIST_ENTRY,
+    for entry in SCHED_HIST_ENTRIES.into_iter().chain([
         SCHED_BUDGET_ENTRY,
         SCHED_DIGIT_ENTRY,
         SCHED_FINAL_ENTRY,
         COMPACT_ENTRY,
-    ] {
+    ]) {
         names.push(entry.to_string());
     }
     names.push(APPEND_ENTRY.to_string());

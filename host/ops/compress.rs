@@ -29,8 +29,7 @@ use crate::compress::{
 };
 use crate::error::{Error, Result};
 use crate::gpu::{
-    COMPACT_ENTRY, SCHED_BUDGET_ENTRY, SCHED_DIGIT_ENTRY, SCHED_FINAL_ENTRY, SCHED_HIST_ENTRY,
-    SCHED_KEYS_ENTRY,
+    COMPACT_ENTRY, SCHED_BUDGET_ENTRY, SCHED_DIGIT_ENTRY, SCHED_FINAL_ENTRY, SCHED_HIST_ENTRIES,
 };
 use crate::validate;
 
@@ -190,7 +189,7 @@ pub(crate) fn compress(
     let plan = plan_compress(&g, num_work_seqs, group_heads, max_context_len);
     let [seq_in_at, seq_out_at, heads_at, groups_at, status_at, hist_at] =
         plan.offsets(num_work_seqs);
-    let [key_high_at, evictable_at] = plan.digest_offsets(num_work_seqs);
+    let [key_high_at, key_mid_at, evictable_at] = plan.digest_offsets(num_work_seqs);
     let candidates_at = plan.candidates_offset(num_work_seqs);
     let mut seq_in = Vec::with_capacity((num_work_seqs * SEQ_IN_WORDS) as usize);
     for ((&seq, budget), &protected) in args.seqs.iter().zip(args.budgets).zip(args.protected) {
@@ -225,6 +224,7 @@ pub(crate) fn compress(
         status: base + status_at,
         key_high: base + key_high_at,
         evictable: base + evictable_at,
+        key_mid: base + key_mid_at,
         candidates: base + candidates_at,
         num_work_seqs,
         group_heads,
@@ -247,12 +247,7 @@ pub(crate) fn compress(
     unsafe {
         for pass in 0..RADIX_PASSES {
             params.pass = pass;
-            let hist = if pass == 0 {
-                SCHED_KEYS_ENTRY
-            } else {
-                SCHED_HIST_ENTRY
-            };
-            gpu.launch(hist, plan.hist, &params)?;
+            gpu.launch(SCHED_HIST_ENTRIES[pass as usize], plan.hist, &params)?;
             if pass == 0 {
                 gpu.launch(SCHED_BUDGET_ENTRY, plan.budget, &params)?;
             }

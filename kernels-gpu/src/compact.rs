@@ -38,7 +38,9 @@ use crate::gpu::smem::dynamic_f32;
 use crate::gpu::sync::shared_add;
 use crate::gpu::thread::{block_idx_x, lane_id, sync_threads, thread_idx_x, warp_id};
 use crate::gpu::warp::{ballot, lanemask_lt};
-use crate::schedule::{digest_run, kv_batch, kv_run, pool_slot_of, seq_view, SeqView, BATCH};
+use crate::schedule::{
+    digest_run, kv_batch, kv_run, pool_slot_of, seq_view, SeqView, BATCH, DIGEST_BITS,
+};
 
 /// Shared-memory words (see `compact_smem`) and state fields.
 const BINS_AT: usize = compact_smem::BINS;
@@ -194,29 +196,31 @@ unsafe fn select(
                 b += COMPRESS_THREADS;
             }
             // A histogram: which thread counts which KV does not matter, so each takes a run of
-            // consecutive KVs. The schedule's high keys and flags say which runs hold keys
-            // under the prefix; they also give the digit while it lies in the top 16 bits,
-            // and below that the run's metrics and positions are read (one table load, vector
+            // consecutive KVs. The schedule's digests say which runs hold keys under the
+            // prefix; they also give the digit while it lies in the top `DIGEST_BITS`, and
+            // below that the run's metrics and positions are read (one table load, vector
             // loads).
-            let high_bits = level.min(16);
+            let digest_bits = level.min(DIGEST_BITS);
+            let filter = KeyFilter::new((prefix >> (level - digest_bits)) as u32, digest_bits);
             let mut base = 0;
             while !scheduled && base < len {
                 let first = base + BATCH as u32 * thread;
                 if first < len {
-                    let (high, flags) = digest_run(p, w, first);
-                    let filter = KeyFilter::new((prefix >> (level - high_bits)) as u32, high_bits);
+                    // From level 16 on, the digit or the filter needs the byte below the
+                    // high key.
+                    let (digest, flags) = digest_run(p, w, first, level >= 16);
                     let mut wanted = [false; BATCH];
                     let mut any = false;
                     for u in 0..BATCH {
-                        wanted[u] = flags & (1 << u) != 0 && filter.wants(high[u]);
+                        wanted[u] = flags & (1 << u) != 0 && filter.wants(digest[u]);
                         any |= wanted[u];
                     }
                     if any {
-                        let (key, position) = if level >= 16 {
+                        let (key, position) = if level >= DIGEST_BITS {
                             let kv = kv_run(p, view, head_slot, first, len);
                             (kv.key, kv.position)
                         } else {
-                            (high, [0; BATCH])
+                            (digest, [0; BATCH])
                         };
                         for u in 0..BATCH {
                             let wide = (key[u] as u64) << 32 | position[u] as u32 as u64;

@@ -154,8 +154,10 @@ entries! { AggregateParams =>
 }
 
 entries! { CompressParams =>
-    sched_keys = schedule::sched_hist_body::<true>;
-    sched_hist = schedule::sched_hist_body::<false>;
+    sched_hist0 = schedule::sched_hist_body::<0>;
+    sched_hist1 = schedule::sched_hist_body::<1>;
+    sched_hist2 = schedule::sched_hist_body::<2>;
+    sched_hist3 = schedule::sched_hist_body::<3>;
     sched_budget = schedule::sched_budget_body;
     sched_digit = schedule::sched_digit_body;
     sched_final = schedule::sched_final_body;

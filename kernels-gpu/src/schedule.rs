@@ -196,24 +196,37 @@ pub unsafe fn kv_run(
     batch
 }
 
-/// The high keys (pass 0's top 16 bits of each metric key, as the top bits of a `u32`) and
-/// the evictable flags (bit `u` for KV `first + u`) of the `BATCH` KVs from `first` of work
-/// head slot `w`: one 16-byte load and one byte.
+/// Top bits of a metric key that pass 0's digests hold: the high key (16 bits) and, in
+/// `key_mid`, the byte below it.
+pub const DIGEST_BITS: u32 = 24;
+
+/// The digests of the `BATCH` KVs from `first` of work head slot `w`: each metric key's top
+/// 16 bits (pass 0's high key) as the top bits of a `u32`, with `mid` also the next 8 bits
+/// below them (so the top `DIGEST_BITS`), and the evictable flags (bit `u` for KV `first +
+/// u`): one 16-byte load, one byte, and with `mid` 8 bytes more.
 ///
 /// # Safety
 /// Histogram pass 0 ran; `first` is a multiple of `BATCH` below `p.key_stride()`.
 #[inline(always)]
-pub unsafe fn digest_run(p: &CompressParams, w: u32, first: u32) -> ([u32; BATCH], u32) {
+pub unsafe fn digest_run(p: &CompressParams, w: u32, first: u32, mid: bool) -> ([u32; BATCH], u32) {
     let at = p.digest_index(w, first);
-    // SAFETY: inside w's rows (16-byte aligned high keys), which pass 0 wrote.
-    let (high, flags) = unsafe {
+    // SAFETY: inside w's rows (16-byte aligned high keys, 8-byte aligned runs of key bytes),
+    // which pass 0 wrote.
+    let (high, mid, flags) = unsafe {
         (
             load_chunk(p.key_high + 2 * at),
+            if mid {
+                load::<u64>(p.key_mid, at / 8)
+            } else {
+                0
+            },
             load::<u8>(p.evictable, at / 8) as u32,
         )
     };
     (
-        core::array::from_fn(|u| (high[u / 2] >> (16 * (u % 2))) << 16),
+        core::array::from_fn(|u| {
+            (high[u / 2] >> (16 * (u % 2))) << 16 | ((mid >> (8 * u)) as u32 & 0xff) << 8
+        }),
         flags,
     )
 }
@@ -235,53 +248,55 @@ pub unsafe fn pool_slot_of(p: &CompressParams, head_slot: u64, idx: u32) -> u64 
 /// evictable KVs whose high bits equal the group's threshold prefix, binned by their next 8
 /// bits (pass 0: all evictable keys, by their top 8 bits).
 ///
-/// Pass 0 gathers each KV's metric and position through the block tables; it also writes
-/// the top 16 bits of each key and an evictable flag per KV to the workspace (2 bytes and 1
-/// bit a KV against the 8 bytes it read), which the later passes stream instead: pass 1
-/// needs nothing else, and pass 2 gathers the full metric only for the KVs whose high key
-/// matches the group's prefix (docs/PERF.md, compression v14). Those KVs are the only ones
-/// pass 3 can want, so pass 2 also lists their keys per chunk, and pass 3 reads the list
-/// instead of the chunk wherever it fit (compression v15).
+/// Pass 0 (`FIRST`) gathers each KV's metric and position through the block tables; it also
+/// writes the top 24 bits of each key and an evictable flag per KV to the workspace (3 bytes
+/// and 1 bit a KV against the 8 bytes it read), which the later passes stream instead
+/// (docs/PERF.md, compression v14): passes 1 and 2 need nothing else. The KVs pass 2 counts
+/// are the only ones pass 3 can want, so pass 2 also lists them per chunk, and pass 3 reads
+/// the list, and the metrics of the listed KVs under its prefix, instead of the chunk
+/// wherever the list fit (compression v15). Each pass is an entry of its own, so that no
+/// pass's code sets another's registers.
 ///
 /// # Safety
-/// Launched with `plan_compress`'s hist dims after the previous digit pass.
+/// Launched with `plan_compress`'s hist dims after the previous digit pass, with `p.pass ==
+/// PASS`.
 #[inline(always)]
-pub unsafe fn sched_hist_body<const FIRST: bool>(p: &CompressParams) {
+pub unsafe fn sched_hist_body<const PASS: u32>(p: &CompressParams) {
     let w = block_idx_x() / p.chunks_per_head.max(1);
     let chunk = block_idx_x() % p.chunks_per_head.max(1);
     let s = w / p.heads_per_seq().max(1);
     let q = w / p.group_heads.max(1);
     let lo = chunk * HIST_CHUNK_KVS;
-    if FIRST {
+    if PASS == 0 {
         // SAFETY: the launch's work head slot, sequence and chunk; every thread gets here.
         unsafe { histogram(p, w, |bins_at, _| first_pass(p, w, s, lo, bins_at)) };
         return;
     }
-    if p.pass == LISTED_PASS {
+    if PASS == LISTED_PASS {
         // SAFETY: the launch's work head slot, group and chunk; pass 2 listed the chunk's
         // candidates.
-        let listed = unsafe { Listed::load(p, w, q, chunk) };
+        let listed = unsafe { Listed::load(p, w, s, q, chunk) };
         if listed.need == 0 {
             return; // a group that gives nothing skips the later passes (uniform over the CTA)
         }
         if listed.count <= LIST_KEYS {
             // SAFETY: as above; every thread gets here (the count is the CTA's).
-            unsafe { histogram(p, w, |bins_at, _| listed.count(bins_at)) };
+            unsafe { histogram(p, w, |bins_at, _| listed.count(p, w, lo, bins_at)) };
             return;
         }
     }
     // SAFETY: as above; pass 0 ran before.
-    let later = unsafe { LaterRuns::load(p, w, s, q, lo) };
+    let later = unsafe { LaterRuns::load(p, w, s, q, lo, PASS >= LISTING_PASS) };
     if later.need == 0 {
         return; // as above
     }
     // SAFETY: w and the chunk are the launch's; every thread gets here.
     unsafe {
         histogram(p, w, |bins_at, count_at| {
-            later.count(p, w, chunk, bins_at, count_at)
+            later.count(p, w, chunk, bins_at, count_at, PASS)
         })
     };
-    if p.pass == LISTING_PASS && thread_idx_x() == 0 {
+    if PASS == LISTING_PASS && thread_idx_x() == 0 {
         // SAFETY: the chunk's row of the candidate lists; `histogram` ended with a barrier
         // after the count was final.
         unsafe {
@@ -334,7 +349,8 @@ unsafe fn histogram(p: &CompressParams, w: u32, fill: impl FnOnce(u32, u32)) {
 
 /// Pass 0 (`sched_keys`) over chunk `[lo, lo + HIST_CHUNK_KVS)` of work head slot `w` (of work
 /// sequence `s`): every evictable key, by its top 8 bits, into the shared bins at `bins_at`;
-/// and the chunk's high keys and evictable flags (both zero past the head slot's length).
+/// and the chunk's digests: high keys, the key bytes below them and evictable flags (all zero
+/// past the head slot's length).
 ///
 /// # Safety
 /// `w`, `s` and `lo` are a histogram CTA's; `bins_at` holds `RADIX_BINS` zeroed words.
@@ -352,6 +368,7 @@ unsafe fn first_pass(p: &CompressParams, w: u32, s: u32, lo: u32, bins_at: u32) 
         let at = p.digest_index(w, first);
         let mut flags = 0u32;
         let mut high = [0u32; 4];
+        let mut mid = 0u64;
         if first < hi {
             // SAFETY: first < hi <= len; the chunks lie in its block's slots.
             let (metrics, positions) = unsafe {
@@ -364,6 +381,7 @@ unsafe fn first_pass(p: &CompressParams, w: u32, s: u32, lo: u32, bins_at: u32) 
             for u in 0..BATCH {
                 let key = metric_key(f32::from_bits(metrics[u / 4][u % 4]));
                 high[u / 2] |= (key >> 16) << (16 * (u % 2));
+                mid |= (((key >> 8) & 0xff) as u64) << (8 * u);
                 if first + (u as u32) < hi && view.may_evict(positions[u / 4][u % 4] as i32) {
                     flags |= 1 << u;
                     // SAFETY: the bin lies in the smem histogram.
@@ -374,6 +392,7 @@ unsafe fn first_pass(p: &CompressParams, w: u32, s: u32, lo: u32, bins_at: u32) 
         // SAFETY: at is a multiple of 8 inside w's rows (16-byte aligned high keys).
         unsafe {
             store_chunk(p.key_high + 2 * at, high);
+            store::<u64>(p.key_mid, at / 8, mid);
             store::<u8>(p.evictable, at / 8, flags as u8);
         }
         first += BATCH as u32 * COMPRESS_THREADS;
@@ -387,8 +406,9 @@ const _: () = assert!(HIST_CHUNK_KVS == LATER_RUNS as u32 * BATCH as u32 * COMPR
 
 /// What a thread of histogram passes 1 to 3 reads before it counts, every load issued at
 /// once (these passes are short: a chain of dependent loads would set their time): the
-/// group's need and prefix, the sequence row, and pass 0's high keys and flags of the
-/// thread's runs of the chunk.
+/// group's need and prefix, the sequence row, and pass 0's digests of the thread's runs of
+/// the chunk (from pass 2 on, whose digit lies below the high key, with the key bytes below
+/// it).
 struct LaterRuns {
     need: u32,
     prefix: u32,
@@ -400,12 +420,13 @@ struct LaterRuns {
 
 impl LaterRuns {
     /// The reads of this thread for chunk `[lo, lo + HIST_CHUNK_KVS)` of work head slot `w`
-    /// (of work sequence `s`, group `q`).
+    /// (of work sequence `s`, group `q`); with `low` (passes 2 and 3) the key bytes below the
+    /// high keys too.
     ///
     /// # Safety
     /// `w`, `s`, `q` and `lo` are a histogram CTA's; pass 0 ran.
     #[inline(always)]
-    unsafe fn load(p: &CompressParams, w: u32, s: u32, q: u32, lo: u32) -> LaterRuns {
+    unsafe fn load(p: &CompressParams, w: u32, s: u32, q: u32, lo: u32, low: bool) -> LaterRuns {
         let first: [u32; LATER_RUNS] = core::array::from_fn(|r| {
             lo + BATCH as u32 * (thread_idx_x() + r as u32 * COMPRESS_THREADS)
         });
@@ -419,40 +440,53 @@ impl LaterRuns {
             flags: [0; LATER_RUNS],
         };
         for r in 0..LATER_RUNS {
-            // SAFETY: the run lies in the chunk, whose high keys and flags pass 0 wrote.
-            (runs.key[r], runs.flags[r]) = unsafe { digest_run(p, w, first[r]) };
+            // SAFETY: the run lies in the chunk, whose digests pass 0 wrote.
+            (runs.key[r], runs.flags[r]) = unsafe { digest_run(p, w, first[r], low) };
         }
         runs
     }
 
-    /// Pass `p.pass` (1 to 3) over the runs of chunk `chunk` into the shared bins at
-    /// `bins_at`: the evictable keys under the group's prefix, by their next 8 bits. From pass
-    /// 2 on the digit lies below the high key, which then only preselects: the full metrics
-    /// are read for the runs it lets through (all such runs' loads at once). Pass 2 also
-    /// lists the keys it let through in the chunk's row of `candidates`, counting them in the
+    /// Pass `pass` (1 to 3) over the runs of chunk `chunk` into the shared bins at
+    /// `bins_at`: the evictable keys under the group's prefix, by their next 8 bits. Passes 1
+    /// and 2 find their digit in the digests; in pass 3 they only preselect, and the full
+    /// metrics are read for the runs they let through (all such runs' loads at once). Pass 2
+    /// also lists the KVs it counted in the chunk's row of `candidates`, counting them in the
     /// shared word at `count_at`.
     ///
     /// # Safety
-    /// As [`LaterRuns::load`], whose reads these are; `bins_at` holds `RADIX_BINS` zeroed
-    /// words, `count_at` a zeroed word.
+    /// As [`LaterRuns::load`], whose reads these are (with `low` from pass 2 on); `pass` is
+    /// `p.pass`; `bins_at` holds `RADIX_BINS` zeroed words, `count_at` a zeroed word.
     #[inline(always)]
-    unsafe fn count(mut self, p: &CompressParams, w: u32, chunk: u32, bins_at: u32, count_at: u32) {
-        let bits = 8 * p.pass;
-        let high_bits = bits.min(16);
-        let high_filter = KeyFilter::new(self.prefix >> (bits - high_bits), high_bits);
+    unsafe fn count(
+        mut self,
+        p: &CompressParams,
+        w: u32,
+        chunk: u32,
+        bins_at: u32,
+        count_at: u32,
+        pass: u32,
+    ) {
+        let bits = 8 * pass;
+        let digest_bits = bits.min(DIGEST_BITS);
+        let digest_filter = KeyFilter::new(self.prefix >> (bits - digest_bits), digest_bits);
         let filter = KeyFilter::new(self.prefix, bits);
         let digit_shift = 24 - bits;
         let mut wanted = [[false; BATCH]; LATER_RUNS];
         let mut any = [false; LATER_RUNS];
         for r in 0..LATER_RUNS {
             for u in 0..BATCH {
-                wanted[r][u] = self.flags[r] & (1 << u) != 0 && high_filter.wants(self.key[r][u]);
+                wanted[r][u] = self.flags[r] & (1 << u) != 0 && digest_filter.wants(self.key[r][u]);
                 any[r] |= wanted[r][u];
             }
         }
-        if bits >= 16 {
-            // SAFETY: the count is the CTA's.
-            let place = (p.pass == LISTING_PASS).then(|| unsafe { reserve(count_at, &wanted) });
+        if pass == LISTING_PASS {
+            // SAFETY: the count is the CTA's; the chunk's row of the candidate lists.
+            unsafe {
+                let place = reserve(count_at, &wanted);
+                list(p, w, chunk, place, &self.first, &self.key, &wanted);
+            }
+        }
+        if bits >= DIGEST_BITS {
             let head_slot = p.head_slot(self.seq, w);
             let mut metrics = [[[0u32; 4]; 2]; LATER_RUNS];
             for r in 0..LATER_RUNS {
@@ -470,10 +504,6 @@ impl LaterRuns {
                     self.key[r][u] = metric_key(f32::from_bits(metrics[r][u / 4][u % 4]));
                 }
             }
-            if let Some(place) = place {
-                // SAFETY: the chunk's row of the candidate lists, from the places reserved.
-                unsafe { list(p, w, chunk, place, &self.key, &wanted) };
-            }
         }
         for r in 0..LATER_RUNS {
             for u in 0..BATCH {
@@ -487,14 +517,18 @@ impl LaterRuns {
     }
 }
 
-/// The pass that lists its candidates (the first whose digit lies below the high key, so the
-/// first that reads full metrics), and the pass that reads them: every key the latter wants
-/// has the high key the former's group prefix selected.
+/// The pass that lists its candidates, and the pass that reads them: every key the latter
+/// wants has the high key the former's group prefix selected, and the latter is the one pass
+/// whose digit lies below the digests.
 const LISTING_PASS: u32 = 2;
 const LISTED_PASS: u32 = 3;
 const _: () = assert!(LISTED_PASS == RADIX_PASSES - 1 && 8 * LISTING_PASS == 16);
-/// Keys a chunk's candidate list holds.
+const _: () = assert!(8 * LISTED_PASS == DIGEST_BITS);
+/// Entries a chunk's candidate list holds: each a KV's index in the chunk, with its key's
+/// byte below the high key at bit `LIST_MID_SHIFT`.
 const LIST_KEYS: u32 = CANDIDATE_WORDS - 1;
+const LIST_MID_SHIFT: u32 = 16;
+const _: () = assert!(HIST_CHUNK_KVS <= 1 << LIST_MID_SHIFT);
 const _: () = assert!(LIST_KEYS < COMPRESS_THREADS);
 
 /// Counts this thread's wanted KVs in the chunk's candidate count, the shared word at
@@ -519,8 +553,9 @@ unsafe fn reserve(count_at: u32, wanted: &[[bool; BATCH]; LATER_RUNS]) -> u32 {
     }
 }
 
-/// Writes the keys `key[r][u]` with `wanted[r][u]` to chunk `chunk` of work head slot `w`'s
-/// candidate list from place `at` on (see `reserve`), as far as it has room.
+/// Writes the KVs `first[r] + u` with `wanted[r][u]` (digest keys `key[r][u]`) to chunk
+/// `chunk` of work head slot `w`'s candidate list from place `at` on (see `reserve`), as far
+/// as it has room.
 ///
 /// # Safety
 /// `w` and `chunk` are a histogram CTA's; `at` is what `reserve` returned for `wanted`.
@@ -530,6 +565,7 @@ unsafe fn list(
     w: u32,
     chunk: u32,
     mut at: u32,
+    first: &[u32; LATER_RUNS],
     key: &[[u32; BATCH]; LATER_RUNS],
     wanted: &[[bool; BATCH]; LATER_RUNS],
 ) {
@@ -539,7 +575,9 @@ unsafe fn list(
             for u in 0..BATCH {
                 if wanted[r][u] {
                     if at < LIST_KEYS {
-                        store::<u32>(p.candidates, p.candidate_word(w, chunk, 1 + at), key[r][u]);
+                        let index = (first[r] + u as u32) % HIST_CHUNK_KVS;
+                        let entry = (key[r][u] >> 8 & 0xff) << LIST_MID_SHIFT | index;
+                        store::<u32>(p.candidates, p.candidate_word(w, chunk, 1 + at), entry);
                     }
                     at += 1;
                 }
@@ -549,46 +587,56 @@ unsafe fn list(
 }
 
 /// What a thread of histogram pass 3 reads first, every load issued at once: the group's
-/// need and prefix, the chunk's candidate count (pass 2's) and the key at the thread's place
-/// in the list (used only when the place is below the count and the count fits the list).
+/// need and prefix, the sequence row, the chunk's candidate count (pass 2's) and the entry at
+/// the thread's place in the list (used only when the place is below the count and the count
+/// fits the list).
 struct Listed {
     need: u32,
     prefix: u32,
+    seq: u32,
     count: u32,
-    key: u32,
+    entry: u32,
 }
 
 impl Listed {
-    /// The reads of this thread for chunk `chunk` of work head slot `w` (of group `q`).
+    /// The reads of this thread for chunk `chunk` of work head slot `w` (of work sequence `s`,
+    /// group `q`).
     ///
     /// # Safety
-    /// `w`, `q` and `chunk` are a histogram CTA's; pass 2 ran.
+    /// `w`, `s`, `q` and `chunk` are a histogram CTA's; pass 2 ran.
     #[inline(always)]
-    unsafe fn load(p: &CompressParams, w: u32, q: u32, chunk: u32) -> Listed {
+    unsafe fn load(p: &CompressParams, w: u32, s: u32, q: u32, chunk: u32) -> Listed {
         let place = thread_idx_x().min(LIST_KEYS - 1);
-        // SAFETY: q < num_groups; the chunk's row of the candidate lists.
+        // SAFETY: q < num_groups, s < num_work_seqs; the chunk's row of the candidate lists.
         unsafe {
             Listed {
                 need: load::<u32>(p.groups, p.group_word(q, GROUP_NEED)),
                 prefix: load::<u32>(p.groups, p.group_word(q, GROUP_PREFIX)),
+                seq: load::<u32>(p.seq_in, p.seq_in_word(s, SEQ_IN_SEQ)),
                 count: load::<u32>(p.candidates, p.candidate_word(w, chunk, 0)),
-                key: load::<u32>(p.candidates, p.candidate_word(w, chunk, 1 + place)),
+                entry: load::<u32>(p.candidates, p.candidate_word(w, chunk, 1 + place)),
             }
         }
     }
 
-    /// Pass 3 over the list into the shared bins at `bins_at`: the listed keys under the
-    /// group's 24-bit prefix, by their last 8 bits.
+    /// Pass 3 over the list of chunk `[lo, lo + HIST_CHUNK_KVS)` of work head slot `w` into
+    /// the shared bins at `bins_at`: the listed KVs under the group's 24-bit prefix (their
+    /// high key is its top 16 bits, or pass 2 had not listed them; the entry holds the byte
+    /// below), by their key's last 8 bits, read from the cache.
     ///
     /// # Safety
-    /// The list is complete (`count <= LIST_KEYS`); `bins_at` holds `RADIX_BINS` zeroed words.
+    /// The list is complete (`count <= LIST_KEYS`); `w` and `lo` are the CTA's; `bins_at`
+    /// holds `RADIX_BINS` zeroed words.
     #[inline(always)]
-    unsafe fn count(self, bins_at: u32) {
-        if thread_idx_x() < self.count
-            && KeyFilter::new(self.prefix, 8 * LISTED_PASS).wants(self.key)
-        {
-            // SAFETY: the bin lies in the smem histogram.
-            unsafe { shared_add(bins_at + 4 * (self.key & 0xff), 1) };
+    unsafe fn count(self, p: &CompressParams, w: u32, lo: u32, bins_at: u32) {
+        if thread_idx_x() < self.count && self.entry >> LIST_MID_SHIFT == self.prefix & 0xff {
+            let index = lo + (self.entry & ((1 << LIST_MID_SHIFT) - 1));
+            // SAFETY: a listed KV is evictable, so below the head slot's length.
+            unsafe {
+                let slot = pool_slot_of(p, p.head_slot(self.seq, w), index);
+                let key = metric_key(f32::from_bits(load::<u32>(p.cache.metric, slot)));
+                shared_add(bins_at + 4 * (key & 0xff), 1);
+            }
         }
     }
 }

@@ -287,6 +287,10 @@ pub struct CompressParams {
     /// `[W, key_stride / 8]` bytes: bit `i % 8` of byte `i / 8` of a head slot's row says
     /// whether its KV `i` is evictable; zero past its length. Written by histogram pass 0.
     pub evictable: u64,
+    /// `[W, key_stride]` bytes: bits 16-23 of each KV's metric key (the byte below its high
+    /// key), written by histogram pass 0; with the high key they give the digit of pass 2 and
+    /// of the compaction select's level 16, which then read no metric.
+    pub key_mid: u64,
     /// `[W * chunks_per_head, compress::CANDIDATE_WORDS]` u32: per histogram chunk, the count
     /// of histogram pass 2's candidates (evictable KVs whose high key is the group's 16-bit
     /// prefix), then the metric keys of the first `compress::CANDIDATE_WORDS - 1` of them,

@@ -823,14 +823,15 @@ mod tests {
         }
     }
 
-    /// A compression step's high keys and evictable flags follow its other arrays, the high
-    /// keys 16-byte aligned, with a row of whole histogram chunks for every work head slot;
+    /// A compression step's high keys, key bytes below them and evictable flags follow its
+    /// other arrays, 16-byte aligned, with a row of whole histogram chunks for every work head
+    /// slot;
     /// the candidate lists, a row per chunk, end the workspace.
     #[test]
     fn compress_digests_follow_the_schedule_arrays() {
         for (seqs, group_heads, longest) in [(1, 8, 1), (3, 8, 4097), (16, 1, 8192), (2, 4, 100)] {
             let plan = plan_compress(&geometry(seqs), seqs, group_heads, longest);
-            let [key_high, evictable] = plan.digest_offsets(seqs);
+            let [key_high, key_mid, evictable] = plan.digest_offsets(seqs);
             let stride = plan.key_stride();
             assert_eq!(
                 stride,
@@ -840,7 +841,9 @@ mod tests {
             let before = plan.offsets(seqs)[5] + plan.hist_bytes();
             assert!(key_high >= before);
             let kvs = plan.num_work_heads as u64 * stride;
-            assert_eq!(evictable, key_high + 2 * kvs);
+            assert_eq!(key_mid, key_high + 2 * kvs);
+            assert_eq!(evictable, key_mid + kvs);
+            assert_eq!(key_mid % 16, 0);
             let candidates = plan.candidates_offset(seqs);
             assert_eq!(candidates % 16, 0);
             assert!(candidates >= evictable + kvs / 8);
@@ -1183,23 +1186,24 @@ impl CompressPlan {
         self.chunks_per_head as u64 * HIST_CHUNK_KVS as u64
     }
 
-    /// Byte offsets of the high keys and of the evictable flags
-    /// (`CompressParams::key_high`, `CompressParams::evictable`), after the partial sums of
-    /// groups of several slices (`CompressParams::partial_word`); the first 16-byte aligned.
-    pub const fn digest_offsets(&self, num_work_seqs: u32) -> [u64; 2] {
+    /// Byte offsets of the high keys, the key bytes below them and the evictable flags
+    /// (`CompressParams::key_high`, `key_mid`, `evictable`), after the partial sums of groups
+    /// of several slices (`CompressParams::partial_word`); each 16-byte aligned (rows are
+    /// whole histogram chunks).
+    pub const fn digest_offsets(&self, num_work_seqs: u32) -> [u64; 3] {
         use crate::params::compress::{partial_words, partials_at};
         let words = partials_at(self.num_work_heads, self.num_groups)
             + partial_words(self.num_groups, self.slices);
         let key_high = (self.offsets(num_work_seqs)[5] + words * 4).next_multiple_of(16);
         let kvs = self.num_work_heads as u64 * self.key_stride();
-        [key_high, key_high + 2 * kvs]
+        [key_high, key_high + 2 * kvs, key_high + 3 * kvs]
     }
 
     /// Byte offset of histogram pass 2's candidate lists (`CompressParams::candidates`),
     /// after the evictable flags, 16-byte aligned.
     pub const fn candidates_offset(&self, num_work_seqs: u32) -> u64 {
         let kvs = self.num_work_heads as u64 * self.key_stride();
-        (self.digest_offsets(num_work_seqs)[1] + kvs / 8).next_multiple_of(16)
+        (self.digest_offsets(num_work_seqs)[2] + kvs / 8).next_multiple_of(16)
     }
 
     /// Bytes of workspace in all: the arrays of `offsets`, then those of `digest_offsets`,
