@@ -140,7 +140,7 @@ pub unsafe fn compact_body(p: &CompressParams) {
 
 /// The radix select of step 1. A pass over the metric key's bits whose prefix is the group's
 /// threshold prefix at that depth needs no reading: the schedule's histogram of that pass
-/// (`sched_hist`) counted exactly the head slot's evictable keys with that prefix. The rank
+/// (`sched_hist0`-`3`) counted exactly the head slot's evictable keys with that prefix. The rank
 /// falls near the group's threshold, so most head slots read no KV here at all; the others
 /// read the schedule's key digests, and metrics only under the prefix.
 ///

@@ -6,10 +6,9 @@
 //! head slot `h` number `blocks_within(count_h(key <= t), r_h, B)`, which needs only the count
 //! of evictable keys `<= t`, not their order. So `T*` is found by a radix select over the
 //! 32-bit metric key (`metric_key`) in 4 passes of 8 bits, each pass a histogram per head slot
-//! (grid `(work head slot, chunk)`: `sched_keys` for pass 0, which reads the cache and writes
-//! each KV's high key and evictable flag, `sched_hist` for the later passes, which stream
-//! those; pass 2 lists the few KVs pass 3 can want) and a digit choice per
-//! group
+//! (`sched_hist0`-`3`, grid `(work head slot, chunk)`: pass 0 reads the cache and writes each
+//! KV's top 24 key bits and evictable flag, which passes 1 and 2 stream; pass 2 lists the few
+//! KVs pass 3 can want) and a digit choice per group
 //! (`sched_digit`, CTAs of 16 head slots of a group, a warp per head slot scanning its 256
 //! bins; the last CTA of a group to finish chooses). After the first histogram `sched_budget`
 //! turns each sequence's budget into blocks per group; after the last digit `sched_final`

@@ -293,9 +293,9 @@ pub struct CompressParams {
     pub key_mid: u64,
     /// `[W * chunks_per_head, compress::CANDIDATE_WORDS]` u32: per histogram chunk, the count
     /// of histogram pass 2's candidates (evictable KVs whose high key is the group's 16-bit
-    /// prefix), then the metric keys of the first `compress::CANDIDATE_WORDS - 1` of them,
-    /// which pass 3 reads instead of the chunk when they all fit
-    /// ([`CompressParams::candidate_word`]).
+    /// prefix), then an entry for each of the first `compress::CANDIDATE_WORDS - 1` (its index
+    /// in the chunk, the key byte below the high key at bit 16), which pass 3 reads instead of
+    /// the chunk when they all fit ([`CompressParams::candidate_word`]).
     pub candidates: u64,
     /// Sequences being compressed.
     pub num_work_seqs: u32,
@@ -344,7 +344,7 @@ impl CompressParams {
     }
 
     /// Word `i` of chunk `chunk` of work head slot `w` in `candidates`: 0 the count, from 1
-    /// the keys.
+    /// the entries.
     #[inline(always)]
     pub const fn candidate_word(&self, w: u32, chunk: u32, i: u32) -> u64 {
         (w as u64 * self.chunks_per_head as u64 + chunk as u64) * compress::CANDIDATE_WORDS as u64
@@ -431,7 +431,7 @@ pub mod compress {
     pub const RADIX_PASSES: u32 = 4;
     /// Bins of one radix pass.
     pub const RADIX_BINS: u32 = 256;
-    /// Words of a histogram chunk's row in `candidates`: the count and up to 255 keys (about
+    /// Words of a histogram chunk's row in `candidates`: the count and up to 255 entries (about
     /// one KV in 16 of a chunk; past that, pass 3 reads the chunk itself).
     pub const CANDIDATE_WORDS: u32 = 256;
 
