@@ -87,8 +87,17 @@ pub struct CompressTimes {
     /// device compacts, so this is less than the sum of the parts; the read-back of the move
     /// counts for `moved_kvs` comes after it (a timed step's report only, not the step).
     pub step_ms: f64,
+    /// Host time from the call to the step's first device command (validation, the launch
+    /// plan, the inputs); on the CPU backend, to the schedule.
+    pub setup_ms: f64,
+    /// CUDA: device time of the inputs' copy and the clear of the outputs and histograms,
+    /// before the schedule (0 on the CPU backend).
+    pub inputs_ms: f64,
     /// Scheduling: the radix passes and the budget (device time on CUDA).
     pub schedule_ms: f64,
+    /// CUDA: device time of the copy of the schedule's per-head results to the host, queued
+    /// between the schedule and the compaction (0 on the CPU backend).
+    pub readback_ms: f64,
     /// Compaction: each head slot's selection, the hole and mover scans and the moves (device
     /// time on CUDA).
     pub compact_ms: f64,
@@ -159,9 +168,17 @@ impl PagedKvCache {
         validate::compress(self, args)?;
         match &self.arrays {
             Arrays::Host(_) => {
+                let setup_ms = start.elapsed().as_secs_f64() * 1e3;
                 let (report, times) = self.compress_on_host(args)?;
                 let step_ms = start.elapsed().as_secs_f64() * 1e3;
-                Ok((report, CompressTimes { step_ms, ..times }))
+                Ok((
+                    report,
+                    CompressTimes {
+                        step_ms,
+                        setup_ms,
+                        ..times
+                    },
+                ))
             }
             Arrays::Cuda(_) => crate::ops::compress::compress(self, args, timed, start),
         }

@@ -205,6 +205,16 @@ pub(crate) fn compress(
     };
     let gpu = &d.gpu;
     let mut workspace = gpu.workspace(plan.workspace_bytes(num_work_seqs))?;
+    // Timing events only for a timed step (creating and recording them costs the engine):
+    // the first before the first command, the others created while the device copies.
+    let first = if timed {
+        let event = gpu.event()?;
+        gpu.record(&event)?;
+        Some(event)
+    } else {
+        None
+    };
+    let setup_ms = start.elapsed().as_secs_f64() * 1e3;
     // The inputs, then one clear of the outputs, status, histograms and tickets (they follow
     // the inputs).
     gpu.write_at(bytemuck::cast_slice(&seq_in), &mut workspace, seq_in_at)?;
@@ -213,6 +223,17 @@ pub(crate) fn compress(
         seq_out_at,
         hist_at + plan.hist_bytes() - seq_out_at,
     )?;
+    let events = match first {
+        Some(first) => Some([
+            first,
+            gpu.event()?,
+            gpu.event()?,
+            gpu.event()?,
+            gpu.event()?,
+        ]),
+        None => None,
+    };
+    let mark = |i: usize| events.as_ref().map_or(Ok(()), |e| gpu.record(&e[i]));
     let base = gpu.addr(&workspace);
     let mut params = CompressParams {
         cache: d.view(g),
@@ -233,14 +254,7 @@ pub(crate) fn compress(
         chunks_per_head: plan.chunks_per_head,
         row_bytes: g.head_dim * cache.dtype().elem_bytes(),
     };
-    // Timing events only for a timed step: creating and recording them costs the engine.
-    let events = if timed {
-        Some([gpu.event()?, gpu.event()?, gpu.event()?, gpu.event()?])
-    } else {
-        None
-    };
-    let mark = |i: usize| events.as_ref().map_or(Ok(()), |e| gpu.record(&e[i]));
-    mark(0)?;
+    mark(1)?;
     // SAFETY: validate::compress checked the sequence rows (distinct, in range), one budget
     // and protected window each, rates >= 1; the tables are valid by construction; the
     // workspace holds the plan's arrays, the histograms and status zeroed.
@@ -255,12 +269,12 @@ pub(crate) fn compress(
         }
         gpu.launch(SCHED_FINAL_ENTRY, plan.finish, &params)?;
     }
-    mark(1)?;
-    let readback = gpu.read_back(&workspace, 0, hist_at)?;
     mark(2)?;
+    let readback = gpu.read_back(&workspace, 0, hist_at)?;
+    mark(3)?;
     // SAFETY: as above, after the schedule's last digit pass; with `status` set it returns.
     unsafe { gpu.launch(COMPACT_ENTRY, plan.compact, &params)? };
-    mark(3)?;
+    mark(4)?;
     let results: Vec<u32> = bytemuck::pod_collect_to_vec(readback.wait()?);
     drop(readback);
     let seq_out =
@@ -314,13 +328,14 @@ pub(crate) fn compress(
     let Some(events) = events else {
         let times = CompressTimes {
             step_ms: start.elapsed().as_secs_f64() * 1e3,
+            setup_ms,
             host_ms,
             ..CompressTimes::default()
         };
         return Ok((report, times));
     };
     // Waits for the compaction's end: the step is over.
-    let compact_ms = gpu.elapsed_ms(&events[2], &events[3])?;
+    let compact_ms = gpu.elapsed_ms(&events[3], &events[4])?;
     let step_ms = start.elapsed().as_secs_f64() * 1e3;
     // For the report: the compaction left the moves of each head slot in HEAD_BELOW.
     let moves = gpu.read_back(&workspace, heads_at, groups_at)?;
@@ -332,7 +347,10 @@ pub(crate) fn compress(
         .sum();
     let times = CompressTimes {
         step_ms,
-        schedule_ms: gpu.elapsed_ms(&events[0], &events[1])?,
+        setup_ms,
+        inputs_ms: gpu.elapsed_ms(&events[0], &events[1])?,
+        schedule_ms: gpu.elapsed_ms(&events[1], &events[2])?,
+        readback_ms: gpu.elapsed_ms(&events[2], &events[3])?,
         compact_ms,
         host_ms,
         moved_kvs,
