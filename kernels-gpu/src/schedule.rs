@@ -247,7 +247,7 @@ pub unsafe fn pool_slot_of(p: &CompressParams, head_slot: u64, idx: u32) -> u64 
 /// evictable KVs whose high bits equal the group's threshold prefix, binned by their next 8
 /// bits (pass 0: all evictable keys, by their top 8 bits).
 ///
-/// Pass 0 (`FIRST`) gathers each KV's metric and position through the block tables; it also
+/// Pass 0 gathers each KV's metric and position through the block tables; it also
 /// writes the top 24 bits of each key and an evictable flag per KV to the workspace (3 bytes
 /// and 1 bit a KV against the 8 bytes it read), which the later passes stream instead
 /// (docs/PERF.md, compression v14): passes 1 and 2 need nothing else. The KVs pass 2 counts
@@ -285,7 +285,7 @@ pub unsafe fn sched_hist_body<const PASS: u32>(p: &CompressParams) {
         }
     }
     // SAFETY: as above; pass 0 ran before.
-    let later = unsafe { LaterRuns::load(p, w, s, q, lo, PASS >= LISTING_PASS) };
+    let later = unsafe { LaterRuns::load(p, w, s, q, lo, PASS) };
     if later.need == 0 {
         return; // as above
     }
@@ -346,7 +346,7 @@ unsafe fn histogram(p: &CompressParams, w: u32, fill: impl FnOnce(u32, u32)) {
     }
 }
 
-/// Pass 0 (`sched_keys`) over chunk `[lo, lo + HIST_CHUNK_KVS)` of work head slot `w` (of work
+/// Pass 0 (`sched_hist0`) over chunk `[lo, lo + HIST_CHUNK_KVS)` of work head slot `w` (of work
 /// sequence `s`): every evictable key, by its top 8 bits, into the shared bins at `bins_at`;
 /// and the chunk's digests: high keys, the key bytes below them and evictable flags (all zero
 /// past the head slot's length).
@@ -419,13 +419,14 @@ struct LaterRuns {
 
 impl LaterRuns {
     /// The reads of this thread for chunk `[lo, lo + HIST_CHUNK_KVS)` of work head slot `w`
-    /// (of work sequence `s`, group `q`); with `low` (passes 2 and 3) the key bytes below the
-    /// high keys too.
+    /// (of work sequence `s`, group `q`) in pass `pass` (`p.pass`); from pass 2 on, whose
+    /// digit lies below the high keys, the key bytes below them too.
     ///
     /// # Safety
     /// `w`, `s`, `q` and `lo` are a histogram CTA's; pass 0 ran.
     #[inline(always)]
-    unsafe fn load(p: &CompressParams, w: u32, s: u32, q: u32, lo: u32, low: bool) -> LaterRuns {
+    unsafe fn load(p: &CompressParams, w: u32, s: u32, q: u32, lo: u32, pass: u32) -> LaterRuns {
+        let low = pass >= LISTING_PASS;
         let first: [u32; LATER_RUNS] = core::array::from_fn(|r| {
             lo + BATCH as u32 * (thread_idx_x() + r as u32 * COMPRESS_THREADS)
         });
@@ -453,8 +454,8 @@ impl LaterRuns {
     /// shared word at `count_at`.
     ///
     /// # Safety
-    /// As [`LaterRuns::load`], whose reads these are (with `low` from pass 2 on); `pass` is
-    /// `p.pass`; `bins_at` holds `RADIX_BINS` zeroed words, `count_at` a zeroed word.
+    /// As [`LaterRuns::load`], whose reads these are (with the same `pass`); `bins_at` holds
+    /// `RADIX_BINS` zeroed words, `count_at` a zeroed word.
     #[inline(always)]
     unsafe fn count(
         mut self,

@@ -333,7 +333,7 @@ impl CompressParams {
     /// the longest head slot, a multiple of 8 (16-byte rows of high keys, whole flag bytes).
     #[inline(always)]
     pub const fn key_stride(&self) -> u64 {
-        self.chunks_per_head as u64 * crate::plan::HIST_CHUNK_KVS as u64
+        compress::key_stride(self.chunks_per_head)
     }
 
     /// Index of logical KV `i` of work head slot `w` in `key_high` (u16 elements) and, over
@@ -493,6 +493,13 @@ pub mod compress {
 
     /// Head slots one CTA of the digit and final kernels takes (a warp each).
     pub const SLICE_HEADS: u32 = 16;
+
+    /// KVs of a work head slot's row in the key digests, for `chunks_per_head` histogram
+    /// chunks ([`super::CompressParams::key_stride`]).
+    #[inline(always)]
+    pub const fn key_stride(chunks_per_head: u32) -> u64 {
+        chunks_per_head as u64 * crate::plan::HIST_CHUNK_KVS as u64
+    }
 
     /// Word (from `hist`) where the digit and final tickets start: after the histograms of `W`
     /// head slots.

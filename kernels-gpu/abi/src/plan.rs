@@ -825,8 +825,7 @@ mod tests {
 
     /// A compression step's high keys, key bytes below them and evictable flags follow its
     /// other arrays, 16-byte aligned, with a row of whole histogram chunks for every work head
-    /// slot;
-    /// the candidate lists, a row per chunk, end the workspace.
+    /// slot; the candidate lists, a row per chunk, end the workspace.
     #[test]
     fn compress_digests_follow_the_schedule_arrays() {
         for (seqs, group_heads, longest) in [(1, 8, 1), (3, 8, 4097), (16, 1, 8192), (2, 4, 100)] {
@@ -1183,7 +1182,7 @@ impl CompressPlan {
     /// KVs per work head slot in the high keys and evictable flags
     /// (`CompressParams::key_stride`).
     pub const fn key_stride(&self) -> u64 {
-        self.chunks_per_head as u64 * HIST_CHUNK_KVS as u64
+        crate::params::compress::key_stride(self.chunks_per_head)
     }
 
     /// Byte offsets of the high keys, the key bytes below them and the evictable flags
