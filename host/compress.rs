@@ -90,14 +90,11 @@ pub struct CompressTimes {
     /// Host time from the call to the step's first device command (validation, the launch
     /// plan, the inputs); on the CPU backend, to the schedule.
     pub setup_ms: f64,
-    /// CUDA: device time of the inputs' copy and the clear of the outputs and histograms,
-    /// before the schedule (0 on the CPU backend).
+    /// CUDA: device time of `sched_init` (the inputs' copy from host-mapped memory and the
+    /// clear of the outputs and histograms), before the schedule (0 on the CPU backend).
     pub inputs_ms: f64,
     /// Scheduling: the radix passes and the budget (device time on CUDA).
     pub schedule_ms: f64,
-    /// CUDA: device time of the copy of the schedule's per-head results to the host, queued
-    /// between the schedule and the compaction (0 on the CPU backend).
-    pub readback_ms: f64,
     /// Compaction: each head slot's selection, the hole and mover scans and the moves (device
     /// time on CUDA).
     pub compact_ms: f64,

@@ -67,6 +67,8 @@ pub const WINDOW_STATS_MERGE_ENTRY: &str = "window_stats_merge";
 /// registers): pass 0 reads the cache and writes the key digests, the others read those.
 pub const SCHED_HIST_ENTRIES: [&str; RADIX_PASSES as usize] =
     ["sched_hist0", "sched_hist1", "sched_hist2", "sched_hist3"];
+/// Copies the step's inputs from host-mapped memory and clears the schedule's state.
+pub const SCHED_INIT_ENTRY: &str = "sched_init";
 /// Per-group budget and threshold of the schedule.
 pub const SCHED_BUDGET_ENTRY: &str = "sched_budget";
 /// One radix digit of the schedule's threshold.
@@ -142,6 +144,7 @@ pub fn entry_points() -> Vec<String> {
     }
     names.push(WINDOW_STATS_MERGE_ENTRY.to_string());
     for entry in SCHED_HIST_ENTRIES.into_iter().chain([
+        SCHED_INIT_ENTRY,
         SCHED_BUDGET_ENTRY,
         SCHED_DIGIT_ENTRY,
         SCHED_FINAL_ENTRY,
@@ -156,15 +159,117 @@ pub fn entry_points() -> Vec<String> {
 
 /// Bytes of the scratch buffer a new device starts with (decode partials, append metadata).
 const INITIAL_WORKSPACE_BYTES: usize = 1 << 20;
-/// Bytes of the pinned staging buffer a new device starts with (the compression step reads
-/// back ~130 KB at 16 x 8192 tokens, Llama-3.1-8B).
+/// Bytes of the pinned staging buffer a new device starts with (a timed compression step
+/// reads back ~100 KB of move counts at 16 x 8192 tokens, Llama-3.1-8B).
 const INITIAL_STAGING_BYTES: usize = 1 << 18;
+/// Bytes of the host-mapped buffer a new device starts with (a compression step exchanges
+/// ~33 KB at 16 x 8192 tokens, Llama-3.1-8B).
+const INITIAL_HOST_IO_BYTES: usize = 1 << 16;
+/// Timing events a device keeps for timed steps.
+const TIMING_EVENTS: usize = 4;
 
-/// Page-locked host memory, cached (not write-combined: the host reads it).
-fn pinned(ctx: &Arc<CudaContext>, bytes: usize) -> Result<PinnedHostSlice<u8>> {
-    // SAFETY: the contents are unset; only bytes a copy has written are read (Readback).
-    unsafe { ctx.alloc_pinned_with_flags::<u8>(bytes, 0) }
+/// Page-locked host memory, cached (not write-combined: the host reads it); with `mapped`,
+/// also addressable by kernels.
+fn pinned(ctx: &Arc<CudaContext>, bytes: usize, mapped: bool) -> Result<PinnedHostSlice<u8>> {
+    let flags = if mapped {
+        cudarc::driver::sys::CU_MEMHOSTALLOC_DEVICEMAP
+    } else {
+        0
+    };
+    // SAFETY: the contents are unset; only bytes a copy or the host has written are read
+    // (Readback, HostIo).
+    unsafe { ctx.alloc_pinned_with_flags::<u8>(bytes, flags) }
         .map_err(Error::driver("allocating pinned host memory"))
+}
+
+/// Host-mapped memory, its device address, and an event after the launches that use it.
+struct Mapped {
+    host: PinnedHostSlice<u8>,
+    device: u64,
+    done: CudaEvent,
+}
+
+impl Mapped {
+    fn new(ctx: &Arc<CudaContext>, bytes: usize) -> Result<Self> {
+        let mut host = pinned(ctx, bytes, true)?;
+        let ptr = host
+            .as_mut_ptr()
+            .map_err(Error::driver("mapping host memory"))?;
+        let mut device = 0;
+        // SAFETY: `ptr` is the start of a live allocation made with DEVICEMAP in this context.
+        unsafe { cudarc::driver::sys::cuMemHostGetDevicePointer_v2(&mut device, ptr.cast(), 0) }
+            .result()
+            .map_err(Error::driver("mapping host memory"))?;
+        let done = ctx
+            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(Error::driver("creating an event"))?;
+        Ok(Self { host, device, done })
+    }
+}
+
+/// Host memory kernels read and write directly, held for one step by [`Gpu::host_io`]: the
+/// host fills it, hands [`HostIo::device_addr`] to kernels, records [`HostIo::written`] after
+/// the last launch that uses it, and reads it after [`HostIo::wait`].
+pub(crate) struct HostIo<'a> {
+    mapped: MutexGuard<'a, Mapped>,
+    stream: &'a CudaStream,
+    len: usize,
+    /// Kernels may use the memory: it must not be reused before they are done.
+    handed_out: bool,
+}
+
+impl HostIo<'_> {
+    /// The buffer as words, for the host to fill before any launch uses it.
+    pub(crate) fn words_mut(&mut self) -> Result<&mut [u32]> {
+        let bytes = self
+            .mapped
+            .host
+            .as_mut_slice()
+            .map_err(Error::driver("mapping host memory"))?;
+        Ok(bytemuck::cast_slice_mut(&mut bytes[..self.len]))
+    }
+
+    /// The device address for kernel params; from now on the buffer waits for the stream
+    /// before it can be reused.
+    pub(crate) fn device_addr(&mut self) -> u64 {
+        self.handed_out = true;
+        self.mapped.device
+    }
+
+    /// Marks the end of the launches that use the buffer (queued before this call).
+    pub(crate) fn written(&self) -> Result<()> {
+        self.mapped
+            .done
+            .record(self.stream)
+            .map_err(Error::driver("recording an event"))
+    }
+
+    /// Waits for the launches before [`HostIo::written`] (not for work queued after it) and
+    /// returns the buffer as words.
+    pub(crate) fn wait(&mut self) -> Result<&[u32]> {
+        self.mapped
+            .done
+            .synchronize()
+            .map_err(Error::driver("waiting for the device"))?;
+        self.handed_out = false;
+        let bytes = self
+            .mapped
+            .host
+            .as_slice()
+            .map_err(Error::driver("mapping host memory"))?;
+        Ok(bytemuck::cast_slice(&bytes[..self.len]))
+    }
+}
+
+impl Drop for HostIo<'_> {
+    fn drop(&mut self) {
+        // A step that failed after handing the buffer out: the next may overwrite it only once
+        // no kernel can still read or write it. An error here is the stream's and surfaces at
+        // its next use.
+        if self.handed_out {
+            let _ = self.stream.synchronize();
+        }
+    }
 }
 
 /// A copy into the pinned staging buffer, queued by [`Gpu::read_back`].
@@ -214,6 +319,8 @@ pub struct Gpu {
     occupancy: Mutex<HashMap<(String, u32, u32), KernelProps>>,
     workspace: Mutex<CudaSlice<u8>>,
     staging: Mutex<PinnedHostSlice<u8>>,
+    host_io: Mutex<Mapped>,
+    timing: Mutex<Vec<CudaEvent>>,
     props: DeviceProps,
     l2_bytes: u64,
     max_smem_bytes: u32,
@@ -260,7 +367,14 @@ impl Gpu {
         let workspace = stream
             .alloc_zeros::<u8>(INITIAL_WORKSPACE_BYTES)
             .map_err(Error::driver("allocating device memory"))?;
-        let staging = pinned(&ctx, INITIAL_STAGING_BYTES)?;
+        let staging = pinned(&ctx, INITIAL_STAGING_BYTES, false)?;
+        let host_io = Mapped::new(&ctx, INITIAL_HOST_IO_BYTES)?;
+        let timing = (0..TIMING_EVENTS)
+            .map(|_| {
+                ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(Error::driver("creating an event"))
+            })
+            .collect::<Result<_>>()?;
         Ok(Arc::new(Self {
             ctx,
             stream,
@@ -269,6 +383,8 @@ impl Gpu {
             occupancy: Mutex::new(HashMap::new()),
             workspace: Mutex::new(workspace),
             staging: Mutex::new(staging),
+            host_io: Mutex::new(host_io),
+            timing: Mutex::new(timing),
             props: DeviceProps { num_sms },
             l2_bytes,
             max_smem_bytes,
@@ -344,14 +460,6 @@ impl Gpu {
             .map_err(Error::driver("copying to the device"))
     }
 
-    /// Zeroes `bytes` bytes of `buf` from byte `offset` (stream-ordered).
-    pub(crate) fn zero(&self, buf: &mut CudaSlice<u8>, offset: u64, bytes: u64) -> Result<()> {
-        let mut view = buf.slice_mut(offset as usize..(offset + bytes) as usize);
-        self.stream
-            .memset_zeros(&mut view)
-            .map_err(Error::driver("clearing device memory"))
-    }
-
     /// A host copy of `buf` (waits for the stream).
     pub(crate) fn download(&self, buf: &CudaSlice<u8>) -> Result<Vec<u8>> {
         self.stream
@@ -391,7 +499,7 @@ impl Gpu {
         if host.len() < len {
             // No copy into the old buffer is in flight: a Readback waits for its copy when
             // dropped, before it lets the buffer go.
-            *host = pinned(&self.ctx, len.next_power_of_two())?;
+            *host = pinned(&self.ctx, len.next_power_of_two(), false)?;
         }
         let view = buf.slice(start as usize..end as usize);
         let dst = &mut host
@@ -412,7 +520,33 @@ impl Gpu {
         }
     }
 
-    /// A new timing event.
+    /// The host-mapped buffer, grown to at least `bytes`, for one step (one at a time).
+    pub(crate) fn host_io(&self, bytes: usize) -> Result<HostIo<'_>> {
+        let mut mapped = self
+            .host_io
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if mapped.host.len() < bytes {
+            // No kernel uses the old buffer: a HostIo waits for them before it lets it go.
+            *mapped = Mapped::new(&self.ctx, bytes.next_power_of_two())?;
+        }
+        Ok(HostIo {
+            mapped,
+            stream: &self.stream,
+            len: bytes,
+            handed_out: false,
+        })
+    }
+
+    /// The device's `TIMING_EVENTS` timing events, for one timed step at a time (creating
+    /// events for every step cost it 1-13 us, docs/PERF.md compression v16).
+    pub(crate) fn timing_events(&self) -> MutexGuard<'_, Vec<CudaEvent>> {
+        self.timing
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A new event.
     pub(crate) fn event(&self) -> Result<CudaEvent> {
         self.ctx
             .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))

@@ -109,6 +109,7 @@ fn params_arrive_byte_for_byte() {
         pass: 0xaaaa_0004,
         chunks_per_head: 0xaaaa_0005,
         row_bytes: 0xaaaa_0006,
+        host_io: 0x9999_0000_0000_000b,
     };
     echoes(&gpu, compress, "CompressParams");
 }

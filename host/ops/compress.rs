@@ -2,12 +2,14 @@
 //! histograms and digit choices (`schedule.rs`), the budget after the first, the blocks per
 //! head slot after the last, then compaction (`compact.rs`).
 //!
-//! The schedule's per-head results (blocks to free, KVs to evict) are all the host needs to
-//! bring its tables, lengths and allocator up to date. Their copy into pinned memory is queued
-//! between the schedule and the compaction, so the device never waits for the host: the host
-//! waits for that copy alone and does its per-block work (a table entry and a free-list entry
-//! per freed block: 1.8 M at 16 x 8192, both in pages touched before) while the device
-//! compacts. An explicit budget that cannot be met sets `status`, and the compaction then
+//! The host's inputs and results travel through host-mapped memory, so no copy or memset
+//! stands between the host's call and the first kernel, nor between the schedule and the
+//! compaction: `sched_init` reads the inputs from it and clears the schedule's state, and the
+//! budget and final kernels write the per-sequence reports and per-head results (blocks to
+//! free, KVs to evict: all the host needs to bring its tables, lengths and allocator up to
+//! date) there as well as to the workspace. The host waits for the schedule alone and does
+//! its per-block work (a table entry and a free-list entry per freed block: 1.8 M at 16 x
+//! 8192, both in pages touched before) while the device compacts. An explicit budget that cannot be met sets `status`, and the compaction then
 //! changes nothing. A timed step waits for the compaction's end event (where its `step_ms`
 //! stops), then reads back the moves per head slot for the report; an untimed one returns
 //! without waiting (stream order covers what follows).
@@ -15,8 +17,9 @@
 //! its own stretch of the free list, so the order of the free list is the same either way.
 
 use kvc_abi::params::compress::{
-    BUDGET_BLOCKS, BUDGET_RATE, BUDGET_TOKENS, HEAD_BELOW, HEAD_BLOCKS, HEAD_EVICTIONS,
-    RADIX_PASSES, SEQ_IN_WORDS, SEQ_OUT_CLAMPED, SEQ_OUT_REQUESTED, SEQ_OUT_TAKEN,
+    BUDGET_BLOCKS, BUDGET_RATE, BUDGET_TOKENS, HEAD_BELOW, IO_HEAD_BLOCKS, IO_HEAD_EVICTIONS,
+    RADIX_PASSES, SEQ_IN_BUDGET_KIND, SEQ_IN_BUDGET_VALUE, SEQ_IN_LAST_POSITION, SEQ_IN_PROTECTED,
+    SEQ_IN_SEQ, SEQ_OUT_CLAMPED, SEQ_OUT_REQUESTED, SEQ_OUT_TAKEN,
 };
 use kvc_abi::params::CompressParams;
 use kvc_abi::plan::plan_compress;
@@ -30,6 +33,7 @@ use crate::compress::{
 use crate::error::{Error, Result};
 use crate::gpu::{
     COMPACT_ENTRY, SCHED_BUDGET_ENTRY, SCHED_DIGIT_ENTRY, SCHED_FINAL_ENTRY, SCHED_HIST_ENTRIES,
+    SCHED_INIT_ENTRY,
 };
 use crate::validate;
 
@@ -179,61 +183,26 @@ pub(crate) fn compress(
         return Ok((report, CompressTimes::default()));
     }
     let group_heads = args.mode.group_heads(g.num_layers, g.num_kv_heads);
+    // A sequence's head slots are consecutive rows of the lengths.
     let max_context_len = args
         .seqs
         .iter()
-        .flat_map(|&seq| (0..heads_per_seq).map(move |i| (seq, i)))
-        .map(|(seq, i)| cache.context_len(seq, i / g.num_kv_heads, i % g.num_kv_heads))
+        .flat_map(|&seq| {
+            let first = g.head_slot(seq, 0, 0) as usize;
+            &cache.context_lens[first..first + heads_per_seq as usize]
+        })
         .max()
-        .unwrap_or(0);
+        .map_or(0, |&len| len as u32);
     let plan = plan_compress(&g, num_work_seqs, group_heads, max_context_len);
     let [seq_in_at, seq_out_at, heads_at, groups_at, status_at, hist_at] =
         plan.offsets(num_work_seqs);
     let [key_high_at, key_mid_at, evictable_at] = plan.digest_offsets(num_work_seqs);
     let candidates_at = plan.candidates_offset(num_work_seqs);
-    let mut seq_in = Vec::with_capacity((num_work_seqs * SEQ_IN_WORDS) as usize);
-    for ((&seq, budget), &protected) in args.seqs.iter().zip(args.budgets).zip(args.protected) {
-        let (kind, value) = match *budget {
-            Budget::Blocks(n) => (BUDGET_BLOCKS, n),
-            Budget::Rate(rate) => (BUDGET_RATE, rate.to_bits()),
-            Budget::MaxTokens(t) => (BUDGET_TOKENS, t),
-        };
-        seq_in.extend([seq, kind, value, protected, cache.last_position(seq) as u32]);
-    }
     let Arrays::Cuda(d) = &cache.arrays else {
         return Err(validate::backend_mismatch("cache"));
     };
     let gpu = &d.gpu;
-    let mut workspace = gpu.workspace(plan.workspace_bytes(num_work_seqs))?;
-    // Timing events only for a timed step (creating and recording them costs the engine):
-    // the first before the first command, the others created while the device copies.
-    let first = if timed {
-        let event = gpu.event()?;
-        gpu.record(&event)?;
-        Some(event)
-    } else {
-        None
-    };
-    let setup_ms = start.elapsed().as_secs_f64() * 1e3;
-    // The inputs, then one clear of the outputs, status, histograms and tickets (they follow
-    // the inputs).
-    gpu.write_at(bytemuck::cast_slice(&seq_in), &mut workspace, seq_in_at)?;
-    gpu.zero(
-        &mut workspace,
-        seq_out_at,
-        hist_at + plan.hist_bytes() - seq_out_at,
-    )?;
-    let events = match first {
-        Some(first) => Some([
-            first,
-            gpu.event()?,
-            gpu.event()?,
-            gpu.event()?,
-            gpu.event()?,
-        ]),
-        None => None,
-    };
-    let mark = |i: usize| events.as_ref().map_or(Ok(()), |e| gpu.record(&e[i]));
+    let workspace = gpu.workspace(plan.workspace_bytes(num_work_seqs))?;
     let base = gpu.addr(&workspace);
     let mut params = CompressParams {
         cache: d.view(g),
@@ -253,12 +222,44 @@ pub(crate) fn compress(
         pass: 0,
         chunks_per_head: plan.chunks_per_head,
         row_bytes: g.head_dim * cache.dtype().elem_bytes(),
+        host_io: 0,
     };
-    mark(1)?;
+    // The inputs go to host-mapped memory, where `sched_init` reads them and the schedule
+    // leaves the host's results (zeroed here: a group that frees nothing writes none).
+    let mut io = gpu.host_io(params.io_words() as usize * 4)?;
+    let words = io.words_mut()?;
+    for (s, ((&seq, budget), &protected)) in
+        (0..).zip(args.seqs.iter().zip(args.budgets).zip(args.protected))
+    {
+        let (kind, value) = match *budget {
+            Budget::Blocks(n) => (BUDGET_BLOCKS, n),
+            Budget::Rate(rate) => (BUDGET_RATE, rate.to_bits()),
+            Budget::MaxTokens(t) => (BUDGET_TOKENS, t),
+        };
+        for (field, word) in [
+            (SEQ_IN_SEQ, seq),
+            (SEQ_IN_BUDGET_KIND, kind),
+            (SEQ_IN_BUDGET_VALUE, value),
+            (SEQ_IN_PROTECTED, protected),
+            (SEQ_IN_LAST_POSITION, cache.last_position(seq) as u32),
+        ] {
+            words[params.io_seq_in_word(s, field) as usize] = word;
+        }
+    }
+    words[params.io_status_word() as usize..].fill(0);
+    params.host_io = io.device_addr();
+    // Timing events only for a timed step (recording them costs the engine).
+    let events = timed.then(|| gpu.timing_events());
+    let mark = |i: usize| events.as_ref().map_or(Ok(()), |e| gpu.record(&e[i]));
+    mark(0)?;
+    let setup_ms = start.elapsed().as_secs_f64() * 1e3;
     // SAFETY: validate::compress checked the sequence rows (distinct, in range), one budget
     // and protected window each, rates >= 1; the tables are valid by construction; the
-    // workspace holds the plan's arrays, the histograms and status zeroed.
+    // workspace holds the plan's arrays, host_io the inputs; sched_init zeroes the
+    // histograms and status before the passes.
     unsafe {
+        gpu.launch(SCHED_INIT_ENTRY, plan.init, &params)?;
+        mark(1)?;
         for pass in 0..RADIX_PASSES {
             params.pass = pass;
             gpu.launch(SCHED_HIST_ENTRIES[pass as usize], plan.hist, &params)?;
@@ -269,17 +270,14 @@ pub(crate) fn compress(
         }
         gpu.launch(SCHED_FINAL_ENTRY, plan.finish, &params)?;
     }
+    io.written()?;
     mark(2)?;
-    let readback = gpu.read_back(&workspace, 0, hist_at)?;
-    mark(3)?;
     // SAFETY: as above, after the schedule's last digit pass; with `status` set it returns.
     unsafe { gpu.launch(COMPACT_ENTRY, plan.compact, &params)? };
-    mark(4)?;
-    let results: Vec<u32> = bytemuck::pod_collect_to_vec(readback.wait()?);
-    drop(readback);
-    let seq_out =
-        |s: u32, field: u32| results[(seq_out_at / 4 + params.seq_out_word(s, field)) as usize];
-    let head = |w: u32, field: u32| results[(heads_at / 4 + params.head_word(w, field)) as usize];
+    mark(3)?;
+    let results = io.wait()?;
+    let seq_out = |s: u32, field: u32| results[params.io_seq_out_word(s, field) as usize];
+    let head = |w: u32, field: u32| results[params.io_head_word(w, field) as usize];
     let seq_reports: Vec<SeqReport> = args
         .seqs
         .iter()
@@ -291,7 +289,7 @@ pub(crate) fn compress(
             clamped: seq_out(s as u32, SEQ_OUT_CLAMPED) != 0,
         })
         .collect();
-    if results[(status_at / 4) as usize] != 0 {
+    if results[params.io_status_word() as usize] != 0 {
         // An explicit block budget could not be met: the compaction changed nothing.
         let s = seq_reports
             .iter()
@@ -304,11 +302,11 @@ pub(crate) fn compress(
     report.heads = (0..num_work_seqs * heads_per_seq)
         .map(|w| {
             let (seq, i) = (args.seqs[(w / heads_per_seq) as usize], w % heads_per_seq);
-            let blocks = head(w, HEAD_BLOCKS);
+            let blocks = head(w, IO_HEAD_BLOCKS);
             HeadReport {
                 head_slot: g.head_slot(seq, i / g.num_kv_heads, i % g.num_kv_heads),
                 evicted: if blocks > 0 {
-                    head(w, HEAD_EVICTIONS)
+                    head(w, IO_HEAD_EVICTIONS)
                 } else {
                     0
                 },
@@ -316,6 +314,7 @@ pub(crate) fn compress(
             }
         })
         .collect();
+    drop(io);
     release_blocks(
         &g,
         &mut cache.block_tables,
@@ -335,22 +334,24 @@ pub(crate) fn compress(
         return Ok((report, times));
     };
     // Waits for the compaction's end: the step is over.
-    let compact_ms = gpu.elapsed_ms(&events[3], &events[4])?;
+    let compact_ms = gpu.elapsed_ms(&events[2], &events[3])?;
     let step_ms = start.elapsed().as_secs_f64() * 1e3;
     // For the report: the compaction left the moves of each head slot in HEAD_BELOW.
     let moves = gpu.read_back(&workspace, heads_at, groups_at)?;
     let heads: Vec<u32> = bytemuck::pod_collect_to_vec(moves.wait()?);
     drop((moves, workspace));
-    let moved_kvs = (0..num_work_seqs * heads_per_seq)
-        .filter(|&w| head(w, HEAD_BLOCKS) > 0)
-        .map(|w| heads[params.head_word(w, HEAD_BELOW) as usize] as u64)
+    let moved_kvs = report
+        .heads
+        .iter()
+        .zip(0..)
+        .filter(|(h, _)| h.blocks_freed > 0)
+        .map(|(_, w)| heads[params.head_word(w, HEAD_BELOW) as usize] as u64)
         .sum();
     let times = CompressTimes {
         step_ms,
         setup_ms,
         inputs_ms: gpu.elapsed_ms(&events[0], &events[1])?,
         schedule_ms: gpu.elapsed_ms(&events[1], &events[2])?,
-        readback_ms: gpu.elapsed_ms(&events[2], &events[3])?,
         compact_ms,
         host_ms,
         moved_kvs,

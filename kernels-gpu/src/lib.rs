@@ -158,6 +158,7 @@ entries! { CompressParams =>
     sched_hist1 = schedule::sched_hist_body::<1>;
     sched_hist2 = schedule::sched_hist_body::<2>;
     sched_hist3 = schedule::sched_hist_body::<3>;
+    sched_init = schedule::sched_init_body;
     sched_budget = schedule::sched_budget_body;
     sched_digit = schedule::sched_digit_body;
     sched_final = schedule::sched_final_body;

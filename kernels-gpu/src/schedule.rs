@@ -10,7 +10,8 @@
 //! KV's top 24 key bits and evictable flag, which passes 1 and 2 stream; pass 2 lists the few
 //! KVs pass 3 can want) and a digit choice per group
 //! (`sched_digit`, CTAs of 16 head slots of a group, a warp per head slot scanning its 256
-//! bins; the last CTA of a group to finish chooses). After the first histogram `sched_budget`
+//! bins; the last CTA of a group to finish chooses). `sched_init` first copies the inputs from
+//! host-mapped memory and clears the state; after the first histogram `sched_budget`
 //! turns each sequence's budget into blocks per group; after the last digit `sched_final`
 //! gives each head slot its blocks and shares out the ties. The work is linear in the KVs per
 //! pass; nothing is sorted. `compact.rs` then picks each head slot's `c_h` cheapest KVs and
@@ -22,9 +23,9 @@ use kvc_abi::geometry::metric_key;
 use kvc_abi::params::compress::{
     blocks_within, evictions, fill, EvictableWindow, KeyFilter, BUDGET_BLOCKS, BUDGET_RATE,
     BUDGET_TOKENS, CANDIDATE_WORDS, GROUP_NEED, GROUP_PREFIX, HEAD_BELOW, HEAD_BLOCKS,
-    HEAD_EVICTABLE, HEAD_EVICTIONS, HEAD_FILL, RADIX_BINS, RADIX_PASSES, SEQ_IN_BUDGET_KIND,
-    SEQ_IN_BUDGET_VALUE, SEQ_IN_LAST_POSITION, SEQ_IN_PROTECTED, SEQ_IN_SEQ, SEQ_OUT_CLAMPED,
-    SEQ_OUT_REQUESTED, SEQ_OUT_TAKEN, SLICE_HEADS,
+    HEAD_EVICTABLE, HEAD_EVICTIONS, HEAD_FILL, IO_HEAD_BLOCKS, IO_HEAD_EVICTIONS, RADIX_BINS,
+    RADIX_PASSES, SEQ_IN_BUDGET_KIND, SEQ_IN_BUDGET_VALUE, SEQ_IN_LAST_POSITION, SEQ_IN_PROTECTED,
+    SEQ_IN_SEQ, SEQ_OUT_CLAMPED, SEQ_OUT_REQUESTED, SEQ_OUT_TAKEN, SLICE_HEADS,
 };
 use kvc_abi::params::CompressParams;
 use kvc_abi::plan::{
@@ -35,7 +36,7 @@ use crate::gpu::mem::{load, load_chunk, load_nc, store, store_chunk};
 use crate::gpu::mma::shared_addr;
 use crate::gpu::smem::dynamic_f32;
 use crate::gpu::sync::{atomic_add_acq_rel, global_add, shared_add, shared_fetch_add, shared_min};
-use crate::gpu::thread::{block_idx_x, lane_id, sync_threads, thread_idx_x, warp_id};
+use crate::gpu::thread::{block_idx_x, grid_dim_x, lane_id, sync_threads, thread_idx_x, warp_id};
 use crate::gpu::warp::{inclusive_scan_u32, warp_sum_u64};
 
 /// Bins each lane scans in `sched_budget`, `sched_digit` and `sched_final` (two 16-byte
@@ -709,6 +710,49 @@ unsafe fn lane_bins(p: &CompressParams, pass: u32, w: u32) -> [u32; LANE_BINS as
     [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
 }
 
+/// Before histogram pass 0: copies the step's inputs (words `[0, io_status_word)` of
+/// `host_io`, laid out as `seq_in`) from host memory to `seq_in`, and zeroes everything from
+/// `seq_out` to the end of the histograms' tickets: words up to the 16-byte aligned
+/// histograms, then 16-byte stores. One launch where a copy and a memset each cost the host
+/// a driver call of 12-25 us before the device could start (docs/PERF.md, compression v16).
+///
+/// # Safety
+/// Launched with `plan_compress`'s init dims; `host_io` holds the inputs.
+#[inline(always)]
+pub unsafe fn sched_init_body(p: &CompressParams) {
+    let threads = grid_dim_x() as u64 * COMPRESS_THREADS as u64;
+    let me = block_idx_x() as u64 * COMPRESS_THREADS as u64 + thread_idx_x() as u64;
+    let inputs = p.io_status_word();
+    let before_hist = (p.hist - p.seq_out) / 4;
+    let hist_words = p.hist_clear_words();
+    let hist_chunks = hist_words / 4;
+    // SAFETY: the workspace holds seq_in, seq_out up to the histograms, and the histograms
+    // with their tickets (`CompressPlan::offsets`, `hist_bytes`); hist is 16-byte aligned;
+    // host_io holds the inputs. Each word and chunk is one thread's.
+    unsafe {
+        let mut i = me;
+        while i < inputs {
+            store::<u32>(p.seq_in, i, load::<u32>(p.host_io, i));
+            i += threads;
+        }
+        let mut i = me;
+        while i < before_hist {
+            store::<u32>(p.seq_out, i, 0);
+            i += threads;
+        }
+        let mut i = me;
+        while i < hist_chunks {
+            store_chunk(p.hist + 16 * i, [0; 4]);
+            i += threads;
+        }
+        let mut i = hist_chunks * 4 + me;
+        while i < hist_words {
+            store::<u32>(p.hist, i, 0);
+            i += threads;
+        }
+    }
+}
+
 /// Per sequence: the evictable count of each head slot (the sum of its first histogram), the
 /// budget in blocks (SPEC §5.5), its share per group clamped to what the group can free, and
 /// the report. An explicit block budget that some group cannot meet sets `status`. A warp
@@ -831,21 +875,21 @@ pub unsafe fn sched_budget_body(p: &CompressParams) {
         )
     };
     if thread == 0 {
-        // SAFETY: seq_out holds this sequence's row; status one word.
+        let report = |field: u32, value: u32| {
+            // SAFETY: seq_out holds this sequence's row, host_io its copy.
+            unsafe {
+                store::<u32>(p.seq_out, p.seq_out_word(s, field), value);
+                store::<u32>(p.host_io, p.io_seq_out_word(s, field), value);
+            }
+        };
+        report(SEQ_OUT_REQUESTED, requested as u32);
+        report(SEQ_OUT_TAKEN, taken as u32);
+        report(SEQ_OUT_CLAMPED, (clamped > 0) as u32);
+        // SAFETY: status is one word, host_io holds its copy.
         unsafe {
-            store::<u32>(
-                p.seq_out,
-                p.seq_out_word(s, SEQ_OUT_REQUESTED),
-                requested as u32,
-            );
-            store::<u32>(p.seq_out, p.seq_out_word(s, SEQ_OUT_TAKEN), taken as u32);
-            store::<u32>(
-                p.seq_out,
-                p.seq_out_word(s, SEQ_OUT_CLAMPED),
-                (clamped > 0) as u32,
-            );
             if kind == BUDGET_BLOCKS && clamped > 0 {
                 store::<u32>(p.status, 0, 1);
+                store::<u32>(p.host_io, p.io_status_word(), 1);
             }
         }
     }
@@ -1120,14 +1164,14 @@ unsafe fn take_ties(p: &CompressParams, first: u32, need: u32, scratch: *mut u32
         let (before, total) = unsafe { block_scan_u32(scratch, ties) };
         if i < p.group_heads {
             let blocks = below + ties.min(ties_left.saturating_sub(before));
-            // SAFETY: as above.
+            let evicted = evictions(blocks, fill, geom.block_size);
+            // SAFETY: as above; host_io holds w's result (consecutive threads, consecutive
+            // head slots: the host-bound stores coalesce).
             unsafe {
                 store::<u32>(p.heads, p.head_word(w, HEAD_BLOCKS), blocks);
-                store::<u32>(
-                    p.heads,
-                    p.head_word(w, HEAD_EVICTIONS),
-                    evictions(blocks, fill, geom.block_size),
-                );
+                store::<u32>(p.heads, p.head_word(w, HEAD_EVICTIONS), evicted);
+                store::<u32>(p.host_io, p.io_head_word(w, IO_HEAD_BLOCKS), blocks);
+                store::<u32>(p.host_io, p.io_head_word(w, IO_HEAD_EVICTIONS), evicted);
             }
         }
         ties_left -= total.min(ties_left);

@@ -309,6 +309,11 @@ pub struct CompressParams {
     pub chunks_per_head: u32,
     /// Bytes of one K or V row, `D * elem_bytes`.
     pub row_bytes: u32,
+    /// Device address of host-mapped memory shared with the host ([`CompressParams::io_words`]
+    /// words): the step's inputs, which `sched_init` copies to `seq_in`, and the words the
+    /// host needs back, which the schedule's kernels write there themselves, so that no copy
+    /// runs between the schedule and the compaction.
+    pub host_io: u64,
 }
 
 impl CompressParams {
@@ -373,6 +378,47 @@ impl CompressParams {
     #[inline(always)]
     pub const fn seq_out_word(&self, s: u32, field: u32) -> u64 {
         s as u64 * compress::SEQ_OUT_WORDS as u64 + field as u64
+    }
+
+    /// Word `field` of work sequence `s`'s inputs in `host_io` (the layout of `seq_in`).
+    #[inline(always)]
+    pub const fn io_seq_in_word(&self, s: u32, field: u32) -> u64 {
+        self.seq_in_word(s, field)
+    }
+
+    /// The word of `host_io` the budget kernel sets, as `status`, when an explicit block
+    /// budget cannot be met; the host's outputs start here.
+    #[inline(always)]
+    pub const fn io_status_word(&self) -> u64 {
+        self.num_work_seqs as u64 * compress::SEQ_IN_WORDS as u64
+    }
+
+    /// Word `field` of work sequence `s`'s report in `host_io` (the layout of `seq_out`).
+    #[inline(always)]
+    pub const fn io_seq_out_word(&self, s: u32, field: u32) -> u64 {
+        self.io_status_word() + 1 + self.seq_out_word(s, field)
+    }
+
+    /// Word `field` (`compress::IO_HEAD_BLOCKS` or `IO_HEAD_EVICTIONS`) of work head slot
+    /// `w`'s result in `host_io`.
+    #[inline(always)]
+    pub const fn io_head_word(&self, w: u32, field: u32) -> u64 {
+        self.io_seq_out_word(self.num_work_seqs, 0)
+            + w as u64 * compress::IO_HEAD_WORDS as u64
+            + field as u64
+    }
+
+    /// Words of `host_io`.
+    #[inline(always)]
+    pub const fn io_words(&self) -> u64 {
+        self.io_head_word(self.num_work_heads(), 0)
+    }
+
+    /// Words from `hist` that must be zero when the schedule starts: the histograms and the
+    /// tickets.
+    #[inline(always)]
+    pub const fn hist_clear_words(&self) -> u64 {
+        compress::tickets_end(self.num_work_heads(), self.num_groups())
     }
 
     /// Word of bin `bin` of work head slot `w` in the histogram of `pass`.
@@ -483,6 +529,13 @@ pub mod compress {
     /// KVs to evict `c_h` (in the final kernel, until the ties are shared out: the blocks at
     /// or below the threshold).
     pub const HEAD_EVICTIONS: u32 = 5;
+
+    /// Words of a work head slot's result in `host_io`.
+    pub const IO_HEAD_WORDS: u32 = 2;
+    /// Blocks to free `k_h` (`HEAD_BLOCKS` once final).
+    pub const IO_HEAD_BLOCKS: u32 = 0;
+    /// KVs to evict `c_h` (`HEAD_EVICTIONS` once final).
+    pub const IO_HEAD_EVICTIONS: u32 = 1;
 
     /// `groups` words.
     pub const GROUP_WORDS: u32 = 2;

@@ -1088,6 +1088,8 @@ pub fn plan_aggregate(
 
 /// Threads per CTA of the scheduling and compaction kernels.
 pub const COMPRESS_THREADS: u32 = 256;
+/// Bytes one CTA of `sched_init` clears (8 16-byte stores a thread).
+pub const INIT_CTA_BYTES: u32 = COMPRESS_THREADS * 16 * 8;
 /// KVs one histogram CTA reads.
 pub const HIST_CHUNK_KVS: u32 = 4096;
 /// Warps per compression CTA.
@@ -1135,6 +1137,8 @@ pub mod compact_smem {
 /// slot holds `max_context_len` KVs, groups of `group_heads` head slots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CompressPlan {
+    /// Grid `(ceil(cleared bytes / INIT_CTA_BYTES))`.
+    pub init: LaunchDims,
     /// Grid `(W * chunks_per_head)`.
     pub hist: LaunchDims,
     /// Grid `(num_work_seqs)`.
@@ -1156,8 +1160,8 @@ pub struct CompressPlan {
 }
 
 impl CompressPlan {
-    /// Byte offsets in the workspace: `[seq_in, seq_out, heads, groups, status, hist]`; all
-    /// but the histograms are what the host reads back after the schedule, in one copy.
+    /// Byte offsets in the workspace: `[seq_in, seq_out, heads, groups, status, hist]`.
+    /// `sched_init` clears everything from `seq_out` to the end of the histograms' tickets.
     pub const fn offsets(&self, num_work_seqs: u32) -> [u64; 6] {
         let seq_in = 0;
         let seq_out =
@@ -1235,7 +1239,8 @@ pub fn plan_compress(
     };
     let bins = crate::params::compress::RADIX_BINS;
     let slices = crate::params::compress::slices(group_heads);
-    CompressPlan {
+    let mut plan = CompressPlan {
+        init: dims(1, 0),
         // The bins and, in pass 2, the chunk's candidate count.
         hist: dims(num_work_heads * chunks_per_head, bins + 1),
         budget: scan_dims(num_work_seqs, 2 * SCAN_WARPS),
@@ -1246,5 +1251,9 @@ pub fn plan_compress(
         num_work_heads,
         num_groups,
         slices,
-    }
+    };
+    let [_, seq_out, _, _, _, hist] = plan.offsets(num_work_seqs);
+    let cleared = hist - seq_out + plan.hist_bytes();
+    plan.init = dims(cleared.div_ceil(INIT_CTA_BYTES as u64) as u32, 0);
+    plan
 }
