@@ -83,17 +83,16 @@ pub struct HeadReport {
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct CompressTimes {
     /// The whole step, wall clock, from the call until the compaction has finished: validation,
-    /// launches, the schedule's read-back and host work. On CUDA the host work runs while the
+    /// launches, the wait for the schedule's results and host work. On CUDA the host work runs while the
     /// device compacts, so this is less than the sum of the parts; the read-back of the move
     /// counts for `moved_kvs` comes after it (a timed step's report only, not the step).
     pub step_ms: f64,
-    /// Host time from the call to the step's first device command (validation, the launch
-    /// plan, the inputs); on the CPU backend, to the schedule.
+    /// Host time from the call until the step's first device command is queued (validation,
+    /// the launch plan, the inputs, the launch of `sched_init`); on the CPU backend, to the
+    /// schedule.
     pub setup_ms: f64,
-    /// CUDA: device time of `sched_init` (the inputs' copy from host-mapped memory and the
-    /// clear of the outputs and histograms), before the schedule (0 on the CPU backend).
-    pub inputs_ms: f64,
-    /// Scheduling: the radix passes and the budget (device time on CUDA).
+    /// Scheduling: the radix passes and the budget (device time on CUDA, from the end of
+    /// `sched_init`, which copies the inputs and clears the schedule's state).
     pub schedule_ms: f64,
     /// Compaction: each head slot's selection, the hole and mover scans and the moves (device
     /// time on CUDA).

@@ -166,7 +166,7 @@ const INITIAL_STAGING_BYTES: usize = 1 << 18;
 /// ~33 KB at 16 x 8192 tokens, Llama-3.1-8B).
 const INITIAL_HOST_IO_BYTES: usize = 1 << 16;
 /// Timing events a device keeps for timed steps.
-const TIMING_EVENTS: usize = 4;
+const TIMING_EVENTS: usize = 3;
 
 /// Page-locked host memory, cached (not write-combined: the host reads it); with `mapped`,
 /// also addressable by kernels.

@@ -376,12 +376,14 @@ pub(crate) fn aggregate(
 /// each, rates `>= 1`.
 pub(crate) fn compress(cache: &PagedKvCache, args: &CompressArgs) -> Result<()> {
     let g = cache.geometry();
-    let mut seen = std::collections::HashSet::new();
     for &s in args.seqs {
         seq(&g, s)?;
-        if !seen.insert(s) {
-            return Err(Error::invalid("seqs", s, "distinct sequence rows"));
-        }
+    }
+    // A sorted copy rather than a hash set: a few sequences, checked on every step.
+    let mut sorted = args.seqs.to_vec();
+    sorted.sort_unstable();
+    if let Some(pair) = sorted.windows(2).find(|pair| pair[0] == pair[1]) {
+        return Err(Error::invalid("seqs", pair[0], "distinct sequence rows"));
     }
     for (arg, len) in [
         ("budgets", args.budgets.len()),
