@@ -34,7 +34,7 @@ fn compress_reference(c: &mut Criterion) {
     group.throughput(Throughput::Elements((layers * heads * context) as u64));
     group.bench_function("1x2048 4 layers x 8 heads rate 8", |b| {
         b.iter_batched(
-            || PagedKvCache::from_snapshot(&Backend::Cpu, config, snapshot.clone()).unwrap(),
+            || PagedKvCache::from_snapshot(&Backend::Cpu, config, &snapshot).unwrap(),
             |mut cache| cache.compress(&args).unwrap(),
             BatchSize::LargeInput,
         )

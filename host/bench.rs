@@ -111,7 +111,7 @@ pub fn filled_cache(
     PagedKvCache::from_snapshot(
         &Backend::Cuda(gpu.clone()),
         config,
-        filled_snapshot(config, context_len, seed),
+        &filled_snapshot(config, context_len, seed),
     )
 }
 

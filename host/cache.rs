@@ -215,32 +215,34 @@ impl PagedKvCache {
             context_lens: vec![0; g.num_head_slots() as usize],
             last_position: vec![-1; g.num_seqs as usize],
         };
-        Self::from_snapshot(backend, config, snapshot)
+        Self::from_snapshot(backend, config, &snapshot)
     }
 
-    /// A cache holding `snapshot`, validated (SPEC §8): sizes, live block ids inside the pool,
-    /// no block owned by two head slots, lengths within the block table. The blocks no head
-    /// slot owns are free.
+    /// A cache holding a copy of `snapshot`, validated (SPEC §8): sizes, live block ids inside
+    /// the pool, no block owned by two head slots, lengths within the block table. The blocks
+    /// no head slot owns are free. The snapshot is borrowed: a CUDA cache uploads the pools
+    /// straight from it (one snapshot can seed many caches without a host copy of its pools).
     pub fn from_snapshot(
         backend: &Backend,
         config: CacheConfig,
-        mut snapshot: CacheSnapshot,
+        snapshot: &CacheSnapshot,
     ) -> Result<Self> {
         validate::config(&config)?;
         let g = config.geometry();
-        let owned = validate::snapshot(&g, config.dtype, &snapshot)?;
+        let owned = validate::snapshot(&g, config.dtype, snapshot)?;
+        let mut block_tables = snapshot.block_tables.clone();
         for head_slot in 0..g.num_head_slots() {
             let live = g.blocks_for(snapshot.context_lens[head_slot as usize] as u32);
             for logical_block in live..g.max_blocks_per_head {
-                snapshot.block_tables[g.block_table_at(head_slot, logical_block) as usize] = -1;
+                block_tables[g.block_table_at(head_slot, logical_block) as usize] = -1;
             }
         }
         let arrays = match backend {
             Backend::Cpu => Arrays::Host(HostArrays {
-                k_pool: snapshot.k_pool,
-                v_pool: snapshot.v_pool,
-                metric: snapshot.metric,
-                position: snapshot.position,
+                k_pool: snapshot.k_pool.clone(),
+                v_pool: snapshot.v_pool.clone(),
+                metric: snapshot.metric.clone(),
+                position: snapshot.position.clone(),
             }),
             Backend::Cuda(gpu) => Arrays::Cuda(Box::new(DeviceArrays {
                 gpu: gpu.clone(),
@@ -248,7 +250,7 @@ impl PagedKvCache {
                 v_pool: gpu.upload(&snapshot.v_pool)?,
                 metric: gpu.upload(bytemuck::cast_slice(&snapshot.metric))?,
                 position: gpu.upload(bytemuck::cast_slice(&snapshot.position))?,
-                block_tables: gpu.upload(bytemuck::cast_slice(&snapshot.block_tables))?,
+                block_tables: gpu.upload(bytemuck::cast_slice(&block_tables))?,
                 context_lens: gpu.upload(bytemuck::cast_slice(&snapshot.context_lens))?,
                 recording: RecordingState {
                     counters: gpu.alloc(decode_counter_words(&g) as usize * 4)?,
@@ -260,9 +262,9 @@ impl PagedKvCache {
         Ok(Self {
             config,
             allocator: BlockAllocator::from_in_use(&owned),
-            block_tables: snapshot.block_tables,
-            context_lens: snapshot.context_lens,
-            last_position: snapshot.last_position,
+            block_tables,
+            context_lens: snapshot.context_lens.clone(),
+            last_position: snapshot.last_position.clone(),
             arrays,
         })
     }

@@ -53,7 +53,7 @@ fn check(
     let layer = config.num_layers - 1;
     let mut metrics = Vec::new();
     for backend in [gpu, &Backend::Cpu] {
-        let mut cache = PagedKvCache::from_snapshot(backend, config, snapshot.clone()).unwrap();
+        let mut cache = PagedKvCache::from_snapshot(backend, config, &snapshot).unwrap();
         let q = Tensor::from_f32(backend, config.dtype, &shape, &q_values).unwrap();
         cache
             .aggregate(layer, &q, &args)
@@ -195,7 +195,7 @@ fn full_range_window_over_32768_tokens_has_exact_l1_mass_and_is_deterministic() 
     };
     let mut runs = Vec::new();
     for _ in 0..2 {
-        let mut cache = PagedKvCache::from_snapshot(&gpu, config, snapshot.clone()).unwrap();
+        let mut cache = PagedKvCache::from_snapshot(&gpu, config, &snapshot).unwrap();
         cache.aggregate(0, &q, &args).unwrap();
         runs.push(cache.snapshot().unwrap());
     }

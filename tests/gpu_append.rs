@@ -69,8 +69,8 @@ fn append_and_free_match_reference_bit_for_bit() {
         );
         config.max_blocks_per_head += 40;
         let snapshot = random_snapshot(&config, &lens, &mut rng);
-        let mut on_gpu = PagedKvCache::from_snapshot(&gpu, config, snapshot.clone()).unwrap();
-        let mut on_cpu = PagedKvCache::from_snapshot(&Backend::Cpu, config, snapshot).unwrap();
+        let mut on_gpu = PagedKvCache::from_snapshot(&gpu, config, &snapshot).unwrap();
+        let mut on_cpu = PagedKvCache::from_snapshot(&Backend::Cpu, config, &snapshot).unwrap();
         let shuffle_seed = rng.random();
         on_gpu.shuffle_free_blocks(&mut StdRng::seed_from_u64(shuffle_seed));
         on_cpu.shuffle_free_blocks(&mut StdRng::seed_from_u64(shuffle_seed));

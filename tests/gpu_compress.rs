@@ -135,8 +135,8 @@ fn compress_on_both(
     args: &CompressArgs,
     name: &str,
 ) {
-    let mut on_gpu = PagedKvCache::from_snapshot(gpu, cfg, snapshot.clone()).unwrap();
-    let mut on_cpu = PagedKvCache::from_snapshot(&Backend::Cpu, cfg, snapshot.clone()).unwrap();
+    let mut on_gpu = PagedKvCache::from_snapshot(gpu, cfg, snapshot).unwrap();
+    let mut on_cpu = PagedKvCache::from_snapshot(&Backend::Cpu, cfg, snapshot).unwrap();
     match (on_gpu.compress(args), on_cpu.compress(args)) {
         (Ok(g), Ok(c)) => {
             assert_eq!(g.seqs, c.seqs, "{name}: sequence reports");
@@ -291,7 +291,7 @@ fn continual_compression_keeps_both_caches_consistent_and_equal() {
                 &format!("step {step} metrics (seed {seed})"),
             );
             gpu_snapshot.metric = cpu.metric.clone();
-            caches[0] = PagedKvCache::from_snapshot(&gpu, cfg, gpu_snapshot).unwrap();
+            caches[0] = PagedKvCache::from_snapshot(&gpu, cfg, &gpu_snapshot).unwrap();
             let args = CompressArgs {
                 seqs: &[0, 1],
                 budgets: &[Budget::Rate(2.0), Budget::MaxTokens(120)],

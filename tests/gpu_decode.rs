@@ -76,8 +76,8 @@ impl Case {
         Case {
             name,
             seed,
-            gpu_cache: PagedKvCache::from_snapshot(gpu, config, snapshot.clone()).unwrap(),
-            cpu_cache: PagedKvCache::from_snapshot(&Backend::Cpu, config, snapshot).unwrap(),
+            gpu_cache: PagedKvCache::from_snapshot(gpu, config, &snapshot).unwrap(),
+            cpu_cache: PagedKvCache::from_snapshot(&Backend::Cpu, config, &snapshot).unwrap(),
             dtype: s.dtype,
             q_shape,
             q_values,
@@ -324,8 +324,7 @@ fn recording_is_deterministic_and_leaves_the_output_bits_alone() {
             }),
         ] {
             for _ in 0..2 {
-                let mut cache =
-                    PagedKvCache::from_snapshot(&gpu, config, snapshot.clone()).unwrap();
+                let mut cache = PagedKvCache::from_snapshot(&gpu, config, &snapshot).unwrap();
                 let args = DecodeArgs {
                     partition_kvs,
                     record,
@@ -398,8 +397,8 @@ fn continual_decode_with_recording_matches_reference() {
     let mut snapshot = random_snapshot(&config, &lens, &mut rng);
     zero_live_metrics(&mut snapshot);
     let mut caches = [
-        PagedKvCache::from_snapshot(&gpu, config, snapshot.clone()).unwrap(),
-        PagedKvCache::from_snapshot(&Backend::Cpu, config, snapshot).unwrap(),
+        PagedKvCache::from_snapshot(&gpu, config, &snapshot).unwrap(),
+        PagedKvCache::from_snapshot(&Backend::Cpu, config, &snapshot).unwrap(),
     ];
     let skip = [1, 2];
     for step in 0..40 {

@@ -153,8 +153,7 @@ fn reference_aggregation_matches_naive_formulation() {
             &q_values,
         )
         .unwrap();
-        let mut cache =
-            PagedKvCache::from_snapshot(&Backend::Cpu, config, snapshot.clone()).unwrap();
+        let mut cache = PagedKvCache::from_snapshot(&Backend::Cpu, config, &snapshot).unwrap();
         let args = AggregateArgs {
             scale: 1.0 / (head_dim as f32).sqrt(),
             metric,
@@ -210,7 +209,7 @@ fn l1_mass_of_a_window_is_one_per_query_and_head() {
     snapshot.last_position = vec![63];
     let q_values = random_values(DType::F32, 64 * 4 * 64, 3.0, &mut rng);
     let q = Tensor::from_f32(&Backend::Cpu, DType::F32, &[1, 64, 4, 64], &q_values).unwrap();
-    let mut cache = PagedKvCache::from_snapshot(&Backend::Cpu, config, snapshot).unwrap();
+    let mut cache = PagedKvCache::from_snapshot(&Backend::Cpu, config, &snapshot).unwrap();
     let args = AggregateArgs {
         scale: 0.125,
         metric: Metric::L1,

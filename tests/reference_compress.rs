@@ -143,7 +143,7 @@ fn check_step(
 ) -> Result<(), TestCaseError> {
     let (config, before) = random_cache(seed, 2, 2, 3, 8, 45);
     let g = config.geometry();
-    let mut cache = PagedKvCache::from_snapshot(&Backend::Cpu, config, before.clone()).unwrap();
+    let mut cache = PagedKvCache::from_snapshot(&Backend::Cpu, config, &before).unwrap();
     let args = CompressArgs {
         seqs: &[1, 0],
         budgets: &[budget, budget],
@@ -307,7 +307,7 @@ fn physical_compression_equals_theoretical_up_to_one_block_per_head_slot() {
         let seed = common::fresh_seed();
         let mut snapshot = common::random_snapshot(&config, &lens, &mut common::rng(seed));
         snapshot.last_position = vec![4095, 4095];
-        let mut cache = PagedKvCache::from_snapshot(&Backend::Cpu, config, snapshot).unwrap();
+        let mut cache = PagedKvCache::from_snapshot(&Backend::Cpu, config, &snapshot).unwrap();
         let kvs_before: u64 = 2 * 16 * 4096;
         let blocks_before = cache.allocator().num_allocated();
         let args = CompressArgs {

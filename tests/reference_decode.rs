@@ -94,8 +94,7 @@ fn reference_decode_matches_naive_dense_attention() {
             5,
         );
         let snapshot = random_snapshot(&config, &lens, &mut rng);
-        let mut cache =
-            PagedKvCache::from_snapshot(&Backend::Cpu, config, snapshot.clone()).unwrap();
+        let mut cache = PagedKvCache::from_snapshot(&Backend::Cpu, config, &snapshot).unwrap();
         let q_shape = [
             num_seqs as usize,
             (num_kv_heads * group_size) as usize,
@@ -143,7 +142,7 @@ fn empty_head_slot_gives_zeros() {
     let mut cache = PagedKvCache::from_snapshot(
         &Backend::Cpu,
         config,
-        random_snapshot(&config, &lens, &mut rng),
+        &random_snapshot(&config, &lens, &mut rng),
     )
     .unwrap();
     let q = Tensor::full(&Backend::Cpu, DType::F16, &[1, 4, 64], 1.0).unwrap();
@@ -166,7 +165,7 @@ fn reference_recording_matches_naive_squared_attention() {
     let lens = [0u32, 1, 15, 16, 17, 97, 300, 40];
     let config = config_for(DType::F32, 64, 16, 4, 2, 1, 4, &lens, 3);
     let snapshot = random_snapshot(&config, &lens, &mut rng);
-    let mut cache = PagedKvCache::from_snapshot(&Backend::Cpu, config, snapshot.clone()).unwrap();
+    let mut cache = PagedKvCache::from_snapshot(&Backend::Cpu, config, &snapshot).unwrap();
     let q_shape = [2, 16, 64];
     let q_values = random_values(DType::F32, 2 * 16 * 64, 4.0, &mut rng);
     let q = Tensor::from_f32(&Backend::Cpu, DType::F32, &q_shape, &q_values).unwrap();

@@ -121,44 +121,44 @@ fn snapshots_are_checked(backend: &Backend) {
     let mut s = good.clone();
     s.block_tables[0] = config.num_blocks as i32;
     assert_invalid(
-        PagedKvCache::from_snapshot(backend, config, s),
+        PagedKvCache::from_snapshot(backend, config, &s),
         "block_tables",
     );
     let mut s = good.clone();
     s.block_tables[0] = -3;
     assert_invalid(
-        PagedKvCache::from_snapshot(backend, config, s),
+        PagedKvCache::from_snapshot(backend, config, &s),
         "block_tables",
     );
     let mut s = good.clone();
     s.block_tables[2 * mb] = s.block_tables[0]; // head slot 2 takes head slot 0's first block
     assert_invalid(
-        PagedKvCache::from_snapshot(backend, config, s),
+        PagedKvCache::from_snapshot(backend, config, &s),
         "block_tables",
     );
     let mut s = good.clone();
     s.context_lens[1] = (config.max_blocks_per_head * config.block_size + 1) as i32;
     assert_invalid(
-        PagedKvCache::from_snapshot(backend, config, s),
+        PagedKvCache::from_snapshot(backend, config, &s),
         "context_lens",
     );
     let mut s = good.clone();
     s.context_lens[1] = -1;
     assert_invalid(
-        PagedKvCache::from_snapshot(backend, config, s),
+        PagedKvCache::from_snapshot(backend, config, &s),
         "context_lens",
     );
     let mut s = good.clone();
     s.metric.pop();
-    assert_invalid(PagedKvCache::from_snapshot(backend, config, s), "metric");
+    assert_invalid(PagedKvCache::from_snapshot(backend, config, &s), "metric");
     let mut s = good;
     s.k_pool.push(0);
-    assert_invalid(PagedKvCache::from_snapshot(backend, config, s), "k_pool");
+    assert_invalid(PagedKvCache::from_snapshot(backend, config, &s), "k_pool");
 }
 
 fn decode_inputs_are_checked(backend: &Backend) {
     let (config, snapshot) = base();
-    let mut cache = PagedKvCache::from_snapshot(backend, config, snapshot).unwrap();
+    let mut cache = PagedKvCache::from_snapshot(backend, config, &snapshot).unwrap();
     let before = cache.snapshot().unwrap();
     let free = cache.allocator().num_free();
     let shape = [2, 4, 64];
@@ -203,7 +203,7 @@ fn decode_inputs_are_checked(backend: &Backend) {
 fn aggregate_inputs_are_checked(backend: &Backend) {
     let (config, mut snapshot) = base();
     snapshot.last_position = vec![32, 4];
-    let mut cache = PagedKvCache::from_snapshot(backend, config, snapshot).unwrap();
+    let mut cache = PagedKvCache::from_snapshot(backend, config, &snapshot).unwrap();
     let before = cache.snapshot().unwrap();
     let free = cache.allocator().num_free();
     let q = Tensor::full(backend, DType::F16, &[2, 8, 4, 64], 0.5).unwrap();
@@ -264,7 +264,7 @@ fn aggregate_inputs_are_checked(backend: &Backend) {
 
 fn append_inputs_are_checked(backend: &Backend) {
     let (config, snapshot) = base();
-    let mut cache = PagedKvCache::from_snapshot(backend, config, snapshot).unwrap();
+    let mut cache = PagedKvCache::from_snapshot(backend, config, &snapshot).unwrap();
     let before = cache.snapshot().unwrap();
     let free = cache.allocator().num_free();
     let kv = |tokens: usize| Tensor::full(backend, DType::F16, &[tokens, 2, 64], 0.5).unwrap();
@@ -301,7 +301,7 @@ fn out_of_blocks_leaves_cache_untouched(backend: &Backend) {
     let mut config = config_for(DType::F32, 64, 16, 1, 1, 1, 2, &lens, 3);
     config.max_blocks_per_head = 64;
     let snapshot = random_snapshot(&config, &lens, &mut rng(fresh_seed()));
-    let mut cache = PagedKvCache::from_snapshot(backend, config, snapshot).unwrap();
+    let mut cache = PagedKvCache::from_snapshot(backend, config, &snapshot).unwrap();
     let before = cache.snapshot().unwrap();
     // 2 heads x 2 new blocks = 4 blocks, only 3 free.
     let kv = Tensor::full(backend, DType::F32, &[32, 2, 64], 0.5).unwrap();
@@ -315,7 +315,7 @@ fn out_of_blocks_leaves_cache_untouched(backend: &Backend) {
 
 fn tensors_on_another_backend_are_rejected(gpu: &Backend) {
     let (config, snapshot) = base();
-    let mut cache = PagedKvCache::from_snapshot(gpu, config, snapshot).unwrap();
+    let mut cache = PagedKvCache::from_snapshot(gpu, config, &snapshot).unwrap();
     let q = Tensor::full(&Backend::Cpu, DType::F16, &[2, 4, 64], 1.0).unwrap();
     let mut out = Tensor::full(gpu, DType::F16, &[2, 4, 64], 1.0).unwrap();
     assert_invalid(

@@ -156,7 +156,7 @@ pub fn bench_compress(
         let config = model.config(batch, context, layers);
         let snapshot = kvcompress::bench::filled_snapshot(config, context, 1);
         // One decode step over every layer, in the same run.
-        let mut cache = PagedKvCache::from_snapshot(&backend, config, snapshot.clone())?;
+        let mut cache = PagedKvCache::from_snapshot(&backend, config, &snapshot)?;
         let q_shape = [
             batch as usize,
             (model.kv_heads * model.group_size) as usize,
@@ -173,7 +173,7 @@ pub fn bench_compress(
         let args = batch_args.args();
         let mut samples = Vec::new();
         for _ in 0..opts.reps.clamp(3, 7) {
-            let mut cache = PagedKvCache::from_snapshot(&backend, config, snapshot.clone())?;
+            let mut cache = PagedKvCache::from_snapshot(&backend, config, &snapshot)?;
             // As in an engine, the step follows a decode step, not the multi-GB upload of a
             // fresh cache (right after which each driver call took 15-27 us instead of 2-5:
             // docs/PERF.md, compression v10).

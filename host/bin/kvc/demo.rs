@@ -437,7 +437,7 @@ pub fn demo(args: DemoArgs) -> AnyResult {
                     *m = metric_rng.random();
                 }
             }
-            let mut cache = PagedKvCache::from_snapshot(&backend, config, start_snapshot)?;
+            let mut cache = PagedKvCache::from_snapshot(&backend, config, &start_snapshot)?;
             let seqs: Vec<u32> = (0..args.batch).collect();
             let budgets: Vec<Budget> = if uniform_blocks.is_empty() {
                 vec![Budget::Rate(rate); args.batch as usize]

@@ -52,8 +52,8 @@ pub fn verify(model: Preset, batch: u32, context: u32, layers: u32, seed: u64) -
         };
         let snapshot = filled_snapshot(config, context, seed);
         let mut caches = [
-            PagedKvCache::from_snapshot(&gpu, config, snapshot.clone())?,
-            PagedKvCache::from_snapshot(&Backend::Cpu, config, snapshot)?,
+            PagedKvCache::from_snapshot(&gpu, config, &snapshot)?,
+            PagedKvCache::from_snapshot(&Backend::Cpu, config, &snapshot)?,
         ];
         let mut rng = StdRng::seed_from_u64(seed);
         let hq = q_heads as usize;
@@ -117,7 +117,7 @@ pub fn verify(model: Preset, batch: u32, context: u32, layers: u32, seed: u64) -
         // Compression acts on both from the same metrics (the GPU's differ in the last bits).
         let mut snapshot = caches[0].snapshot()?;
         snapshot.metric = metrics[1].clone();
-        caches[0] = PagedKvCache::from_snapshot(&gpu, config, snapshot)?;
+        caches[0] = PagedKvCache::from_snapshot(&gpu, config, &snapshot)?;
 
         let kv: Vec<f32> = (0..batch as usize * 16 * kv_heads as usize * d)
             .map(|_| rng.random_range(-1.0..1.0))
