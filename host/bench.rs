@@ -152,24 +152,22 @@ pub fn filled_snapshot(config: CacheConfig, context_len: u32, seed: u64) -> Cach
     }
 }
 
-/// Random elements of magnitude below 1, made from random bits (fast for gigabytes).
+/// Random elements of magnitude below 1, made from random bits (fast for gigabytes: each
+/// random u64 fills 8 bytes, masked per element).
 fn random_pool(dtype: DType, elems: usize, rng: &mut SmallRng) -> Vec<u8> {
     let mut bytes = vec![0u8; elems * dtype.elem_bytes() as usize];
-    match dtype {
-        // Sign, then an exponent below 0x3c00 (1.0), then the mantissa: values in (-1, 1).
-        DType::F16 => fill_words::<2>(&mut bytes, rng, |r| ((r as u16) & 0xbbff).to_le_bytes()),
-        DType::Bf16 => fill_words::<2>(&mut bytes, rng, |r| ((r as u16) & 0xbf7f).to_le_bytes()),
-        DType::F32 => fill_words::<4>(&mut bytes, rng, |r| {
-            ((r as u32) & 0xbf7f_ffff).to_le_bytes()
-        }),
+    // Each element's sign, then an exponent below that of 1.0, then its mantissa: values in
+    // (-1, 1).
+    let mask: u64 = match dtype {
+        DType::F16 => 0xbbff_bbff_bbff_bbff,
+        DType::Bf16 => 0xbf7f_bf7f_bf7f_bf7f,
+        DType::F32 => 0xbf7f_ffff_bf7f_ffff,
+    };
+    for chunk in bytes.chunks_mut(8) {
+        let word = (rng.random::<u64>() & mask).to_le_bytes();
+        chunk.copy_from_slice(&word[..chunk.len()]);
     }
     bytes
-}
-
-fn fill_words<const N: usize>(bytes: &mut [u8], rng: &mut SmallRng, word: impl Fn(u64) -> [u8; N]) {
-    for chunk in bytes.chunks_exact_mut(N) {
-        chunk.copy_from_slice(&word(rng.random::<u64>()));
-    }
 }
 
 /// Layers a benchmark cache needs so that rotating through them touches at least five times
@@ -178,4 +176,31 @@ pub fn rotation_layers(gpu: &Gpu, bytes_per_layer: u64, max_layers: u32) -> u32 
     (5 * gpu.l2_bytes())
         .div_ceil(bytes_per_layer.max(1))
         .clamp(1, max_layers as u64) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::random_pool;
+    use crate::dtype::{decode, DType};
+    use rand::rngs::SmallRng;
+    use rand::SeedableRng;
+
+    /// Every element of every dtype lies in (-1, 1), and the bits vary (not a constant pool).
+    #[test]
+    fn random_pools_hold_values_below_one() {
+        let mut rng = SmallRng::seed_from_u64(rand::random());
+        for dtype in [DType::F16, DType::Bf16, DType::F32] {
+            // An odd count: the last random word is cut short.
+            let values = decode(dtype, &random_pool(dtype, 4099, &mut rng));
+            assert_eq!(values.len(), 4099);
+            assert!(values.iter().all(|v| v.abs() < 1.0), "{dtype:?}");
+            let distinct: std::collections::HashSet<u32> =
+                values.iter().map(|v| v.to_bits()).collect();
+            assert!(
+                distinct.len() > 1000,
+                "{dtype:?}: {} distinct",
+                distinct.len()
+            );
+        }
+    }
 }
