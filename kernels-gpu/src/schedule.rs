@@ -32,7 +32,7 @@ use kvc_abi::plan::{
     COMPRESS_THREADS, HIST_CHUNK_KVS, MIN_BLOCK_SIZE, SCAN_THREADS, SCAN_WARPS, WARP_SIZE,
 };
 
-use crate::gpu::mem::{load, load_chunk, load_nc, store, store_chunk};
+use crate::gpu::mem::{load, load_chunk, load_nc, store, store_chunk, Chunk};
 use crate::gpu::mma::shared_addr;
 use crate::gpu::smem::dynamic_f32;
 use crate::gpu::sync::{atomic_add_acq_rel, global_add, shared_add, shared_fetch_add, shared_min};
@@ -154,6 +154,23 @@ unsafe fn run_at(p: &CompressParams, head_slot: u64, first: u32) -> (u64, u64) {
     (p.cache.position + at, p.cache.metric + at)
 }
 
+/// The metrics and the positions of the `BATCH` consecutive logical KVs from `first` of a
+/// head slot (see `run_at`), as two 16-byte chunks each, all four loads issued at once.
+///
+/// # Safety
+/// As [`run_at`].
+#[inline(always)]
+unsafe fn load_run(p: &CompressParams, head_slot: u64, first: u32) -> ([Chunk; 2], [Chunk; 2]) {
+    // SAFETY: forwarded from the caller; the chunks lie in the run's block's slots.
+    unsafe {
+        let (position, metric) = run_at(p, head_slot, first);
+        (
+            [load_chunk(metric), load_chunk(metric + 16)],
+            [load_chunk(position), load_chunk(position + 16)],
+        )
+    }
+}
+
 /// Position, metric key and evictability of the `BATCH` consecutive logical KVs from `first`
 /// of a head slot (see `run_at`): one table load and four 16-byte loads, where `kv_batch`
 /// needs a table load and two scalar loads per KV. KVs at or past `len` are reported not
@@ -179,14 +196,8 @@ pub unsafe fn kv_run(
     if first >= len {
         return batch;
     }
-    // SAFETY: first < len; the chunks lie in its block's slots.
-    let (metrics, positions) = unsafe {
-        let (position, metric) = run_at(p, head_slot, first);
-        (
-            [load_chunk(metric), load_chunk(metric + 16)],
-            [load_chunk(position), load_chunk(position + 16)],
-        )
-    };
+    // SAFETY: first < len.
+    let (metrics, positions) = unsafe { load_run(p, head_slot, first) };
     for u in 0..BATCH {
         batch.metric[u] = metrics[u / 4][u % 4];
         batch.key[u] = metric_key(f32::from_bits(batch.metric[u]));
@@ -370,14 +381,8 @@ unsafe fn first_pass(p: &CompressParams, w: u32, s: u32, lo: u32, bins_at: u32) 
         let mut high = [0u32; 4];
         let mut mid = 0u64;
         if first < hi {
-            // SAFETY: first < hi <= len; the chunks lie in its block's slots.
-            let (metrics, positions) = unsafe {
-                let (position_at, metric_at) = run_at(p, head_slot, first);
-                (
-                    [load_chunk(metric_at), load_chunk(metric_at + 16)],
-                    [load_chunk(position_at), load_chunk(position_at + 16)],
-                )
-            };
+            // SAFETY: first < hi <= len.
+            let (metrics, positions) = unsafe { load_run(p, head_slot, first) };
             for u in 0..BATCH {
                 let key = metric_key(f32::from_bits(metrics[u / 4][u % 4]));
                 high[u / 2] |= (key >> 16) << (16 * (u % 2));
