@@ -1,6 +1,6 @@
-//! Launchers of the compression step on the GPU (SPEC §5-§7): four radix passes of
-//! histograms and digit choices (`schedule.rs`), the budget after the first, the blocks per
-//! head slot after the last, then compaction (`compact.rs`).
+//! Launchers of the compression step on the GPU (SPEC §5-§7): `sched_init`, four radix
+//! passes of histograms and digit choices (`schedule.rs`), the budget after the first, the
+//! blocks per head slot after the last, then compaction (`compact.rs`).
 //!
 //! The host's inputs and results travel through host-mapped memory, so no copy or memset
 //! stands between the host's call and the first kernel, nor between the schedule and the
@@ -9,10 +9,11 @@
 //! free, KVs to evict: all the host needs to bring its tables, lengths and allocator up to
 //! date) there as well as to the workspace. The host waits for the schedule alone and does
 //! its per-block work (a table entry and a free-list entry per freed block: 1.8 M at 16 x
-//! 8192, both in pages touched before) while the device compacts. An explicit budget that cannot be met sets `status`, and the compaction then
-//! changes nothing. A timed step waits for the compaction's end event (where its `step_ms`
-//! stops), then reads back the moves per head slot for the report; an untimed one returns
-//! without waiting (stream order covers what follows).
+//! 8192, both in pages touched before) while the device compacts. An explicit budget that
+//! cannot be met sets `status`, and the compaction then changes nothing. A timed step waits
+//! for the compaction's end event (where its `step_ms` stops), then reads back the moves per
+//! head slot for the report; an untimed one returns without waiting (stream order covers
+//! what follows).
 //! Past `PARALLEL_RELEASE_BLOCKS` that work is shared by threads, each a run of head slots with
 //! its own stretch of the free list, so the order of the free list is the same either way.
 
