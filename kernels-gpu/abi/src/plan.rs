@@ -853,6 +853,53 @@ mod tests {
             );
         }
     }
+
+    /// The host-mapped words of a compression step: the inputs in `seq_in`'s layout, then the
+    /// status, the per-sequence reports and the per-head results, each word once; and
+    /// `sched_init`'s grid covers everything it clears.
+    #[test]
+    fn compress_host_words_and_the_clear_are_laid_out_once() {
+        use crate::params::compress::{
+            IO_HEAD_BLOCKS, IO_HEAD_EVICTIONS, IO_HEAD_WORDS, SEQ_IN_WORDS, SEQ_OUT_WORDS,
+        };
+        use crate::params::CompressParams;
+        for (seqs, group_heads, longest) in [(1, 8, 1), (3, 8, 4097), (16, 1, 8192), (2, 4, 100)] {
+            let g = geometry(seqs);
+            let plan = plan_compress(&g, seqs, group_heads, longest);
+            let mut p: CompressParams = bytemuck::Zeroable::zeroed();
+            p.cache.geometry = g;
+            p.num_work_seqs = seqs;
+            p.group_heads = group_heads;
+            p.chunks_per_head = plan.chunks_per_head;
+            let w = plan.num_work_heads;
+            // Room for the largest case (16 sequences of 8 head slots).
+            let mut words = [0u32; 512];
+            assert!(p.io_words() as usize <= words.len());
+            let words = &mut words[..p.io_words() as usize];
+            let mut mark = |word: u64| words[word as usize] += 1;
+            for s in 0..seqs {
+                (0..SEQ_IN_WORDS).for_each(|f| mark(p.io_seq_in_word(s, f)));
+                (0..SEQ_OUT_WORDS).for_each(|f| mark(p.io_seq_out_word(s, f)));
+            }
+            mark(p.io_status_word());
+            for h in 0..w {
+                mark(p.io_head_word(h, IO_HEAD_BLOCKS));
+                mark(p.io_head_word(h, IO_HEAD_EVICTIONS));
+            }
+            assert!(words.iter().all(|&n| n == 1), "{words:?}");
+            assert_eq!(
+                p.io_words(),
+                (seqs * (SEQ_IN_WORDS + SEQ_OUT_WORDS) + 1 + w * IO_HEAD_WORDS) as u64
+            );
+            assert!(p.io_seq_in_word(seqs - 1, SEQ_IN_WORDS - 1) < p.io_status_word());
+            assert_eq!(p.hist_clear_words() * 4, plan.hist_bytes());
+            let [_, seq_out, _, _, _, hist] = plan.offsets(seqs);
+            let cleared = hist - seq_out + plan.hist_bytes();
+            let grid = plan.init.grid[0] as u64;
+            assert!(grid * INIT_CTA_BYTES as u64 >= cleared);
+            assert!((grid - 1) * (INIT_CTA_BYTES as u64) < cleared.max(1));
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
