@@ -7,6 +7,7 @@
 //! `ops::append`). So the tables are valid by construction, and a table imported with
 //! [`PagedKvCache::from_snapshot`] is validated once, on import.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
@@ -215,7 +216,7 @@ impl PagedKvCache {
             context_lens: vec![0; g.num_head_slots() as usize],
             last_position: vec![-1; g.num_seqs as usize],
         };
-        Self::from_snapshot(backend, config, &snapshot)
+        Self::from_any_snapshot(backend, config, Cow::Owned(snapshot))
     }
 
     /// A cache holding a copy of `snapshot`, validated (SPEC §8): sizes, live block ids inside
@@ -227,9 +228,19 @@ impl PagedKvCache {
         config: CacheConfig,
         snapshot: &CacheSnapshot,
     ) -> Result<Self> {
+        Self::from_any_snapshot(backend, config, Cow::Borrowed(snapshot))
+    }
+
+    /// [`PagedKvCache::from_snapshot`] for a borrowed or an owned snapshot: a CPU cache takes
+    /// an owned snapshot's arrays without copying them (`new`'s zeroed pools).
+    fn from_any_snapshot(
+        backend: &Backend,
+        config: CacheConfig,
+        snapshot: Cow<'_, CacheSnapshot>,
+    ) -> Result<Self> {
         validate::config(&config)?;
         let g = config.geometry();
-        let owned = validate::snapshot(&g, config.dtype, snapshot)?;
+        let owned = validate::snapshot(&g, config.dtype, &snapshot)?;
         let mut block_tables = snapshot.block_tables.clone();
         for head_slot in 0..g.num_head_slots() {
             let live = g.blocks_for(snapshot.context_lens[head_slot as usize] as u32);
@@ -237,13 +248,20 @@ impl PagedKvCache {
                 block_tables[g.block_table_at(head_slot, logical_block) as usize] = -1;
             }
         }
+        let (context_lens, last_position) = (
+            snapshot.context_lens.clone(),
+            snapshot.last_position.clone(),
+        );
         let arrays = match backend {
-            Backend::Cpu => Arrays::Host(HostArrays {
-                k_pool: snapshot.k_pool.clone(),
-                v_pool: snapshot.v_pool.clone(),
-                metric: snapshot.metric.clone(),
-                position: snapshot.position.clone(),
-            }),
+            Backend::Cpu => {
+                let snapshot = snapshot.into_owned();
+                Arrays::Host(HostArrays {
+                    k_pool: snapshot.k_pool,
+                    v_pool: snapshot.v_pool,
+                    metric: snapshot.metric,
+                    position: snapshot.position,
+                })
+            }
             Backend::Cuda(gpu) => Arrays::Cuda(Box::new(DeviceArrays {
                 gpu: gpu.clone(),
                 k_pool: gpu.upload(&snapshot.k_pool)?,
@@ -263,8 +281,8 @@ impl PagedKvCache {
             config,
             allocator: BlockAllocator::from_in_use(&owned),
             block_tables,
-            context_lens: snapshot.context_lens.clone(),
-            last_position: snapshot.last_position.clone(),
+            context_lens,
+            last_position,
             arrays,
         })
     }
