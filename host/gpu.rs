@@ -182,6 +182,12 @@ fn pinned(ctx: &Arc<CudaContext>, bytes: usize, mapped: bool) -> Result<PinnedHo
         .map_err(Error::driver("allocating pinned host memory"))
 }
 
+/// A new event (timing enabled).
+fn new_event(ctx: &Arc<CudaContext>) -> Result<CudaEvent> {
+    ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+        .map_err(Error::driver("creating an event"))
+}
+
 /// Host-mapped memory, its device address, and an event after the launches that use it.
 struct Mapped {
     host: PinnedHostSlice<u8>,
@@ -200,9 +206,7 @@ impl Mapped {
         unsafe { cudarc::driver::sys::cuMemHostGetDevicePointer_v2(&mut device, ptr.cast(), 0) }
             .result()
             .map_err(Error::driver("mapping host memory"))?;
-        let done = ctx
-            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(Error::driver("creating an event"))?;
+        let done = new_event(ctx)?;
         Ok(Self { host, device, done })
     }
 }
@@ -370,10 +374,7 @@ impl Gpu {
         let staging = pinned(&ctx, INITIAL_STAGING_BYTES, false)?;
         let host_io = Mapped::new(&ctx, INITIAL_HOST_IO_BYTES)?;
         let timing = (0..TIMING_EVENTS)
-            .map(|_| {
-                ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                    .map_err(Error::driver("creating an event"))
-            })
+            .map(|_| new_event(&ctx))
             .collect::<Result<_>>()?;
         Ok(Arc::new(Self {
             ctx,
@@ -548,9 +549,7 @@ impl Gpu {
 
     /// A new event.
     pub(crate) fn event(&self) -> Result<CudaEvent> {
-        self.ctx
-            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(Error::driver("creating an event"))
+        new_event(&self.ctx)
     }
 
     /// Records `event` on the stream.
