@@ -188,12 +188,21 @@ fn new_event(ctx: &Arc<CudaContext>) -> Result<CudaEvent> {
         .map_err(Error::driver("creating an event"))
 }
 
-/// Host-mapped memory, its device address, and an event after the launches that use it.
+/// Host-mapped memory, its host and device addresses, and an event after the launches that
+/// use it.
 struct Mapped {
     host: PinnedHostSlice<u8>,
+    /// `host`'s start as words (pinned allocations are page-aligned), taken once: cudarc's
+    /// accessors first wait on an event it records for its own copies (this memory is only
+    /// used by kernels), a driver call per step before the first launch.
+    words: *mut u32,
     device: u64,
     done: CudaEvent,
 }
+
+// SAFETY: `words` points into `host`, which `Mapped` owns and which may move between
+// threads; the memory is only reached through `&mut Mapped` or `&Mapped` held by a `HostIo`.
+unsafe impl Send for Mapped {}
 
 impl Mapped {
     fn new(ctx: &Arc<CudaContext>, bytes: usize) -> Result<Self> {
@@ -207,7 +216,12 @@ impl Mapped {
             .result()
             .map_err(Error::driver("mapping host memory"))?;
         let done = new_event(ctx)?;
-        Ok(Self { host, device, done })
+        Ok(Self {
+            host,
+            words: ptr.cast(),
+            device,
+            done,
+        })
     }
 }
 
@@ -217,20 +231,19 @@ impl Mapped {
 pub(crate) struct HostIo<'a> {
     mapped: MutexGuard<'a, Mapped>,
     stream: &'a CudaStream,
-    len: usize,
+    /// Words of the step's use.
+    words: usize,
     /// Kernels may use the memory: it must not be reused before they are done.
     handed_out: bool,
 }
 
 impl HostIo<'_> {
     /// The buffer as words, for the host to fill before any launch uses it.
-    pub(crate) fn words_mut(&mut self) -> Result<&mut [u32]> {
-        let bytes = self
-            .mapped
-            .host
-            .as_mut_slice()
-            .map_err(Error::driver("mapping host memory"))?;
-        Ok(bytemuck::cast_slice_mut(&mut bytes[..self.len]))
+    pub(crate) fn words_mut(&mut self) -> &mut [u32] {
+        // SAFETY: `self.words` words of the live pinned allocation `host` start at `words`;
+        // the guard makes this step its only user, and no kernel uses it yet (the step before
+        // waited for its own).
+        unsafe { std::slice::from_raw_parts_mut(self.mapped.words, self.words) }
     }
 
     /// The device address for kernel params; from now on the buffer waits for the stream
@@ -256,12 +269,8 @@ impl HostIo<'_> {
             .synchronize()
             .map_err(Error::driver("waiting for the device"))?;
         self.handed_out = false;
-        let bytes = self
-            .mapped
-            .host
-            .as_slice()
-            .map_err(Error::driver("mapping host memory"))?;
-        Ok(bytemuck::cast_slice(&bytes[..self.len]))
+        // SAFETY: as in `words_mut`; the launches that write it are done.
+        Ok(unsafe { std::slice::from_raw_parts(self.mapped.words, self.words) })
     }
 }
 
@@ -521,8 +530,10 @@ impl Gpu {
         }
     }
 
-    /// The host-mapped buffer, grown to at least `bytes`, for one step (one at a time).
-    pub(crate) fn host_io(&self, bytes: usize) -> Result<HostIo<'_>> {
+    /// The host-mapped buffer, grown to at least `words` 4-byte words, for one step (one at a
+    /// time).
+    pub(crate) fn host_io(&self, words: usize) -> Result<HostIo<'_>> {
+        let bytes = 4 * words;
         let mut mapped = self
             .host_io
             .lock()
@@ -534,7 +545,7 @@ impl Gpu {
         Ok(HostIo {
             mapped,
             stream: &self.stream,
-            len: bytes,
+            words,
             handed_out: false,
         })
     }

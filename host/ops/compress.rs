@@ -226,9 +226,10 @@ pub(crate) fn compress(
         host_io: 0,
     };
     // The inputs go to host-mapped memory, where `sched_init` reads them and the schedule
-    // leaves the host's results (zeroed here: a group that frees nothing writes none).
-    let mut io = gpu.host_io(params.io_words() as usize * 4)?;
-    let words = io.words_mut()?;
+    // leaves the host's results (every head slot's and sequence's; `status` only when a
+    // budget fails, so it is cleared here).
+    let mut io = gpu.host_io(params.io_words() as usize)?;
+    let words = io.words_mut();
     for (s, ((&seq, budget), &protected)) in
         (0..).zip(args.seqs.iter().zip(args.budgets).zip(args.protected))
     {
@@ -247,7 +248,7 @@ pub(crate) fn compress(
             words[params.io_seq_in_word(s, field) as usize] = word;
         }
     }
-    words[params.io_status_word() as usize..].fill(0);
+    words[params.io_status_word() as usize] = 0;
     params.host_io = io.device_addr();
     // Timing events only for a timed step (recording them costs the engine), none before the
     // first launch: the first command after an idle spell took the host 7-30 us (PERF

@@ -1078,6 +1078,18 @@ pub unsafe fn sched_digit_body(p: &CompressParams) {
 pub unsafe fn sched_final_body(p: &CompressParams) {
     // SAFETY: launched with the finish dims.
     let Some((q, slice, need, threshold)) = (unsafe { group_slice(p) }) else {
+        // A group that gives nothing: the host reads zero blocks and evictions for its head
+        // slots (it does not clear them itself).
+        let slices = p.slices_per_group();
+        let i = (block_idx_x() % slices) * SLICE_HEADS + thread_idx_x();
+        if thread_idx_x() < SLICE_HEADS && i < p.group_heads {
+            let w = (block_idx_x() / slices) * p.group_heads + i;
+            // SAFETY: w is a work head slot; host_io holds its result.
+            unsafe {
+                store::<u32>(p.host_io, p.io_head_word(w, IO_HEAD_BLOCKS), 0);
+                store::<u32>(p.host_io, p.io_head_word(w, IO_HEAD_EVICTIONS), 0);
+            }
+        }
         return; // uniform over the CTA
     };
     let geom = p.cache.geometry;
