@@ -1,7 +1,9 @@
-//! Builds `kernels-gpu/` to PTX with the pinned nightly (TOOLCHAIN.md) and hands it to the
-//! host crate through `OUT_DIR/kvc.ptx`. Without that nightly the committed copy
-//! `kernels-gpu/ptx/kvc.ptx` is used instead, with a warning; `tests/ptx_entries.rs` fails when
-//! the committed copy differs from a fresh build.
+//! Builds `kernels-gpu/` to PTX with the pinned nightly (TOOLCHAIN.md), twice: the portable
+//! module for `sm_80` (runs on Ampere and later) and the Hopper module for `sm_90a` (the same
+//! sources with `cfg(kvc_hopper)`, which turns on Hopper-only instructions), and hands them to
+//! the host crate through `OUT_DIR`. Without that nightly the committed copies in
+//! `kernels-gpu/ptx/` are used instead, with a warning; `tests/ptx_entries.rs` fails when a
+//! committed copy differs from a fresh build.
 
 use std::env;
 use std::fs;
@@ -24,6 +26,31 @@ const OUTER_VARS: [&str; 9] = [
     "CARGO_MAKEFLAGS",
 ];
 
+/// One PTX module: its file name (in `OUT_DIR` and `kernels-gpu/ptx/`) and its codegen flags.
+struct Module {
+    file: &'static str,
+    flags: &'static [&'static str],
+}
+
+const MODULES: [Module; 2] = [
+    Module {
+        file: "kvc.ptx",
+        flags: &[
+            "-C",
+            "target-cpu=sm_80",
+            // PTX ISA 7.4 (still sm_80 code): L2 cache policies and `discard.global.L2`
+            // (the decode's score stash, `gpu/mem.rs`).
+            "-C",
+            "target-feature=+ptx74",
+        ],
+    },
+    Module {
+        file: "kvc_sm90a.ptx",
+        // PTX ISA 8.0, the target's default.
+        flags: &["-C", "target-cpu=sm_90a", "--cfg", "kvc_hopper"],
+    },
+];
+
 fn main() {
     let root =
         PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
@@ -33,27 +60,31 @@ fn main() {
         "kernels-gpu/abi/src",
         "kernels-gpu/Cargo.toml",
         "kernels-gpu/abi/Cargo.toml",
-        "kernels-gpu/ptx/kvc.ptx",
+        "kernels-gpu/ptx",
     ] {
         println!("cargo:rerun-if-changed={path}");
     }
-    let committed = root.join("kernels-gpu/ptx/kvc.ptx");
-    let (ptx, source) = match build_ptx(&root, &out_dir) {
-        Ok(ptx) => (ptx, "fresh"),
-        Err(why) => {
-            println!("cargo:warning=using the committed kernels-gpu/ptx/kvc.ptx: {why}");
-            let ptx = fs::read_to_string(&committed)
-                .expect("the committed PTX kernels-gpu/ptx/kvc.ptx is missing");
-            (ptx, "committed")
-        }
-    };
-    fs::write(out_dir.join("kvc.ptx"), ptx).expect("OUT_DIR is writable");
+    let mut source = "fresh";
+    for module in &MODULES {
+        let ptx = match build_ptx(&root, &out_dir, module) {
+            Ok(ptx) => ptx,
+            Err(why) => {
+                let committed = format!("kernels-gpu/ptx/{}", module.file);
+                println!("cargo:warning=using the committed {committed}: {why}");
+                source = "committed";
+                fs::read_to_string(root.join(&committed))
+                    .unwrap_or_else(|e| panic!("the committed PTX {committed} is missing: {e}"))
+            }
+        };
+        fs::write(out_dir.join(module.file), ptx).expect("OUT_DIR is writable");
+    }
     println!("cargo:rustc-env=KVC_PTX_SOURCE={source}");
 }
 
-/// Runs the inner cargo of TOOLCHAIN.md and returns the PTX text.
-fn build_ptx(root: &Path, out_dir: &Path) -> Result<String, String> {
-    let target_dir = out_dir.join("kernels-target");
+/// Runs the inner cargo of TOOLCHAIN.md for `module` and returns the PTX text.
+fn build_ptx(root: &Path, out_dir: &Path, module: &Module) -> Result<String, String> {
+    // A target directory per module, so that neither build invalidates the other's.
+    let target_dir = out_dir.join("kernels-target").join(module.file);
     let mut cmd = Command::new("cargo");
     for var in OUTER_VARS {
         cmd.env_remove(var);
@@ -76,14 +107,9 @@ fn build_ptx(root: &Path, out_dir: &Path) -> Result<String, String> {
         .arg(root.join("kernels-gpu/Cargo.toml"))
         .arg("--target-dir")
         .arg(&target_dir)
+        .arg("--")
+        .args(module.flags)
         .args([
-            "--",
-            "-C",
-            "target-cpu=sm_80",
-            // PTX ISA 7.4 (still sm_80 code): L2 cache policies and `discard.global.L2`
-            // (the decode's score stash, `gpu/mem.rs`).
-            "-C",
-            "target-feature=+ptx74",
             "--emit=asm",
             "-C",
             "linker=true",

@@ -1,14 +1,15 @@
-//! The CUDA backend: one context and stream, the embedded PTX module, the kernel entry table,
-//! and the one function that launches a kernel.
+//! The CUDA backend: one context and stream, the embedded PTX modules (portable and Hopper,
+//! one loaded), the kernel entry table, and the two functions that launch a kernel (plainly,
+//! and chained after the previous one).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytemuck::Pod;
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    LaunchConfig, PinnedHostSlice, PushKernelArg,
+    DriverError, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use kvc_abi::params::compress::RADIX_PASSES;
 use kvc_abi::params::{AggregateParams, AppendParams, CompressParams, DecodeParams};
@@ -17,12 +18,21 @@ use kvc_abi::DType;
 
 use crate::error::{Error, Result};
 
-/// The kernels as PTX, built from `kernels-gpu/` by `build.rs` (or its committed copy).
+/// The kernels as portable PTX (`sm_80`: Ampere and later), built from `kernels-gpu/` by
+/// `build.rs` (or its committed copy).
 pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kvc.ptx"));
 
+/// The same kernels for Hopper (`sm_90a`, compute capability 9.0 only), with its
+/// instructions turned on (`cfg(kvc_hopper)` in `kernels-gpu/`).
+pub const PTX_SM90A: &str = include_str!(concat!(env!("OUT_DIR"), "/kvc_sm90a.ptx"));
+
 /// `fresh` when `build.rs` compiled the PTX with the pinned nightly, `committed` when it fell
-/// back to `kernels-gpu/ptx/kvc.ptx`.
+/// back to the copies in `kernels-gpu/ptx/`.
 pub const PTX_SOURCE: &str = env!("KVC_PTX_SOURCE");
+
+/// Set to any value, makes [`Gpu::new`] load the portable module on a Hopper GPU too (to test
+/// or compare it there).
+pub const PORTABLE_PTX_VAR: &str = "KVC_PORTABLE_PTX";
 
 /// Head dimensions with kernel instantiations.
 pub const HEAD_DIMS: [u32; 3] = [64, 128, 256];
@@ -328,6 +338,8 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     module: Arc<CudaModule>,
+    /// `module` is [`PTX_SM90A`].
+    hopper: bool,
     functions: Mutex<HashMap<String, CudaFunction>>,
     occupancy: Mutex<HashMap<(String, u32, u32), KernelProps>>,
     workspace: Mutex<CudaSlice<u8>>,
@@ -345,6 +357,7 @@ impl std::fmt::Debug for Gpu {
         f.debug_struct("Gpu")
             .field("name", &self.name)
             .field("props", &self.props)
+            .field("ptx_target", &self.ptx_target())
             .finish()
     }
 }
@@ -361,8 +374,17 @@ impl Gpu {
         let ctx =
             CudaContext::new(ordinal).map_err(|e| Error::CudaUnavailable { source: Some(e) })?;
         let stream = ctx.default_stream();
+        let capability = ctx
+            .compute_capability()
+            .map_err(Error::driver("reading the compute capability"))?;
+        // sm_90a code runs on compute capability 9.0 alone (it is not forward compatible).
+        let hopper = capability == (9, 0) && std::env::var_os(PORTABLE_PTX_VAR).is_none();
         let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_src(PTX))
+            .load_module(cudarc::nvrtc::Ptx::from_src(if hopper {
+                PTX_SM90A
+            } else {
+                PTX
+            }))
             .map_err(Error::driver("loading the PTX module"))?;
         let num_sms = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -389,6 +411,7 @@ impl Gpu {
             ctx,
             stream,
             module,
+            hopper,
             functions: Mutex::new(HashMap::new()),
             occupancy: Mutex::new(HashMap::new()),
             workspace: Mutex::new(workspace),
@@ -405,6 +428,15 @@ impl Gpu {
     /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The loaded module's target: `sm_90a` or `sm_80`.
+    pub fn ptx_target(&self) -> &'static str {
+        if self.hopper {
+            "sm_90a"
+        } else {
+            "sm_80"
+        }
     }
 
     /// What the launch planners use.
@@ -661,13 +693,78 @@ impl Gpu {
         let mut builder = self.stream.launch_builder(&f);
         builder.arg(&arg);
         // SAFETY: forwarded from the caller.
-        unsafe { builder.launch(cfg) }.map_err(|source| Error::Launch {
-            entry: entry.to_string(),
-            grid: dims.grid,
-            block: dims.block,
-            smem_bytes: dims.smem_bytes,
-            source,
-        })?;
+        unsafe { builder.launch(cfg) }.map_err(launch_error(entry, dims))?;
         Ok(())
+    }
+
+    /// [`Gpu::launch`] for a kernel that reads what the stream's previous kernel wrote and
+    /// waits for it itself (`gpu::sync::wait_for_prior_grid` before its first such read): with
+    /// the Hopper module it is launched with programmatic stream serialization, so that its
+    /// CTAs may start while the previous kernel's last ones finish (once every CTA of that
+    /// kernel allowed it, `allow_dependent_grid`), instead of after it.
+    ///
+    /// # Safety
+    /// As [`Gpu::launch`]; `entry` waits for the prior grid before it touches anything that grid
+    /// or an earlier launch writes.
+    pub(crate) unsafe fn launch_chained<P: Pod>(
+        &self,
+        entry: &str,
+        dims: LaunchDims,
+        params: &P,
+    ) -> Result<()> {
+        if !self.hopper {
+            // SAFETY: forwarded from the caller.
+            return unsafe { self.launch(entry, dims, params) };
+        }
+        let f = self.function(entry)?;
+        // SAFETY: an all-zero attribute value is valid plain data; one field is then set.
+        let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+        value.programmaticStreamSerializationAllowed = 1;
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value,
+        };
+        let config = sys::CUlaunchConfig {
+            gridDimX: dims.grid[0],
+            gridDimY: dims.grid[1],
+            gridDimZ: dims.grid[2],
+            blockDimX: dims.block[0],
+            blockDimY: dims.block[1],
+            blockDimZ: dims.block[2],
+            sharedMemBytes: dims.smem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        let mut arg = *params;
+        let mut args = [(&mut arg as *mut P).cast::<std::ffi::c_void>()];
+        self.ctx
+            .bind_to_thread()
+            .map_err(launch_error(entry, dims))?;
+        // SAFETY: `config` describes a launch on this context's stream; `args` holds one
+        // pointer to the kernel's single by-value parameter, laid out as its `.param`
+        // aggregate (as in `launch`); the rest is forwarded from the caller.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                f.cu_function(),
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(launch_error(entry, dims))
+    }
+}
+
+/// The error of a failed launch of `entry` with `dims`.
+fn launch_error(entry: &str, dims: LaunchDims) -> impl FnOnce(DriverError) -> Error + '_ {
+    move |source| Error::Launch {
+        entry: entry.to_string(),
+        grid: dims.grid,
+        block: dims.block,
+        smem_bytes: dims.smem_bytes,
+        source,
     }
 }

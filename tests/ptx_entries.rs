@@ -1,14 +1,22 @@
-//! The PTX the host embeds (no GPU needed): its entry points are exactly the host's table, it
-//! calls nothing unresolved, no kernel uses local memory, and the committed fallback copy
-//! equals a fresh build.
+//! The PTX modules the host embeds (no GPU needed): each one's entry points are exactly the
+//! host's table, it calls nothing unresolved, no kernel uses local memory or can panic, and
+//! the committed fallback copies equal a fresh build. The portable module has no Hopper-only
+//! instruction; the Hopper one has the waits of the chained launches.
 
 use std::collections::BTreeSet;
 use std::io::Write;
 
-use kvcompress::gpu::{entry_points, PTX, PTX_SOURCE};
+use kvcompress::gpu::{entry_points, PTX, PTX_SM90A, PTX_SOURCE};
 
-/// The committed copy `build.rs` falls back to without the pinned nightly.
+/// The committed copies `build.rs` falls back to without the pinned nightly.
 const COMMITTED: &str = include_str!("../kernels-gpu/ptx/kvc.ptx");
+const COMMITTED_SM90A: &str = include_str!("../kernels-gpu/ptx/kvc_sm90a.ptx");
+
+/// Each module: its name, its text, and its committed copy.
+const MODULES: [(&str, &str, &str); 2] = [
+    ("kvc.ptx", PTX, COMMITTED),
+    ("kvc_sm90a.ptx", PTX_SM90A, COMMITTED_SM90A),
+];
 
 fn entries(ptx: &str) -> BTreeSet<String> {
     ptx.lines()
@@ -19,39 +27,59 @@ fn entries(ptx: &str) -> BTreeSet<String> {
 
 #[test]
 fn ptx_entries_equal_the_host_table() {
-    let in_ptx = entries(PTX);
     let in_host: BTreeSet<String> = entry_points().into_iter().collect();
-    let missing: Vec<_> = in_host.difference(&in_ptx).collect();
-    let extra: Vec<_> = in_ptx.difference(&in_host).collect();
-    assert!(
-        missing.is_empty() && extra.is_empty(),
-        "missing in PTX: {missing:?}; not in the host table: {extra:?}"
-    );
+    for (name, ptx, _) in MODULES {
+        let in_ptx = entries(ptx);
+        let missing: Vec<_> = in_host.difference(&in_ptx).collect();
+        let extra: Vec<_> = in_ptx.difference(&in_host).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{name}: missing in PTX: {missing:?}; not in the host table: {extra:?}"
+        );
+    }
 }
 
-#[test]
-fn ptx_has_no_unresolved_calls() {
-    assert!(
-        !PTX.contains(".extern .func"),
-        "the PTX calls an unresolved function; the module will not load"
-    );
-}
-
-#[test]
-fn no_kernel_can_panic() {
+/// Text no module may contain, and what it would mean.
+const FORBIDDEN: [(&str, &str); 3] = [
+    (
+        ".extern .func",
+        "calls an unresolved function; the module will not load",
+    ),
     // A reachable panic (a division by a runtime zero, an unchecked index) compiles to a
     // `core::panicking` function that traps; kernels guard every such case instead.
-    assert!(
-        !PTX.contains("panicking"),
-        "a kernel has a panic path (search the PTX for `panicking`)"
-    );
+    (
+        "panicking",
+        "has a panic path (search the PTX for `panicking`)",
+    ),
+    // Per-lane arrays must be fully unrolled into registers (build.rs raises LLVM's unroll
+    // threshold for that); a `.local` depot means spills or a runtime-indexed array.
+    (".local", "uses local memory"),
+];
+
+#[test]
+fn no_kernel_calls_unresolved_functions_panics_or_uses_local_memory() {
+    for (name, ptx, _) in MODULES {
+        for (text, meaning) in FORBIDDEN {
+            assert!(!ptx.contains(text), "{name} {meaning}");
+        }
+    }
 }
 
 #[test]
-fn no_kernel_uses_local_memory() {
-    // Per-lane arrays must be fully unrolled into registers (build.rs raises LLVM's unroll
-    // threshold for that); a `.local` depot means spills or a runtime-indexed array.
-    assert!(!PTX.contains(".local"), "a kernel uses local memory");
+fn each_module_has_its_targets_instructions() {
+    assert!(PTX.contains(".target sm_80"), "kvc.ptx targets sm_80");
+    assert!(
+        PTX_SM90A.contains(".target sm_90a"),
+        "kvc_sm90a.ptx targets sm_90a"
+    );
+    assert!(
+        !PTX.contains("griddepcontrol"),
+        "kvc.ptx must load on Ampere: no Hopper-only instruction"
+    );
+    assert!(
+        PTX_SM90A.contains("griddepcontrol.wait"),
+        "kvc_sm90a.ptx: the chained compression kernels wait for the kernel before them"
+    );
 }
 
 #[test]
@@ -64,8 +92,10 @@ fn committed_ptx_equals_a_fresh_build() {
         );
         return;
     }
-    assert!(
-        PTX == COMMITTED,
-        "kernels-gpu/ptx/kvc.ptx is stale: copy the fresh build over it (scripts/update-ptx)"
-    );
+    for (name, ptx, committed) in MODULES {
+        assert!(
+            ptx == committed,
+            "kernels-gpu/ptx/{name} is stale: copy the fresh build over it (scripts/update-ptx)"
+        );
+    }
 }

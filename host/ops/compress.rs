@@ -262,22 +262,23 @@ pub(crate) fn compress(
     unsafe { gpu.launch(SCHED_INIT_ENTRY, plan.init, &params)? };
     let setup_ms = start.elapsed().as_secs_f64() * 1e3;
     mark(0)?;
-    // SAFETY: as above, after sched_init.
+    // SAFETY: as above, after sched_init; every kernel from here on waits for the one before
+    // it before it reads anything (`wait_for_prior_grid`), so each may be chained.
     unsafe {
         for pass in 0..RADIX_PASSES {
             params.pass = pass;
-            gpu.launch(SCHED_HIST_ENTRIES[pass as usize], plan.hist, &params)?;
+            gpu.launch_chained(SCHED_HIST_ENTRIES[pass as usize], plan.hist, &params)?;
             if pass == 0 {
-                gpu.launch(SCHED_BUDGET_ENTRY, plan.budget, &params)?;
+                gpu.launch_chained(SCHED_BUDGET_ENTRY, plan.budget, &params)?;
             }
-            gpu.launch(SCHED_DIGIT_ENTRY, plan.digit, &params)?;
+            gpu.launch_chained(SCHED_DIGIT_ENTRY, plan.digit, &params)?;
         }
-        gpu.launch(SCHED_FINAL_ENTRY, plan.finish, &params)?;
+        gpu.launch_chained(SCHED_FINAL_ENTRY, plan.finish, &params)?;
     }
     io.written()?;
     mark(1)?;
     // SAFETY: as above, after the schedule's last digit pass; with `status` set it returns.
-    unsafe { gpu.launch(COMPACT_ENTRY, plan.compact, &params)? };
+    unsafe { gpu.launch_chained(COMPACT_ENTRY, plan.compact, &params)? };
     mark(2)?;
     let results = io.wait()?;
     let seq_out = |s: u32, field: u32| results[params.io_seq_out_word(s, field) as usize];

@@ -35,7 +35,7 @@ use kvc_abi::plan::{
 use crate::gpu::mem::{load, load_chunk, store, store_chunk, Chunk};
 use crate::gpu::mma::shared_addr;
 use crate::gpu::smem::dynamic_f32;
-use crate::gpu::sync::shared_add;
+use crate::gpu::sync::{shared_add, wait_for_prior_grid};
 use crate::gpu::thread::{block_idx_x, lane_id, sync_threads, thread_idx_x, warp_id};
 use crate::gpu::warp::{ballot, lanemask_lt};
 use crate::schedule::{
@@ -81,6 +81,7 @@ impl Evict {
 /// Launched with `plan_compress`'s compact dims after the last digit pass.
 #[inline(always)]
 pub unsafe fn compact_body(p: &CompressParams) {
+    wait_for_prior_grid();
     let geom = p.cache.geometry;
     let w = block_idx_x();
     // SAFETY: status is one word; heads holds a row for w.

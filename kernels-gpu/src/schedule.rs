@@ -15,7 +15,10 @@
 //! turns each sequence's budget into blocks per group; after the last digit `sched_final`
 //! gives each head slot its blocks and shares out the ties. The work is linear in the KVs per
 //! pass; nothing is sorted. `compact.rs` then picks each head slot's `c_h` cheapest KVs and
-//! moves the rest.
+//! moves the rest. Every kernel after `sched_init` first waits for the one before it
+//! (`wait_for_prior_grid`) and lets the next one start its CTAs early (`allow_dependent_grid`):
+//! with the Hopper module the host chains them (programmatic dependent launch), so each
+//! launch overlaps the previous kernel's last CTAs.
 //!
 //! Host-validated: sequence rows, budgets and lengths; every live block in the pool.
 
@@ -35,7 +38,10 @@ use kvc_abi::plan::{
 use crate::gpu::mem::{load, load_chunk, load_nc, store, store_chunk, Chunk};
 use crate::gpu::mma::shared_addr;
 use crate::gpu::smem::dynamic_f32;
-use crate::gpu::sync::{atomic_add_acq_rel, global_add, shared_add, shared_fetch_add, shared_min};
+use crate::gpu::sync::{
+    allow_dependent_grid, atomic_add_acq_rel, global_add, shared_add, shared_fetch_add, shared_min,
+    wait_for_prior_grid,
+};
 use crate::gpu::thread::{block_idx_x, grid_dim_x, lane_id, sync_threads, thread_idx_x, warp_id};
 use crate::gpu::warp::{inclusive_scan_u32, warp_sum_u64};
 
@@ -273,6 +279,8 @@ pub unsafe fn pool_slot_of(p: &CompressParams, head_slot: u64, idx: u32) -> u64 
 /// PASS`.
 #[inline(always)]
 pub unsafe fn sched_hist_body<const PASS: u32>(p: &CompressParams) {
+    allow_dependent_grid();
+    wait_for_prior_grid();
     let w = block_idx_x() / p.chunks_per_head.max(1);
     let chunk = block_idx_x() % p.chunks_per_head.max(1);
     let s = w / p.heads_per_seq().max(1);
@@ -725,6 +733,7 @@ unsafe fn lane_bins(p: &CompressParams, pass: u32, w: u32) -> [u32; LANE_BINS as
 /// Launched with `plan_compress`'s init dims; `host_io` holds the inputs.
 #[inline(always)]
 pub unsafe fn sched_init_body(p: &CompressParams) {
+    allow_dependent_grid();
     let threads = grid_dim_x() as u64 * COMPRESS_THREADS as u64;
     let me = block_idx_x() as u64 * COMPRESS_THREADS as u64 + thread_idx_x() as u64;
     let inputs = p.io_status_word();
@@ -767,6 +776,8 @@ pub unsafe fn sched_init_body(p: &CompressParams) {
 /// Launched with `plan_compress`'s budget dims after histogram pass 0.
 #[inline(always)]
 pub unsafe fn sched_budget_body(p: &CompressParams) {
+    allow_dependent_grid();
+    wait_for_prior_grid();
     let geom = p.cache.geometry;
     let s = block_idx_x();
     let heads = p.heads_per_seq();
@@ -992,6 +1003,8 @@ unsafe fn last_slice(p: &CompressParams, pass: u32, q: u32, flag: *mut u32) -> b
 /// Launched with `plan_compress`'s digit dims after histogram pass `p.pass`.
 #[inline(always)]
 pub unsafe fn sched_digit_body(p: &CompressParams) {
+    allow_dependent_grid();
+    wait_for_prior_grid();
     // SAFETY: launched with the digit dims.
     let Some((q, slice, need, prefix)) = (unsafe { group_slice(p) }) else {
         return; // uniform over the CTA
@@ -1076,6 +1089,8 @@ pub unsafe fn sched_digit_body(p: &CompressParams) {
 /// Launched with `plan_compress`'s finish dims after the last digit pass.
 #[inline(always)]
 pub unsafe fn sched_final_body(p: &CompressParams) {
+    allow_dependent_grid();
+    wait_for_prior_grid();
     // SAFETY: launched with the finish dims.
     let Some((q, slice, need, threshold)) = (unsafe { group_slice(p) }) else {
         // A group that gives nothing: the host reads zero blocks and evictions for its head

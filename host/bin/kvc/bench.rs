@@ -94,7 +94,7 @@ fn report_json(
     rows: Vec<serde_json::Value>,
 ) -> serde_json::Value {
     json!({
-        "device": gpu.name(), "kernel": kernel, "model": model.describe(),
+        "device": gpu.name(), "ptx_target": gpu.ptx_target(), "kernel": kernel, "model": model.describe(),
         "copy_gbps": copy_gbps, "results": rows,
     })
 }
@@ -111,8 +111,9 @@ fn print_report(
         return;
     }
     println!(
-        "device: {}   copy (D2D, 1 GiB, read+write): {:.0} GB/s",
+        "device: {} (PTX {})   copy (D2D, 1 GiB, read+write): {:.0} GB/s",
         report["device"].as_str().unwrap_or(""),
+        report["ptx_target"].as_str().unwrap_or(""),
         report["copy_gbps"].as_f64().unwrap_or(f64::NAN)
     );
     println!("{title}");

@@ -150,3 +150,30 @@ pub unsafe fn global_add(addr: u64, value: u32) {
         asm!("red.relaxed.gpu.global.add.u32 [{addr}], {value};", addr = in(reg64) addr, value = in(reg32) value, options(nostack));
     }
 }
+
+/// Programmatic dependent launch, the waiting side (Hopper module; nothing in the portable
+/// one): returns once the grid this one was launched after (with programmatic stream
+/// serialization, `Gpu::launch_chained`) has completed and its writes are visible. A grid
+/// launched otherwise passes at once. Call it before the first read of anything an earlier
+/// launch wrote.
+#[inline(always)]
+pub fn wait_for_prior_grid() {
+    #[cfg(kvc_hopper)]
+    // SAFETY: no operands; it is not `nomem`, so no memory access moves above it.
+    unsafe {
+        asm!("griddepcontrol.wait;", options(nostack));
+    }
+}
+
+/// Programmatic dependent launch, the allowing side (Hopper module; nothing in the portable
+/// one): once every CTA of this grid has called it or exited, the grid launched after it
+/// with programmatic stream serialization may start its CTAs (which wait in
+/// [`wait_for_prior_grid`] until this grid completes).
+#[inline(always)]
+pub fn allow_dependent_grid() {
+    #[cfg(kvc_hopper)]
+    // SAFETY: no operands, no memory effect.
+    unsafe {
+        asm!("griddepcontrol.launch_dependents;", options(nostack, nomem));
+    }
+}
