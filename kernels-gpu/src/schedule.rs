@@ -26,9 +26,9 @@ use kvc_abi::geometry::metric_key;
 use kvc_abi::params::compress::{
     blocks_within, evictions, fill, EvictableWindow, KeyFilter, BUDGET_BLOCKS, BUDGET_RATE,
     BUDGET_TOKENS, CANDIDATE_WORDS, GROUP_NEED, GROUP_PREFIX, HEAD_BELOW, HEAD_BLOCKS,
-    HEAD_EVICTABLE, HEAD_EVICTIONS, HEAD_FILL, IO_HEAD_BLOCKS, IO_HEAD_EVICTIONS, RADIX_BINS,
-    RADIX_PASSES, SEQ_IN_BUDGET_KIND, SEQ_IN_BUDGET_VALUE, SEQ_IN_LAST_POSITION, SEQ_IN_PROTECTED,
-    SEQ_IN_SEQ, SEQ_OUT_CLAMPED, SEQ_OUT_REQUESTED, SEQ_OUT_TAKEN, SLICE_HEADS,
+    HEAD_EVICTABLE, HEAD_EVICTIONS, HEAD_FILL, HEAD_LEN, IO_HEAD_BLOCKS, IO_HEAD_EVICTIONS,
+    RADIX_BINS, RADIX_PASSES, SEQ_IN_BUDGET_KIND, SEQ_IN_BUDGET_VALUE, SEQ_IN_LAST_POSITION,
+    SEQ_IN_PROTECTED, SEQ_IN_SEQ, SEQ_OUT_CLAMPED, SEQ_OUT_REQUESTED, SEQ_OUT_TAKEN, SLICE_HEADS,
 };
 use kvc_abi::params::CompressParams;
 use kvc_abi::plan::{
@@ -49,8 +49,6 @@ use crate::gpu::warp::{inclusive_scan_u32, warp_sum_u64};
 /// loads).
 const LANE_BINS: u32 = RADIX_BINS / WARP_SIZE;
 const _: () = assert!(LANE_BINS == 8);
-/// Head slots a warp of `sched_budget` reads at once.
-const SCAN_HEADS: usize = 4;
 
 /// A sequence being compressed: its row, and the positions it may evict.
 #[derive(Clone, Copy)]
@@ -289,6 +287,23 @@ pub unsafe fn sched_hist_body<const PASS: u32>(p: &CompressParams) {
     if PASS == 0 {
         // SAFETY: the launch's work head slot, sequence and chunk; every thread gets here.
         unsafe { histogram(p, w, |bins_at, _| first_pass(p, w, s, lo, bins_at)) };
+        // The chunk's evictable KVs (its bins' sum) go to the head slot's row, so that the
+        // budget kernel reads one word a head slot instead of its 256 bins.
+        let bins = dynamic_f32() as *const u32;
+        let mut evictable = 0u64;
+        let mut b = thread_idx_x();
+        while b < RADIX_BINS {
+            // SAFETY: the smem histogram, final since `histogram`'s last barrier.
+            evictable += unsafe { *bins.add(b as usize) } as u64;
+            b += COMPRESS_THREADS;
+        }
+        // SAFETY: every lane of every warp gets here; heads holds w's row (zero at launch).
+        unsafe {
+            let evictable = warp_sum_u64(evictable) as u32;
+            if lane_id() == 0 && evictable != 0 {
+                global_add(p.heads + p.head_word(w, HEAD_EVICTABLE) * 4, evictable);
+            }
+        }
         return;
     }
     if PASS == LISTED_PASS {
@@ -767,10 +782,10 @@ pub unsafe fn sched_init_body(p: &CompressParams) {
     }
 }
 
-/// Per sequence: the evictable count of each head slot (the sum of its first histogram), the
-/// budget in blocks (SPEC §5.5), its share per group clamped to what the group can free, and
-/// the report. An explicit block budget that some group cannot meet sets `status`. A warp
-/// takes `SCAN_HEADS` head slots at once, then a group at a time.
+/// Per sequence: each head slot's length and fill next to its evictable count (which pass 0
+/// added up), the budget in blocks (SPEC §5.5), its share per group clamped to what the group
+/// can free, and the report. An explicit block budget that some group cannot meet sets
+/// `status`. A thread takes a head slot at a time, a warp a group at a time.
 ///
 /// # Safety
 /// Launched with `plan_compress`'s budget dims after histogram pass 0.
@@ -787,41 +802,29 @@ pub unsafe fn sched_budget_body(p: &CompressParams) {
     let view = unsafe { seq_view(p, s) };
     let mut compressible = 0u64;
     let mut in_use = 0u64;
-    let mut i = warp;
+    let mut i = thread;
     while i < heads {
-        let mut bins = [[0u32; LANE_BINS as usize]; SCAN_HEADS];
-        let mut len = [0u32; SCAN_HEADS];
-        for k in 0..SCAN_HEADS {
-            let at = i + k as u32 * SCAN_WARPS;
-            if at < heads {
-                // SAFETY: a work head slot of this sequence, validated.
-                unsafe {
-                    bins[k] = lane_bins(p, 0, first + at);
-                    len[k] =
-                        load::<i32>(p.cache.context_lens, p.head_slot(view.seq, first + at)) as u32;
-                }
-            }
+        let w = first + i;
+        // SAFETY: a work head slot of this sequence, validated; pass 0 added its evictable
+        // KVs to its row.
+        let (len, evictable) = unsafe {
+            (
+                load::<i32>(p.cache.context_lens, p.head_slot(view.seq, w)) as u32,
+                load::<u32>(p.heads, p.head_word(w, HEAD_EVICTABLE)),
+            )
+        };
+        // SAFETY: heads holds a row for every work head slot.
+        unsafe {
+            store::<u32>(p.heads, p.head_word(w, HEAD_LEN), len);
+            store::<u32>(
+                p.heads,
+                p.head_word(w, HEAD_FILL),
+                fill(len, geom.block_size),
+            );
         }
-        for k in 0..SCAN_HEADS {
-            let at = i + k as u32 * SCAN_WARPS;
-            if at < heads {
-                // SAFETY: the condition is warp-uniform.
-                let evictable = unsafe { warp_sum_u64(bins[k].iter().sum::<u32>() as u64) } as u32;
-                if lane == 0 {
-                    let len = len[k];
-                    let words = [len, fill(len, geom.block_size), evictable, 0, 0, 0];
-                    for (field, value) in words.iter().enumerate() {
-                        // SAFETY: heads holds a row for every work head slot.
-                        unsafe {
-                            store::<u32>(p.heads, p.head_word(first + at, field as u32), *value)
-                        };
-                    }
-                    compressible += evictable as u64;
-                    in_use += geom.blocks_for(len) as u64;
-                }
-            }
-        }
-        i += SCAN_WARPS * SCAN_HEADS as u32;
+        compressible += evictable as u64;
+        in_use += geom.blocks_for(len) as u64;
+        i += SCAN_THREADS;
     }
     let scratch = dynamic_f32() as *mut u32;
     // SAFETY: every thread calls these; the launch reserved the scratch. Their barriers also
