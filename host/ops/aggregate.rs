@@ -76,10 +76,11 @@ pub(crate) fn aggregate(
     // are valid by construction; the workspace holds the plan's stats, partials and seq_info.
     unsafe {
         gpu.launch(&stats_entry, plan.stats, &params)?;
+        // Both wait for the launch before them before they read (`wait_for_prior_grid`).
         if let Some(merge) = plan.merge {
-            gpu.launch(WINDOW_STATS_MERGE_ENTRY, merge, &params)?;
+            gpu.launch_chained(WINDOW_STATS_MERGE_ENTRY, merge, &params)?;
         }
-        gpu.launch(&scores_entry, plan.scores, &params)?;
+        gpu.launch_chained(&scores_entry, plan.scores, &params)?;
     }
     Ok(())
 }

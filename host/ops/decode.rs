@@ -85,7 +85,8 @@ pub(crate) fn decode(
     unsafe {
         gpu.launch(&entry, plan.decode, &params)?;
         if let Some(merge) = plan.merge {
-            gpu.launch(&decode_merge_entry(dtype), merge, &params)?;
+            // It waits for the decode launch before it reads (`wait_for_prior_grid`).
+            gpu.launch_chained(&decode_merge_entry(dtype), merge, &params)?;
         }
     }
     Ok(())

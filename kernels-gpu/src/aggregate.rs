@@ -47,6 +47,7 @@ use crate::gpu::mma::{
     wait_async_copies, wait_async_copies_but_last, Mma16,
 };
 use crate::gpu::smem::dynamic_f32;
+use crate::gpu::sync::{allow_dependent_grid, wait_for_prior_grid};
 use crate::gpu::thread::{
     block_idx_x, block_idx_y, block_idx_z, lane_id, sync_threads, thread_idx_x, warp_id,
 };
@@ -675,6 +676,7 @@ fn merge_stats((max, sum): (f32, f32), (m, l): (f32, f32)) -> (f32, f32) {
 /// Launched with `plan_aggregate`'s stats dims and host-validated params (module header).
 #[inline(always)]
 pub unsafe fn window_stats_body<T: CacheElem + QkTile, const D: usize>(p: &AggregateParams) {
+    allow_dependent_grid();
     let geom = p.cache.geometry;
     let group = geom.group_size.max(1);
     let (kv_head, seq) = (block_idx_y(), block_idx_z());
@@ -833,6 +835,8 @@ unsafe fn write_stats(p: &AggregateParams, stats_row: u64, (max, sum): (f32, f32
 /// Launched with `plan_aggregate`'s merge dims after pass 1 wrote every split of every row.
 #[inline(always)]
 pub unsafe fn window_stats_merge_body(p: &AggregateParams) {
+    allow_dependent_grid();
+    wait_for_prior_grid();
     let (kv_head, seq) = (block_idx_y(), block_idx_z());
     let row = block_idx_x() * AGG_WARPS + warp_id();
     let lane = lane_id();
@@ -869,6 +873,7 @@ pub unsafe fn window_stats_merge_body(p: &AggregateParams) {
 /// Launched with `plan_aggregate`'s scores dims after pass 1 (and its merge) wrote `stats`.
 #[inline(always)]
 pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &AggregateParams) {
+    wait_for_prior_grid();
     let geom = p.cache.geometry;
     let group = geom.group_size.max(1);
     let (range, kv_head, seq) = (block_idx_x(), block_idx_y(), block_idx_z());

@@ -44,7 +44,9 @@ use crate::gpu::mem::{
     discard_l2_line, l2_keep_policy, load, load_chunk, load_chunk_nc, store, store_word_kept, Chunk,
 };
 use crate::gpu::smem::dynamic_f32;
-use crate::gpu::sync::{atomic_add_relaxed, fence_gpu, load_acquire, nanosleep, red_add_release};
+use crate::gpu::sync::{
+    allow_dependent_grid, atomic_add_relaxed, fence_gpu, load_acquire, nanosleep, red_add_release,
+};
 use crate::gpu::thread::{
     block_idx_x, block_idx_y, block_idx_z, lane_id, sync_threads, thread_idx_x, warp_id,
 };
@@ -129,6 +131,7 @@ impl<const G: usize> Softmax<G> {
 pub unsafe fn decode_body<T: CacheElem, const D: usize, const G: usize, const RECORD: bool>(
     p: &DecodeParams,
 ) {
+    allow_dependent_grid();
     let tile = Shape::<T, D, G>::TILE;
     let rows = Shape::<T, D, G>::ROWS;
     let chunks = Shape::<T, D, G>::CHUNKS;

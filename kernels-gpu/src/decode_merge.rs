@@ -18,6 +18,7 @@ use kvc_abi::plan::{decode_smem, DECODE_WARPS, MERGE_THREADS, WARP_SIZE};
 use crate::gpu::math::{exp2, fma, fmax, store_elem, CacheElem};
 use crate::gpu::mem::load;
 use crate::gpu::smem::dynamic_f32;
+use crate::gpu::sync::wait_for_prior_grid;
 use crate::gpu::thread::{block_idx_x, block_idx_y, lane_id, thread_idx_x};
 use crate::gpu::warp::{shfl_idx_u32, shfl_xor};
 
@@ -128,6 +129,7 @@ unsafe fn merged_column(
 /// the workspace.
 #[inline(always)]
 pub unsafe fn decode_merge_body<T: CacheElem>(p: &DecodeParams) {
+    wait_for_prior_grid();
     let geom = p.cache.geometry;
     let q_head = block_idx_x();
     let seq = block_idx_y();

@@ -37,6 +37,7 @@ use crate::gpu::mma::{
     wait_async_copies_but_last, Mma16,
 };
 use crate::gpu::smem::dynamic_f32;
+use crate::gpu::sync::allow_dependent_grid;
 use crate::gpu::thread::{lane_id, warp_id};
 use crate::gpu::warp::{shfl_xor, sync_warp};
 
@@ -67,6 +68,7 @@ pub unsafe fn decode_mma_body<
     p: &DecodeParams,
 ) {
     const { assert!(G <= 8 && D.is_multiple_of(64) && D <= 256) };
+    allow_dependent_grid();
     let k_chunks = D / 32;
     let v_chunks = D / 64;
     let tiles = mma_tiles_per_step(D as u32) as usize;
