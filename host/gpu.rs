@@ -430,6 +430,12 @@ impl Gpu {
         &self.name
     }
 
+    /// Whether the loaded module is the Hopper one ([`PTX_SM90A`]): launch plans whose shared
+    /// memory differs by module ask.
+    pub fn hopper_module(&self) -> bool {
+        self.hopper
+    }
+
     /// The loaded module's target: `sm_90a` or `sm_80`.
     pub fn ptx_target(&self) -> &'static str {
         if self.hopper {

@@ -80,6 +80,10 @@ fn each_module_has_its_targets_instructions() {
         PTX_SM90A.contains("griddepcontrol.wait"),
         "kvc_sm90a.ptx: the chained compression kernels wait for the kernel before them"
     );
+    assert!(
+        PTX_SM90A.contains("wgmma.mma_async") && !PTX.contains("wgmma"),
+        "the aggregation multiplies with wgmma in kvc_sm90a.ptx alone"
+    );
 }
 
 #[test]

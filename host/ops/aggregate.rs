@@ -35,7 +35,14 @@ pub(crate) fn aggregate(
         window_scores_entry(dtype, g.head_dim),
     );
     let resident = |entry: &str, columns: bool| -> Result<u32> {
-        let smem = aggregate_smem(g.head_dim, dtype.elem_bytes(), g.group_size, columns).bytes;
+        let smem = aggregate_smem(
+            g.head_dim,
+            dtype.elem_bytes(),
+            g.group_size,
+            columns,
+            gpu.hopper_module(),
+        )
+        .bytes;
         let kernel = gpu.kernel_props(entry, AGG_WARPS * WARP_SIZE, smem)?;
         Ok(gpu.props().num_sms * kernel.ctas_per_sm.max(1))
     };
@@ -48,6 +55,7 @@ pub(crate) fn aggregate(
             resident(&stats_entry, false)?,
             resident(&scores_entry, true)?,
         ),
+        gpu.hopper_module(),
     );
     let mut workspace = gpu.workspace(plan.workspace_bytes(g.num_seqs))?;
     gpu.write_at(

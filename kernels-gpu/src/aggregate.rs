@@ -9,7 +9,11 @@
 //! each copying thread reads its key's block id one tile ahead). A warp computes `Q K^T` in
 //! groups of 32 keys with tensor-core `mma.sync.m16n8k16` for f16/bf16 (A fragments held in
 //! registers for the whole walk, each key fragment from `ldmatrix` shared by the warp's row
-//! tiles), or scalar FMAs on the same fragment layout for f32.
+//! tiles), or scalar FMAs on the same fragment layout for f32. In the Hopper module the CTA
+//! (one warpgroup) computes the 16-bit types' groups together with `wgmma`, query rows and
+//! keys both read from shared memory in swizzled panels (`gpu::wgmma`); its accumulators have
+//! the same per-lane layout, for rows `64 m + 16 w` of warp `w`, so everything after the
+//! product is shared. Every warp then takes part in every group (no per-warp skips).
 //!
 //! - `window_stats`: grid `(row_chunk * key_splits + split, kv_head, seq)`. Each thread keeps
 //!   the online (max, sum) of its rows over its own columns, merged over the row's four lanes
@@ -35,7 +39,7 @@
 
 use kvc_abi::params::{record, AggregateParams};
 use kvc_abi::plan::{
-    agg_row_tiles, agg_rows, agg_tile_keys, aggregate_smem, tile_row_bytes, AGG_GROUP_KEYS,
+    agg_row_tiles, agg_rows, agg_tile_keys, agg_wgmma, aggregate_smem, AGG_GROUP_KEYS,
     AGG_ID_SLOTS, AGG_STAGES, AGG_WARPS, MAX_SCORE_KEYS, SCORE_COLUMNS, SCORE_HALO, VECTOR_BYTES,
     WARP_SIZE,
 };
@@ -43,15 +47,20 @@ use kvc_abi::plan::{
 use crate::gpu::math::{exp2, fma, fmax, opaque, CacheElem, F32};
 use crate::gpu::mem::{load, store};
 use crate::gpu::mma::{
-    commit_async_copies, copy_async_chunk, copy_async_word, ldmatrix_x4, shared_addr,
-    wait_async_copies, wait_async_copies_but_last, Mma16,
+    commit_async_copies, copy_async_chunk, copy_async_word, shared_addr, wait_async_copies,
+    wait_async_copies_but_last,
 };
+#[cfg(not(kvc_hopper))]
+use crate::gpu::mma::{ldmatrix_x4, Mma16};
 use crate::gpu::smem::dynamic_f32;
 use crate::gpu::sync::{allow_dependent_grid, wait_for_prior_grid};
 use crate::gpu::thread::{
     block_idx_x, block_idx_y, block_idx_z, lane_id, sync_threads, thread_idx_x, warp_id,
 };
 use crate::gpu::warp::{ballot, shfl_xor};
+use crate::gpu::wgmma::swizzled_chunk;
+#[cfg(kvc_hopper)]
+use crate::gpu::wgmma::{descriptor, fence_async_proxy, Wgmma16, PANEL_ROW_BYTES};
 
 /// Most `u32` registers of one row tile's A fragments: `4 * D / 16` for `D = 256`.
 const MAX_A: usize = 64;
@@ -81,11 +90,24 @@ const _: () = assert!(AGG_STAGES == 3);
 /// `Q K^T` on one warp's row tiles and groups of 32 keys, over `D` dims, in the fragment
 /// layout of `mma.m16n8k16` (see `gpu::mma`).
 pub trait QkTile: CacheElem {
-    /// This warp's A fragments for rows `row0..row0 + 16` of the staged query rows.
+    /// Whether the whole warpgroup (the CTA) computes each group together (`wgmma`): every
+    /// warp then takes part in every group, and warp `w` holds rows `64 m + 16 w` of tile `m`
+    /// (`lane_rows`).
+    const WARPGROUP: bool = false;
+
+    /// This warp's A fragments for rows `row0..row0 + 16` of the staged query rows (none for
+    /// the implementations that read the rows from shared memory in `qk_group`).
     ///
     /// # Safety
     /// The rows are staged at `q_tile` (shared) with `row_bytes` a row; the warp is converged.
-    unsafe fn load_a<const D: usize>(q_tile: *const u8, row_bytes: u32, row0: u32) -> [u32; MAX_A];
+    #[inline(always)]
+    unsafe fn load_a<const D: usize>(
+        _q_tile: *const u8,
+        _row_bytes: u32,
+        _row0: u32,
+    ) -> [u32; MAX_A] {
+        [0; MAX_A]
+    }
 
     /// The C fragments of row tiles `row0 + 16 m` (`m < row_tiles`) against keys
     /// `key0..key0 + 32`; `a[m]` holds tile `m`'s A fragments.
@@ -103,8 +125,51 @@ pub trait QkTile: CacheElem {
     ) -> Group;
 }
 
+/// The 16-bit types on the Hopper module: the warpgroup multiplies its staged query rows (two
+/// 64-row tiles, or one at D = 256) by the group's 32 staged keys with `wgmma`, a panel of 64
+/// dims at a time, both operands from shared memory (swizzled panels, `gpu::wgmma`).
+#[cfg(kvc_hopper)]
+impl<T: CacheElem + Wgmma16> QkTile for T {
+    const WARPGROUP: bool = true;
+
+    #[inline(always)]
+    unsafe fn qk_group<const D: usize>(
+        _: &[[u32; MAX_A]; 2],
+        row_tiles: u32,
+        q_tile: *const u8,
+        k_tile: *const u8,
+        _: u32,
+        _: u32,
+        key0: u32,
+    ) -> Group {
+        let q_rows = agg_rows(D as u32, T::BYTES);
+        let tile_keys = agg_tile_keys(D as u32, T::BYTES);
+        let (q_base, k_base) = (shared_addr(q_tile), shared_addr(k_tile));
+        let mut c = [[[0.0f32; 4]; GROUP_NTILES]; 2];
+        for (m, c_m) in c.iter_mut().enumerate() {
+            if m as u32 >= row_tiles {
+                continue; // uniform over the CTA
+            }
+            let mut acc = [0.0f32; 4 * GROUP_NTILES];
+            for panel in 0..(D / 64) as u32 {
+                let a = q_base + (panel * q_rows + 64 * m as u32) * PANEL_ROW_BYTES;
+                let b = k_base + (panel * tile_keys + key0) * PANEL_ROW_BYTES;
+                // SAFETY: forwarded from the caller: every warp of the CTA is here with the
+                // same tiles, staged and fenced; rows `64 m..+64` and keys `key0..+32` are
+                // inside them.
+                unsafe { T::panel(&mut acc, descriptor(a), descriptor(b)) };
+            }
+            for (j, c_mj) in c_m.iter_mut().enumerate() {
+                *c_mj = [acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]];
+            }
+        }
+        c
+    }
+}
+
 /// The 16-bit types: A fragments by `ldmatrix.x4` (one per 16 dims), key fragments of two
 /// 8-key tiles per `ldmatrix.x4`, one tensor-core MMA per row tile, 8 keys and 16 dims.
+#[cfg(not(kvc_hopper))]
 impl<T: CacheElem + Mma16> QkTile for T {
     #[inline(always)]
     unsafe fn load_a<const D: usize>(q_tile: *const u8, row_bytes: u32, row0: u32) -> [u32; MAX_A] {
@@ -165,11 +230,6 @@ impl<T: CacheElem + Mma16> QkTile for T {
 }
 
 impl QkTile for F32 {
-    #[inline(always)]
-    unsafe fn load_a<const D: usize>(_: *const u8, _: u32, _: u32) -> [u32; MAX_A] {
-        [0; MAX_A]
-    }
-
     /// The same C fragments by scalar FMAs (no f32 tensor-core MMA at full precision).
     #[inline(always)]
     unsafe fn qk_group<const D: usize>(
@@ -213,17 +273,54 @@ impl QkTile for F32 {
     }
 }
 
-/// Stages `rows` rows of `row_bytes - 16` bytes into shared memory at `tile`, the whole CTA
-/// issuing asynchronous 16-byte copies (none waits on another), then waiting for its own;
-/// `src(row)` is the global address of a row, or `None` for a zero row. The caller's barrier
-/// makes the tile visible to the CTA.
+/// How staged rows lie in shared memory: rows `stride` bytes apart holding `data` bytes each
+/// (padded, for `ldmatrix` and the f32 path), or, `swizzled`, the 128-byte-swizzled panels of
+/// a `rows`-row tile that `wgmma` reads (`gpu::wgmma`).
+#[derive(Clone, Copy)]
+struct RowLayout {
+    stride: u32,
+    data: u32,
+    rows: u32,
+    swizzled: bool,
+}
+
+impl RowLayout {
+    /// The shared address of 16-byte chunk `chunk` of row `row` of the tile at `base`.
+    #[inline(always)]
+    fn chunk(self, base: u32, row: u32, chunk: u32) -> u32 {
+        if self.swizzled {
+            swizzled_chunk(base, self.rows, row, chunk)
+        } else {
+            base + row * self.stride + chunk * VECTOR_BYTES
+        }
+    }
+}
+
+/// After this thread's copies into a tile have landed and before the barrier that publishes
+/// it: with `wgmma`, which reads shared memory through the async proxy, the fence that orders
+/// them before those reads (nothing in the portable module).
+#[inline(always)]
+fn publish_copies() {
+    #[cfg(kvc_hopper)]
+    fence_async_proxy();
+}
+
+/// Stages `rows` rows (`layout`) into shared memory at `tile`, the whole CTA issuing
+/// asynchronous 16-byte copies (none waits on another), then waiting for its own; `src(row)`
+/// is the global address of a row, or `None` for a zero row. The caller's barrier makes the
+/// tile visible to the CTA.
 ///
 /// # Safety
 /// Every thread calls it; each `Some` address holds a readable row no thread writes; the tile
 /// holds `rows` rows; `src` reads nothing the copies write.
 #[inline(always)]
-unsafe fn stage_rows(tile: *mut u8, row_bytes: u32, rows: u32, src: impl Fn(u32) -> Option<u64>) {
-    let chunks_per_row = (row_bytes - VECTOR_BYTES) / VECTOR_BYTES;
+unsafe fn stage_rows(
+    tile: *mut u8,
+    layout: RowLayout,
+    rows: u32,
+    src: impl Fn(u32) -> Option<u64>,
+) {
+    let chunks_per_row = layout.data / VECTOR_BYTES;
     let base = shared_addr(tile);
     let mut chunk = thread_idx_x();
     while chunk < rows * chunks_per_row {
@@ -232,7 +329,7 @@ unsafe fn stage_rows(tile: *mut u8, row_bytes: u32, rows: u32, src: impl Fn(u32)
         // SAFETY: row < rows, col < chunks_per_row; the source as the caller promised.
         unsafe {
             copy_async_chunk(
-                base + row * row_bytes + offset,
+                layout.chunk(base, row, col),
                 src(row).map(|addr| addr + offset as u64),
             )
         };
@@ -240,6 +337,7 @@ unsafe fn stage_rows(tile: *mut u8, row_bytes: u32, rows: u32, src: impl Fn(u32)
     }
     // SAFETY: this thread's copies.
     unsafe { wait_async_copies() };
+    publish_copies();
 }
 
 /// Per-sequence inputs: (window length, last position, metric_skip).
@@ -260,7 +358,7 @@ unsafe fn seq_info(p: &AggregateParams, seq: u32) -> (u32, i32, i32) {
 unsafe fn stage_queries<T: CacheElem>(
     p: &AggregateParams,
     q_tile: *mut u8,
-    row_bytes: u32,
+    layout: RowLayout,
     (seq, kv_head): (u32, u32),
     (row_base, count): (u32, u32),
     rows: u32,
@@ -268,7 +366,7 @@ unsafe fn stage_queries<T: CacheElem>(
     let group = p.cache.geometry.group_size.max(1);
     // SAFETY: valid rows address [num_seqs, window, Hq, D] of T (host-validated shape).
     unsafe {
-        stage_rows(q_tile, row_bytes, count, |r| {
+        stage_rows(q_tile, layout, count, |r| {
             let row = row_base + r;
             (row < rows).then(|| {
                 p.q + p.query_elem(seq, row / group, kv_head * group + row % group)
@@ -296,7 +394,7 @@ struct KeyTiles {
     positions: *mut i32,
     block_ids: *mut i32,
     tile_keys: u32,
-    row_bytes: u32,
+    layout: RowLayout,
 }
 
 impl KeyTiles {
@@ -304,7 +402,7 @@ impl KeyTiles {
     #[inline(always)]
     fn rows(&self, stage: u32) -> *mut u8 {
         self.rows
-            .wrapping_add((stage * self.tile_keys * self.row_bytes) as usize)
+            .wrapping_add((stage * self.tile_keys * self.layout.stride) as usize)
     }
 
     /// The positions of stage `stage`.
@@ -326,6 +424,7 @@ impl KeyTiles {
 #[derive(Clone, Copy)]
 struct Layout {
     q_tile: *mut u8,
+    q_layout: RowLayout,
     tiles: KeyTiles,
     parts: *mut f32,
     columns: *mut f32,
@@ -339,17 +438,26 @@ impl Layout {
     /// The launch reserved `aggregate_smem(..).bytes` of dynamic shared memory.
     #[inline(always)]
     unsafe fn new<T: CacheElem, const D: usize>(group: u32, columns: bool) -> Self {
-        let smem = aggregate_smem(D as u32, T::BYTES, group, columns);
+        let hopper = cfg!(kvc_hopper);
+        let smem = aggregate_smem(D as u32, T::BYTES, group, columns, hopper);
         let base = dynamic_f32() as *mut u8;
         let at = |offset: u32| base.wrapping_add(offset as usize);
+        let tile_keys = agg_tile_keys(D as u32, T::BYTES);
+        let layout = |rows: u32| RowLayout {
+            stride: smem.row_bytes,
+            data: D as u32 * T::BYTES,
+            rows,
+            swizzled: agg_wgmma(T::BYTES, hopper),
+        };
         Self {
             q_tile: at(smem.q_tile),
+            q_layout: layout(agg_rows(D as u32, T::BYTES)),
             tiles: KeyTiles {
                 rows: at(smem.k_tiles),
                 positions: at(smem.positions) as *mut i32,
                 block_ids: at(smem.block_ids) as *mut i32,
-                tile_keys: agg_tile_keys(D as u32, T::BYTES),
-                row_bytes: tile_row_bytes(D as u32, T::BYTES),
+                tile_keys,
+                layout: layout(tile_keys),
             },
             parts: at(smem.parts) as *mut f32,
             columns: at(smem.columns) as *mut f32,
@@ -392,7 +500,7 @@ unsafe fn stream_keys<T: CacheElem>(
     let thread = thread_idx_x();
     let per_key = THREADS / tiles.tile_keys;
     let (key_local, part) = (thread / per_key, thread % per_key);
-    let chunks = (tiles.row_bytes - VECTOR_BYTES) / VECTOR_BYTES / per_key;
+    let chunks = tiles.layout.data / VECTOR_BYTES / per_key;
     let key_of = |t: u32, local: u32| kstart + t * tiles.tile_keys + local;
     // Thread k < tile_keys copies the block id of key k of tile j (-1 past the range).
     let fetch_ids = |j: u32| {
@@ -420,14 +528,15 @@ unsafe fn stream_keys<T: CacheElem>(
                 .block_ids(j % AGG_ID_SLOTS)
                 .wrapping_add(key_local as usize)
         };
-        let dst = shared_addr(tiles.rows(stage)) + key_local * tiles.row_bytes;
+        let tile = shared_addr(tiles.rows(stage));
         let slot = (block >= 0)
             .then(|| geom.pool_slot(block as u32, geom.slot_in_block(key_of(j, key_local))));
-        let src = slot.map(|s| p.cache.k_pool + s * (tiles.row_bytes - VECTOR_BYTES) as u64);
+        let src = slot.map(|s| p.cache.k_pool + s * tiles.layout.data as u64);
         for c in 0..chunks {
-            let bytes = (c * per_key + part) * VECTOR_BYTES;
+            let chunk = c * per_key + part;
+            let dst = tiles.layout.chunk(tile, key_local, chunk);
             // SAFETY: inside this key's staged row; the source is its K row in the pool.
-            unsafe { copy_async_chunk(dst + bytes, src.map(|a| a + bytes as u64)) };
+            unsafe { copy_async_chunk(dst, src.map(|a| a + (chunk * VECTOR_BYTES) as u64)) };
         }
         if part == 0 {
             let position = tiles.positions(stage).wrapping_add(key_local as usize);
@@ -464,6 +573,7 @@ unsafe fn stream_keys<T: CacheElem>(
         // the ids of tile t, which the next copies overwrite.
         unsafe {
             wait_async_copies_but_last();
+            publish_copies();
             sync_threads();
         }
         let next = t + AGG_STAGES - 1;
@@ -534,20 +644,24 @@ unsafe fn group_seen(pos: &GroupPositions, (least, most): (i32, i32)) -> Seen {
     }
 }
 
-/// The first row of this warp in a chunk: warps take `row_tiles` 16-row tiles each.
+/// The first row of this warp in a chunk: warps take `row_tiles` 16-row tiles each, or with
+/// `wgmma` rows `16 w..16 w + 16` of each 64-row tile.
 #[inline(always)]
-fn warp_row0(row_tiles: u32) -> u32 {
-    warp_id() * 16 * row_tiles
+fn warp_row0<T: QkTile>(row_tiles: u32) -> u32 {
+    if T::WARPGROUP {
+        warp_id() * 16
+    } else {
+        warp_id() * 16 * row_tiles
+    }
 }
 
-/// The rows of this lane in a chunk: `[row tile][half]`, `row0 + 16 m + 8 half + gid`.
+/// The rows of this lane in the chunk from `row_base`: `[row tile][half]`, `row0 + 16 m + 8
+/// half + gid`, or with `wgmma` `row0 + 64 m + 8 half + gid`.
 #[inline(always)]
-fn lane_rows(row0: u32) -> [[u32; 2]; 2] {
-    let gid = lane_id() / 4;
-    [
-        [row0 + gid, row0 + gid + 8],
-        [row0 + 16 + gid, row0 + 24 + gid],
-    ]
+fn lane_rows<T: QkTile>(row_base: u32, row_tiles: u32) -> [[u32; 2]; 2] {
+    let first = row_base + warp_row0::<T>(row_tiles) + lane_id() / 4;
+    let tile = if T::WARPGROUP { 64 } else { 16 };
+    [[first, first + 8], [first + tile, first + tile + 8]]
 }
 
 /// A warp's query rows in one chunk, held as A fragments, and the tiles it multiplies them with.
@@ -575,15 +689,15 @@ impl WarpRows {
         rows: u32,
     ) -> Self {
         let row_tiles = agg_row_tiles(D as u32, T::BYTES);
-        let row0 = warp_row0(row_tiles);
-        let row_bytes = smem.tiles.row_bytes;
+        let row0 = warp_row0::<T>(row_tiles);
+        let row_bytes = smem.q_layout.stride;
         let chunk_rows = agg_rows(D as u32, T::BYTES);
         // SAFETY: all threads take part; rows past the window are zero.
         unsafe {
             stage_queries::<T>(
                 p,
                 smem.q_tile,
-                row_bytes,
+                smem.q_layout,
                 (seq, kv_head),
                 (row_base, chunk_rows),
                 rows,
@@ -630,10 +744,10 @@ impl WarpRows {
             let pos = unsafe { group_positions(positions, key0) };
             // SAFETY: the warp is converged.
             let seen = unsafe { group_seen(&pos, bounds) };
-            if seen == Seen::Nothing {
-                continue; // uniform over the warp
+            if seen == Seen::Nothing && !T::WARPGROUP {
+                continue; // uniform over the warp (with `wgmma`, every warp multiplies)
             }
-            // SAFETY: the tile is staged; the warp is converged.
+            // SAFETY: the tile is staged; the warp is converged (with `wgmma`, the CTA).
             let c = unsafe {
                 T::qk_group::<D>(
                     &self.a,
@@ -645,7 +759,9 @@ impl WarpRows {
                     key0,
                 )
             };
-            f(grp as usize, &c, &pos, seen);
+            if !T::WARPGROUP || seen != Seen::Nothing {
+                f(grp as usize, &c, &pos, seen);
+            }
         }
     }
 }
@@ -700,8 +816,8 @@ pub unsafe fn window_stats_body<T: CacheElem + QkTile, const D: usize>(p: &Aggre
     // SAFETY: the launch reserved the stats map.
     let smem = unsafe { Layout::new::<T, D>(group, false) };
     let tig = lane_id() % 4;
-    let row0 = warp_row0(row_tiles);
-    let my_rows = lane_rows(row_base + row0);
+    let row0 = warp_row0::<T>(row_tiles);
+    let my_rows = lane_rows::<T>(row_base, row_tiles);
     let seen = my_rows.map(|half| half.map(|r| row_position(r, rows, group, window_len, last)));
     // The least and the most position this lane's rows see.
     let mut bounds = (i32::MAX, i32::MIN);
@@ -719,11 +835,14 @@ pub unsafe fn window_stats_body<T: CacheElem + QkTile, const D: usize>(p: &Aggre
     let tile_keys = smem.tiles.tile_keys;
 
     let consume = |t, tile, positions| {
-        if !active {
-            return; // uniform over the warp
+        if !active && !T::WARPGROUP {
+            return; // uniform over the warp (with `wgmma`, every warp multiplies)
         }
         let range = (key_lo + t * tile_keys, key_hi);
         let fold_group = |_, c: &Group, pos: &GroupPositions, seen_keys| {
+            if T::WARPGROUP && !active {
+                return; // rows past the window
+            }
             // Each row's scores in the log2 domain folded into its (max, sum), with masks;
             // `masked` is a constant in each of the two copies below.
             let mut fold = |masked: bool| {
@@ -904,7 +1023,7 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
     let tile_keys = smem.tiles.tile_keys;
     let (lane, warp, thread) = (lane_id(), warp_id(), thread_idx_x());
     let (gid, tig) = (lane / 4, lane % 4);
-    let row0 = warp_row0(row_tiles);
+    let row0 = warp_row0::<T>(row_tiles);
     let l2 = p.record == record::L2;
     // a^2 = 2^(2 (s - max)) / sum^2 (L2), a = 2^(s - max) / sum (L1).
     let power = if l2 { 2.0 } else { 1.0 };
@@ -952,7 +1071,7 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
 
     let mut row_base = 0;
     while row_base < rows {
-        let my_rows = lane_rows(row_base + row0);
+        let my_rows = lane_rows::<T>(row_base, row_tiles);
         let mut counted = [[i32::MIN; 2]; 2];
         let mut sub = [[0.0f32; 2]; 2];
         let mut inv = [[0.0f32; 2]; 2];
@@ -987,8 +1106,11 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
             }
             tiles = t + 1;
             let mut acc = [[0.0f32; 2]; MAX_TILE_NTILES];
-            if active {
+            if active || T::WARPGROUP {
                 let sum_group = |grp: usize, c: &Group, pos: &GroupPositions, seen_keys| {
+                    if T::WARPGROUP && !active {
+                        return; // rows past the window (with `wgmma`, the warp multiplies)
+                    }
                     // `masked` is a constant in each of the two copies below.
                     let mut fold = |masked: bool| {
                         for m in 0..2 {

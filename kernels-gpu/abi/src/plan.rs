@@ -692,12 +692,24 @@ mod tests {
                 assert_eq!((head_dim * bytes / VECTOR_BYTES) % per_key, 0);
                 assert_eq!(MAX_SCORE_KEYS % tile_keys, 0);
                 for group in [1, 2, 4, 8] {
-                    let stats = aggregate_smem(head_dim, bytes, group, false);
-                    let scores = aggregate_smem(head_dim, bytes, group, true);
-                    assert!(stats.bytes <= scores.bytes && scores.bytes <= most);
-                    assert!(scores.bytes <= 163 * 1024 || head_dim * bytes > 256);
-                    for offset in [scores.k_tiles, scores.positions, scores.parts] {
-                        assert_eq!(offset % 16, 0);
+                    for hopper in [false, true] {
+                        let stats = aggregate_smem(head_dim, bytes, group, false, hopper);
+                        let scores = aggregate_smem(head_dim, bytes, group, true, hopper);
+                        assert!(stats.bytes <= scores.bytes && scores.bytes <= most);
+                        assert!(hopper || scores.bytes <= 163 * 1024 || head_dim * bytes > 256);
+                        for offset in [scores.k_tiles, scores.positions, scores.parts] {
+                            assert_eq!(offset % 16, 0);
+                        }
+                        if agg_wgmma(bytes, hopper) {
+                            // Swizzle atoms of 8 rows of 128 bytes: every tile and panel
+                            // 1024-byte aligned, query rows apart from the key tiles.
+                            let panel_rows = [agg_rows(head_dim, bytes), tile_keys];
+                            assert!(panel_rows.iter().all(|rows| rows % 8 == 0));
+                            assert_eq!(scores.row_bytes % 128, 0);
+                            assert_eq!(scores.k_tiles % 1024, 0);
+                            assert_eq!((tile_keys * scores.row_bytes) % 1024, 0);
+                            assert!(scores.k_tiles >= agg_rows(head_dim, bytes) * scores.row_bytes);
+                        }
                     }
                 }
             }
@@ -705,14 +717,14 @@ mod tests {
         // Llama-3.1-8B, w = 32, one prompt of 32768: pass 1 in about one wave of two CTAs per
         // SM, pass 2 in equal ranges of at most MAX_SCORE_KEYS keys filling whole waves.
         let g = geometry(1);
-        let p = plan_aggregate(&g, DType::F16, 32, 32768, (264, 264));
+        let p = plan_aggregate(&g, DType::F16, 32, 32768, (264, 264), false);
         assert_eq!(p.row_chunks, 1);
         assert_eq!(p.split_kvs % 64, 0);
         assert!(p.key_splits * p.split_kvs >= 32768 && p.key_splits <= 33);
         assert_eq!(p.score_kvs, MAX_SCORE_KEYS);
         assert_eq!(p.scores.grid, [32768 / MAX_SCORE_KEYS, 8, 1]);
         // A short prompt on many SMs: small ranges, never below one key tile.
-        let p = plan_aggregate(&g, DType::F32, 24, 300, (264, 264));
+        let p = plan_aggregate(&g, DType::F32, 24, 300, (264, 264), true);
         assert_eq!(p.score_kvs, agg_tile_keys(128, 4));
         assert!(p.scores.grid[0] * p.score_kvs >= 300);
     }
@@ -960,11 +972,17 @@ pub const fn agg_tile_keys(head_dim: u32, elem_bytes: u32) -> u32 {
 /// Shared memory of the aggregation kernels, in bytes from the start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AggregateSmem {
-    /// `[agg_rows]` rows of `tile_row_bytes`: the query rows.
+    /// `[agg_rows]` rows of `row_bytes`: the query rows.
     pub q_tile: u32,
-    /// `[AGG_STAGES, tile_keys]` rows of `tile_row_bytes`: the key tiles. For 16-bit types
-    /// they overlay the query rows, which are dead once each warp holds its A fragments.
+    /// `[AGG_STAGES, tile_keys]` rows of `row_bytes`: the key tiles. For 16-bit types with
+    /// `mma.sync` they overlay the query rows, which are dead once each warp holds its A
+    /// fragments; with `wgmma` (the Hopper module), which reads the query rows from shared
+    /// memory throughout, they follow them.
     pub k_tiles: u32,
+    /// Bytes from one staged row to the next: `tile_row_bytes` (padded, for `ldmatrix` and
+    /// the f32 path), or with `wgmma` a row's bytes, stored as 128-byte-swizzled panels of
+    /// 64 elements (`[panel][row][128 bytes]`, every tile 1024-byte aligned).
+    pub row_bytes: u32,
     /// `[AGG_STAGES, tile_keys]` i32 positions of the key tiles.
     pub positions: u32,
     /// `[AGG_ID_SLOTS, tile_keys]` i32 block ids of the keys of the tiles being fetched.
@@ -980,18 +998,36 @@ pub struct AggregateSmem {
     pub bytes: u32,
 }
 
-/// The shared-memory map of an aggregation kernel (pass 2 adds its column sums).
+/// Whether the aggregation computes `Q K^T` with `wgmma` (the Hopper module, 16-bit types).
+pub const fn agg_wgmma(elem_bytes: u32, hopper: bool) -> bool {
+    hopper && elem_bytes == 2
+}
+
+/// The shared-memory map of an aggregation kernel (pass 2 adds its column sums); `hopper`:
+/// the Hopper module's kernels (`agg_wgmma`).
 pub const fn aggregate_smem(
     head_dim: u32,
     elem_bytes: u32,
     group_size: u32,
     columns: bool,
+    hopper: bool,
 ) -> AggregateSmem {
-    let row = tile_row_bytes(head_dim, elem_bytes);
+    let wgmma = agg_wgmma(elem_bytes, hopper);
+    let row = if wgmma {
+        head_dim * elem_bytes
+    } else {
+        tile_row_bytes(head_dim, elem_bytes)
+    };
     let keys = AGG_STAGES * agg_tile_keys(head_dim, elem_bytes);
     let q_tile = 0;
     let q_end = q_tile + agg_rows(head_dim, elem_bytes) * row;
-    let k_tiles = if elem_bytes == 2 { q_tile } else { q_end };
+    let k_tiles = if wgmma {
+        q_end.next_multiple_of(1024)
+    } else if elem_bytes == 2 {
+        q_tile
+    } else {
+        q_end
+    };
     let k_end = k_tiles + keys * row;
     let positions = if k_end > q_end { k_end } else { q_end };
     let block_ids = positions + keys * 4;
@@ -1010,6 +1046,7 @@ pub const fn aggregate_smem(
     AggregateSmem {
         q_tile,
         k_tiles,
+        row_bytes: row,
         positions,
         block_ids,
         parts,
@@ -1069,6 +1106,7 @@ pub fn plan_aggregate(
     window: u32,
     max_context_len: u32,
     (stats_resident, scores_resident): (u32, u32),
+    hopper: bool,
 ) -> AggregatePlan {
     let (head_dim, elem_bytes) = (geometry.head_dim, dtype.elem_bytes());
     let tile_keys = agg_tile_keys(head_dim, elem_bytes);
@@ -1090,7 +1128,7 @@ pub fn plan_aggregate(
         .clamp(1, MAX_SCORE_KEYS / tile_keys)
         * tile_keys;
     let smem_bytes =
-        |columns| aggregate_smem(head_dim, elem_bytes, geometry.group_size, columns).bytes;
+        |columns| aggregate_smem(head_dim, elem_bytes, geometry.group_size, columns, hopper).bytes;
     let stats = LaunchDims {
         grid: [
             row_chunks * key_splits,

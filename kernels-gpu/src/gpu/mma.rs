@@ -25,6 +25,8 @@ pub fn shared_addr<T>(ptr: *const T) -> u32 {
     addr as u32
 }
 
+// The aggregation's `mma.sync` path is its only user; the Hopper module uses `wgmma` there.
+#[cfg(not(kvc_hopper))]
 load_words! {
     /// Four 8x8 b16 matrices from shared memory; lanes `8m..8m+8` give the row addresses of
     /// matrix `m`, and lane `l` receives row `l / 4`, columns `2 (l % 4)..+2` of each.

@@ -8,3 +8,4 @@ pub mod smem;
 pub mod sync;
 pub mod thread;
 pub mod warp;
+pub mod wgmma;
