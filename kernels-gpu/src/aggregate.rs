@@ -39,9 +39,9 @@
 
 use kvc_abi::params::{record, AggregateParams};
 use kvc_abi::plan::{
-    agg_row_tiles, agg_rows, agg_tile_keys, agg_wgmma, aggregate_smem, AGG_GROUP_KEYS,
-    AGG_ID_SLOTS, AGG_STAGES, AGG_WARPS, MAX_SCORE_KEYS, SCORE_COLUMNS, SCORE_HALO, VECTOR_BYTES,
-    WARP_SIZE,
+    agg_row_tiles, agg_rows, agg_tile_keys, agg_wgmma, aggregate_smem, swizzled_chunk,
+    AGG_GROUP_KEYS, AGG_ID_SLOTS, AGG_STAGES, AGG_WARPS, MAX_SCORE_KEYS, SCORE_COLUMNS, SCORE_HALO,
+    VECTOR_BYTES, WARP_SIZE,
 };
 
 use crate::gpu::math::{exp2, fma, fmax, opaque, CacheElem, F32};
@@ -58,9 +58,10 @@ use crate::gpu::thread::{
     block_idx_x, block_idx_y, block_idx_z, lane_id, sync_threads, thread_idx_x, warp_id,
 };
 use crate::gpu::warp::{ballot, shfl_xor};
-use crate::gpu::wgmma::swizzled_chunk;
 #[cfg(kvc_hopper)]
-use crate::gpu::wgmma::{descriptor, fence_async_proxy, Wgmma16, PANEL_ROW_BYTES};
+use crate::gpu::wgmma::{descriptor, fence_async_proxy, Wgmma16};
+#[cfg(kvc_hopper)]
+use kvc_abi::plan::PANEL_ROW_BYTES;
 
 /// Most `u32` registers of one row tile's A fragments: `4 * D / 16` for `D = 256`.
 const MAX_A: usize = 64;

@@ -673,6 +673,33 @@ mod tests {
         }
     }
 
+    /// Every chunk of a swizzled tile has its own 16 bytes inside the tile, in its panel and
+    /// row, at the place the hardware's 128-byte swizzle reads it from: address bits 4-6 are
+    /// the chunk's index in its panel row XOR bits 7-9.
+    #[test]
+    fn swizzled_chunks_tile_their_panels_as_the_hardware_reads_them() {
+        for rows in [32, 64, 128] {
+            for panels in [1, 2, 4] {
+                let base = 3 * 1024;
+                let bytes = rows * panels * PANEL_ROW_BYTES;
+                let mut seen = [false; 128 * 4 * 8];
+                for row in 0..rows {
+                    for chunk in 0..8 * panels {
+                        let at = swizzled_chunk(base, rows, row, chunk);
+                        assert!(at >= base && at + 16 <= base + bytes && at % 16 == 0);
+                        let slot = ((at - base) / 16) as usize;
+                        assert!(!seen[slot], "chunk {chunk} of row {row} overlaps");
+                        seen[slot] = true;
+                        let offset = at - base;
+                        assert_eq!(offset / (rows * PANEL_ROW_BYTES), chunk / 8);
+                        assert_eq!(offset % (rows * PANEL_ROW_BYTES) / PANEL_ROW_BYTES, row);
+                        assert_eq!(((at >> 4) & 7) ^ ((at >> 7) & 7), chunk % 8);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn aggregation_tiles_fit_shared_memory_and_cover_the_keys() {
         // 227 KiB: the most dynamic shared memory a CTA may take on sm_90; sm_80's 163 KiB
@@ -996,6 +1023,19 @@ pub struct AggregateSmem {
     pub owned_ids: u32,
     /// Bytes in all.
     pub bytes: u32,
+}
+
+/// Bytes of one row of a `wgmma` operand panel: 64 16-bit elements.
+pub const PANEL_ROW_BYTES: u32 = 128;
+
+/// Address of 16-byte chunk `chunk` of row `row` in the tile at `base` (1024-byte aligned) of
+/// `rows` rows (a multiple of 8) stored as 128-byte-swizzled panels for `wgmma`: panel `chunk
+/// / 8` of the tile, then the row, then chunk `chunk % 8` of it at `(chunk % 8) ^ (row % 8)`
+/// (the hardware's 128-byte swizzle, which XORs address bits 4-6 with bits 7-9).
+pub const fn swizzled_chunk(base: u32, rows: u32, row: u32, chunk: u32) -> u32 {
+    base + (chunk / 8) * rows * PANEL_ROW_BYTES
+        + row * PANEL_ROW_BYTES
+        + ((chunk % 8) ^ (row % 8)) * 16
 }
 
 /// Whether the aggregation computes `Q K^T` with `wgmma` (the Hopper module, 16-bit types).

@@ -8,4 +8,5 @@ pub mod smem;
 pub mod sync;
 pub mod thread;
 pub mod warp;
+#[cfg(kvc_hopper)]
 pub mod wgmma;

@@ -1,5 +1,6 @@
 //! Warpgroup matrix multiply-accumulate (`wgmma.mma_async`, sm_90a: the Hopper module only,
-//! `cfg(kvc_hopper)`; the layout arithmetic is plain code) with both operands in shared memory, K-major, in 128-byte-swizzled panels: a tile of `n`
+//! `cfg(kvc_hopper)`) with both operands in shared memory, K-major, in 128-byte-swizzled panels
+//! (`kvc_abi::plan::swizzled_chunk`, which staging uses): a tile of `n`
 //! rows of `64 p` 16-bit elements is `p` panels of `n` rows of 128 bytes, panel `i` at
 //! `i * n * 128`, and 16-byte chunk `c` of a row `r` sits at chunk `c ^ (r % 8)` of its panel
 //! row; every tile starts 1024-byte aligned (docs/PERF.md, "The sm_90a route": layout and
@@ -9,28 +10,13 @@
 //! and `+ 8`; registers `4 j .. 4 j + 3` are columns `8 j + 2 (lane % 4)`, `+ 1` of the first
 //! row, then of the second: per 8 columns, the C fragment of `mma.m16n8k16` (`gpu::mma`).
 
-#[cfg(kvc_hopper)]
 use core::arch::asm;
 
-#[cfg(kvc_hopper)]
 use crate::gpu::math::{Bf16, F16};
-
-/// Bytes of one row of a panel: 64 16-bit elements.
-pub const PANEL_ROW_BYTES: u32 = 128;
-
-/// Shared address of 16-byte chunk `chunk` of row `row` of the swizzled tile at `base` (a
-/// shared address) with `rows` rows.
-#[inline(always)]
-pub fn swizzled_chunk(base: u32, rows: u32, row: u32, chunk: u32) -> u32 {
-    base + (chunk / 8) * rows * PANEL_ROW_BYTES
-        + row * PANEL_ROW_BYTES
-        + ((chunk % 8) ^ (row % 8)) * 16
-}
 
 /// The matrix descriptor of a K-major operand whose first row starts at shared address
 /// `addr` (1024-byte aligned) in a swizzled panel: 128-byte swizzle (mode 1), 8-row groups
 /// 1024 bytes apart.
-#[cfg(kvc_hopper)]
 #[inline(always)]
 pub fn descriptor(addr: u32) -> u64 {
     ((addr as u64 >> 4) & 0x3fff) | 1 << 16 | (1024u64 >> 4) << 32 | 1 << 62
@@ -39,7 +25,6 @@ pub fn descriptor(addr: u32) -> u64 {
 /// Orders this thread's earlier generic-proxy writes to shared memory (stores, `cp.async`
 /// after its wait) before later `wgmma` reads of it by the CTA (the async proxy): each writer
 /// calls it before the barrier that publishes the tile.
-#[cfg(kvc_hopper)]
 #[inline(always)]
 pub fn fence_async_proxy() {
     // SAFETY: a fence; no operands.
@@ -47,7 +32,6 @@ pub fn fence_async_proxy() {
 }
 
 /// `m64n32k16` over one panel (4 k-steps of 16) for 16-bit inputs of this type.
-#[cfg(kvc_hopper)]
 pub trait Wgmma16 {
     /// `acc += A B^T` for the 64 rows of A at descriptor `a` and the 32 rows of B at
     /// descriptor `b` (both K-major, one panel of 64 elements): the fence, four MMAs, and the
@@ -60,7 +44,6 @@ pub trait Wgmma16 {
 }
 
 /// Implements [`Wgmma16`] for `$elem` with the PTX input type `$ptx`.
-#[cfg(kvc_hopper)]
 macro_rules! wgmma16 {
     ($elem:ty, $ptx:literal) => {
         impl Wgmma16 for $elem {
@@ -113,7 +96,5 @@ macro_rules! wgmma16 {
     };
 }
 
-#[cfg(kvc_hopper)]
 wgmma16!(F16, "f16");
-#[cfg(kvc_hopper)]
 wgmma16!(Bf16, "bf16");
