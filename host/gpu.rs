@@ -242,7 +242,7 @@ pub(crate) struct HostIo<'a> {
     mapped: MutexGuard<'a, Mapped>,
     stream: &'a CudaStream,
     /// Words of the step's use.
-    words: usize,
+    word_count: usize,
     /// Kernels may use the memory: it must not be reused before they are done.
     handed_out: bool,
 }
@@ -250,10 +250,10 @@ pub(crate) struct HostIo<'a> {
 impl HostIo<'_> {
     /// The buffer as words, for the host to fill before any launch uses it.
     pub(crate) fn words_mut(&mut self) -> &mut [u32] {
-        // SAFETY: `self.words` words of the live pinned allocation `host` start at `words`;
+        // SAFETY: `word_count` words of the live pinned allocation `host` start at `words`;
         // the guard makes this step its only user, and no kernel uses it yet (the step before
         // waited for its own).
-        unsafe { std::slice::from_raw_parts_mut(self.mapped.words, self.words) }
+        unsafe { std::slice::from_raw_parts_mut(self.mapped.words, self.word_count) }
     }
 
     /// The device address for kernel params; from now on the buffer waits for the stream
@@ -280,7 +280,7 @@ impl HostIo<'_> {
             .map_err(Error::driver("waiting for the device"))?;
         self.handed_out = false;
         // SAFETY: as in `words_mut`; the launches that write it are done.
-        Ok(unsafe { std::slice::from_raw_parts(self.mapped.words, self.words) })
+        Ok(unsafe { std::slice::from_raw_parts(self.mapped.words, self.word_count) })
     }
 }
 
@@ -583,7 +583,7 @@ impl Gpu {
         Ok(HostIo {
             mapped,
             stream: &self.stream,
-            words,
+            word_count: words,
             handed_out: false,
         })
     }
