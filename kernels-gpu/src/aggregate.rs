@@ -57,7 +57,7 @@ use crate::gpu::sync::{allow_dependent_grid, wait_for_prior_grid};
 use crate::gpu::thread::{
     block_idx_x, block_idx_y, block_idx_z, lane_id, sync_threads, thread_idx_x, warp_id,
 };
-use crate::gpu::warp::{ballot, shfl_xor};
+use crate::gpu::warp::{ballot, shfl_xor, shfl_xor_u32};
 #[cfg(kvc_hopper)]
 use crate::gpu::wgmma::{descriptor, fence_async_proxy, Wgmma16};
 #[cfg(kvc_hopper)]
@@ -430,6 +430,7 @@ struct Layout {
     parts: *mut f32,
     columns: *mut f32,
     owned_ids: *mut i32,
+    warp_most: *mut i32,
 }
 
 impl Layout {
@@ -463,6 +464,7 @@ impl Layout {
             parts: at(smem.parts) as *mut f32,
             columns: at(smem.columns) as *mut f32,
             owned_ids: at(smem.owned_ids) as *mut i32,
+            warp_most: at(smem.warp_most) as *mut i32,
         }
     }
 }
@@ -668,6 +670,8 @@ fn lane_rows<T: QkTile>(row_base: u32, row_tiles: u32) -> [[u32; 2]; 2] {
 /// A warp's query rows in one chunk, held as A fragments, and the tiles it multiplies them with.
 struct WarpRows {
     a: [[u32; MAX_A]; 2],
+    /// The most position any row of the CTA sees (`i32::MIN`: none).
+    cta_most: i32,
     row_tiles: u32,
     row0: u32,
     q_tile: *const u8,
@@ -688,7 +692,23 @@ impl WarpRows {
         (seq, kv_head): (u32, u32),
         row_base: u32,
         rows: u32,
+        most: i32,
     ) -> Self {
+        // With `wgmma`, the warp's most seen position, published with the rows by the barrier
+        // below (`cta_most`).
+        let mut warp_most = most;
+        let mut mask = 1;
+        while T::WARPGROUP && mask < WARP_SIZE {
+            // SAFETY: the whole warp runs these shuffles.
+            let other = unsafe { shfl_xor_u32(warp_most as u32, mask) } as i32;
+            warp_most = warp_most.max(other);
+            mask *= 2;
+        }
+        if T::WARPGROUP && lane_id() == 0 {
+            // SAFETY: this warp's word of the map; read only after the barrier below, and
+            // rewritten only after the next chunk's first barrier.
+            unsafe { *smem.warp_most.add(warp_id() as usize) = warp_most };
+        }
         let row_tiles = agg_row_tiles(D as u32, T::BYTES);
         let row0 = warp_row0::<T>(row_tiles);
         let row_bytes = smem.q_layout.stride;
@@ -705,6 +725,13 @@ impl WarpRows {
             );
             sync_threads();
         }
+        let mut cta_most = i32::MIN;
+        for w in 0..AGG_WARPS {
+            if T::WARPGROUP {
+                // SAFETY: every warp's word, written before the barrier above.
+                cta_most = cta_most.max(unsafe { *smem.warp_most.add(w as usize) });
+            }
+        }
         let mut a = [[0u32; MAX_A]; 2];
         for (m, a_m) in a.iter_mut().enumerate() {
             if (m as u32) < row_tiles {
@@ -714,6 +741,7 @@ impl WarpRows {
         }
         Self {
             a,
+            cta_most,
             row_tiles,
             row0,
             q_tile: smem.q_tile,
@@ -746,7 +774,16 @@ impl WarpRows {
             // SAFETY: the warp is converged.
             let seen = unsafe { group_seen(&pos, bounds) };
             if seen == Seen::Nothing && !T::WARPGROUP {
-                continue; // uniform over the warp (with `wgmma`, every warp multiplies)
+                continue; // uniform over the warp
+            }
+            // With `wgmma` every warp multiplies, so a group is skipped only when no row of
+            // the CTA sees any of its keys: every warp votes on the same 32 positions
+            // against the same bound, so all take the same branch.
+            // SAFETY: the warp is converged.
+            if T::WARPGROUP
+                && unsafe { ballot(pos.iter().flatten().any(|&k| k <= self.cta_most)) } == 0
+            {
+                continue; // uniform over the CTA
             }
             // SAFETY: the tile is staged; the warp is converged (with `wgmma`, the CTA).
             let c = unsafe {
@@ -831,7 +868,8 @@ pub unsafe fn window_stats_body<T: CacheElem + QkTile, const D: usize>(p: &Aggre
     }
     let active = row_base + row0 < rows;
     // SAFETY: all threads take part.
-    let warp_rows = unsafe { WarpRows::stage::<T, D>(p, &smem, (seq, kv_head), row_base, rows) };
+    let warp_rows =
+        unsafe { WarpRows::stage::<T, D>(p, &smem, (seq, kv_head), row_base, rows, bounds.1) };
     let mut stats = [[(f32::NEG_INFINITY, 0.0f32); 2]; 2];
     let tile_keys = smem.tiles.tile_keys;
 
@@ -1098,7 +1136,7 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
         // previous chunk's tiles and parts.
         let warp_rows = unsafe {
             sync_threads();
-            WarpRows::stage::<T, D>(p, &smem, (seq, kv_head), row_base, rows)
+            WarpRows::stage::<T, D>(p, &smem, (seq, kv_head), row_base, rows, bounds.1)
         };
         let mut tiles = 0;
         let consume = |t, tile, positions| {

@@ -1021,6 +1021,9 @@ pub struct AggregateSmem {
     pub columns: u32,
     /// Pass 2: `[MAX_SCORE_KEYS]` i32 block ids of the CTA's owned keys.
     pub owned_ids: u32,
+    /// `[AGG_WARPS]` i32: the most position any row of each warp sees, for the skip of key
+    /// groups no row of the CTA sees (with `wgmma`, whose warps multiply together).
+    pub warp_most: u32,
     /// Bytes in all.
     pub bytes: u32,
 }
@@ -1092,7 +1095,8 @@ pub const fn aggregate_smem(
         parts,
         columns,
         owned_ids,
-        bytes: owned_ids + id_bytes,
+        warp_most: owned_ids + id_bytes,
+        bytes: owned_ids + id_bytes + AGG_WARPS * 4,
     }
 }
 
