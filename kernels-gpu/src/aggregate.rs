@@ -59,7 +59,10 @@ use crate::gpu::thread::{
 };
 use crate::gpu::warp::{ballot, shfl_xor, shfl_xor_u32};
 #[cfg(kvc_hopper)]
-use crate::gpu::wgmma::{descriptor, fence_async_proxy, Wgmma16};
+use crate::gpu::wgmma::{
+    commit as wgmma_commit, descriptor, fence as wgmma_fence, fence_async_proxy, wait_all,
+    wait_pending, Wgmma16,
+};
 #[cfg(kvc_hopper)]
 use kvc_abi::plan::PANEL_ROW_BYTES;
 
@@ -124,6 +127,45 @@ pub trait QkTile: CacheElem {
         row0: u32,
         key0: u32,
     ) -> Group;
+
+    /// With `WARPGROUP`: starts the product of `qk_group` for the group at `key0` into `acc`
+    /// (`[row tile][4 n-tile + register]`), to be read only after [`QkTile::finish_groups`]
+    /// handed it back. The others compute it at once.
+    ///
+    /// # Safety
+    /// As `qk_group`.
+    #[inline(always)]
+    unsafe fn start_group<const D: usize>(
+        acc: &mut [[f32; 16]; 2],
+        row_tiles: u32,
+        q_tile: *const u8,
+        k_tile: *const u8,
+        key0: u32,
+    ) {
+        let a = [[0; MAX_A]; 2];
+        // SAFETY: forwarded from the caller (implementations that keep this default take no
+        // A fragments).
+        let c = unsafe { Self::qk_group::<D>(&a, row_tiles, q_tile, k_tile, 0, 0, key0) };
+        for (m, acc_m) in acc.iter_mut().enumerate() {
+            for (k, v) in acc_m.iter_mut().enumerate() {
+                *v = c[m][k / 4][k % 4];
+            }
+        }
+    }
+
+    /// With `WARPGROUP`: waits for the started groups but the last (`keep_last`) or all, and
+    /// hands back `acc`, the accumulators of one it completes.
+    ///
+    /// # Safety
+    /// Every warp of the CTA calls it together.
+    #[inline(always)]
+    unsafe fn finish_groups(_acc: &mut [[f32; 16]; 2], _keep_last: bool) {}
+}
+
+/// `acc` of `QkTile::start_group` as C fragments.
+#[inline(always)]
+fn as_group(acc: &[[f32; 16]; 2]) -> Group {
+    core::array::from_fn(|m| core::array::from_fn(|j| core::array::from_fn(|e| acc[m][4 * j + e])))
 }
 
 /// The 16-bit types on the Hopper module: the warpgroup multiplies its staged query rows (two
@@ -143,28 +185,65 @@ impl<T: CacheElem + Wgmma16> QkTile for T {
         _: u32,
         key0: u32,
     ) -> Group {
+        let mut acc = [[0.0f32; 16]; 2];
+        // SAFETY: forwarded from the caller: every warp of the CTA is here with the same
+        // tiles, staged and fenced.
+        unsafe {
+            Self::start_group::<D>(&mut acc, row_tiles, q_tile, k_tile, key0);
+            Self::finish_groups(&mut acc, false);
+        }
+        as_group(&acc)
+    }
+
+    #[inline(always)]
+    unsafe fn start_group<const D: usize>(
+        acc: &mut [[f32; 16]; 2],
+        row_tiles: u32,
+        q_tile: *const u8,
+        k_tile: *const u8,
+        key0: u32,
+    ) {
         let q_rows = agg_rows(D as u32, T::BYTES);
         let tile_keys = agg_tile_keys(D as u32, T::BYTES);
         let (q_base, k_base) = (shared_addr(q_tile), shared_addr(k_tile));
-        let mut c = [[[0.0f32; 4]; GROUP_NTILES]; 2];
-        for (m, c_m) in c.iter_mut().enumerate() {
-            if m as u32 >= row_tiles {
-                continue; // uniform over the CTA
-            }
-            let mut acc = [0.0f32; 4 * GROUP_NTILES];
+        let [acc0, acc1] = acc;
+        // Row tile `m`'s panels into `acc_m` (a separate variable per tile, so that the
+        // accumulators stay in registers whether or not the loops unroll).
+        let tile = |m: u32, acc_m: &mut [f32; 16]| {
             for panel in 0..(D / 64) as u32 {
-                let a = q_base + (panel * q_rows + 64 * m as u32) * PANEL_ROW_BYTES;
+                let a = q_base + (panel * q_rows + 64 * m) * PANEL_ROW_BYTES;
                 let b = k_base + (panel * tile_keys + key0) * PANEL_ROW_BYTES;
-                // SAFETY: forwarded from the caller: every warp of the CTA is here with the
-                // same tiles, staged and fenced; rows `64 m..+64` and keys `key0..+32` are
-                // inside them.
-                unsafe { T::panel(&mut acc, descriptor(a), descriptor(b)) };
+                // SAFETY: forwarded from the caller, after the fence below.
+                unsafe {
+                    if panel == 0 {
+                        T::first_panel(acc_m, descriptor(a), descriptor(b));
+                    } else {
+                        T::panel(acc_m, descriptor(a), descriptor(b));
+                    }
+                }
             }
-            for (j, c_mj) in c_m.iter_mut().enumerate() {
-                *c_mj = [acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]];
+        };
+        // SAFETY: forwarded from the caller: every warp of the CTA is here with the same
+        // tiles, staged and fenced; no instruction writes the accumulators before the MMAs.
+        unsafe { wgmma_fence() };
+        tile(0, acc0);
+        if row_tiles > 1 {
+            tile(1, acc1); // uniform over the CTA
+        }
+        // SAFETY: as above.
+        unsafe { wgmma_commit() };
+    }
+
+    #[inline(always)]
+    unsafe fn finish_groups(acc: &mut [[f32; 16]; 2], keep_last: bool) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            if keep_last {
+                wait_pending(acc);
+            } else {
+                wait_all(acc);
             }
         }
-        c
     }
 }
 
@@ -764,6 +843,18 @@ impl WarpRows {
         bounds: (i32, i32),
         mut f: impl FnMut(usize, &Group, &GroupPositions, Seen),
     ) {
+        if T::WARPGROUP {
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                self.each_group_overlapped::<T, D>(
+                    (tile, positions, tile_keys),
+                    (first, end),
+                    bounds,
+                    f,
+                )
+            };
+            return;
+        }
         for grp in 0..tile_keys / AGG_GROUP_KEYS {
             let key0 = grp * AGG_GROUP_KEYS;
             if first + key0 >= end {
@@ -800,6 +891,69 @@ impl WarpRows {
             if !T::WARPGROUP || seen != Seen::Nothing {
                 f(grp as usize, &c, &pos, seen);
             }
+        }
+    }
+
+    /// `each_group` with `wgmma`, on a fixed schedule so that nothing diverges between the
+    /// issue of a product and its wait: every group of the tile is started (past the range
+    /// too: those keys are zero rows no row sees), then each is waited for and folded in
+    /// turn, so the later groups' products run while the earlier ones are folded. The tile
+    /// is skipped as a whole when no row of the CTA sees any of its keys.
+    ///
+    /// # Safety
+    /// As `each_group`; every warp of the CTA calls it with the same tile and range.
+    #[inline(always)]
+    unsafe fn each_group_overlapped<T: QkTile, const D: usize>(
+        &self,
+        (tile, positions, tile_keys): (*const u8, *const i32, u32),
+        (first, end): (u32, u32),
+        bounds: (i32, i32),
+        mut f: impl FnMut(usize, &Group, &GroupPositions, Seen),
+    ) {
+        // A constant of D and T, equal to `tile_keys / AGG_GROUP_KEYS`: 2 (64-key tiles) or
+        // 1. Each group's values are separate variables, not an indexed array, so that they
+        // stay in registers whether or not the loops unroll.
+        let two = agg_tile_keys(D as u32, T::BYTES) / AGG_GROUP_KEYS == 2;
+        let _ = tile_keys;
+        let key1 = AGG_GROUP_KEYS;
+        // SAFETY: the tile is staged (a second group only in a 64-key tile).
+        let (pos0, pos1) = unsafe {
+            (
+                group_positions(positions, 0),
+                if two {
+                    group_positions(positions, key1)
+                } else {
+                    [[NO_KEY; 2]; GROUP_NTILES]
+                },
+            )
+        };
+        let sees = |pos: &GroupPositions| pos.iter().flatten().any(|&k| k <= self.cta_most);
+        // Every warp votes on the same positions against the same bound.
+        // SAFETY: the warp is converged.
+        if unsafe { ballot(sees(&pos0) || sees(&pos1)) } == 0 {
+            return; // uniform over the CTA
+        }
+        let (mut acc0, mut acc1) = ([[0.0f32; 16]; 2], [[0.0f32; 16]; 2]);
+        // SAFETY: the tile is staged; every warp of the CTA is here for every call below.
+        unsafe {
+            T::start_group::<D>(&mut acc0, self.row_tiles, self.q_tile, tile, 0);
+            if two {
+                T::start_group::<D>(&mut acc1, self.row_tiles, self.q_tile, tile, key1);
+            }
+            T::finish_groups(&mut acc0, two);
+        }
+        let mut fold = |grp: u32, acc: &[[f32; 16]; 2], pos: &GroupPositions| {
+            // SAFETY: the warp is converged.
+            let seen = unsafe { group_seen(pos, bounds) };
+            if first + grp * AGG_GROUP_KEYS < end && seen != Seen::Nothing {
+                f(grp as usize, &as_group(acc), pos, seen);
+            }
+        };
+        fold(0, &acc0, &pos0);
+        if two {
+            // SAFETY: as above.
+            unsafe { T::finish_groups(&mut acc1, false) };
+            fold(1, &acc1, &pos1);
         }
     }
 }

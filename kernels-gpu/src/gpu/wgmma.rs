@@ -31,67 +31,158 @@ pub fn fence_async_proxy() {
     unsafe { asm!("fence.proxy.async.shared::cta;", options(nostack)) };
 }
 
-/// `m64n32k16` over one panel (4 k-steps of 16) for 16-bit inputs of this type.
+/// `m64n32k16` over one panel (4 k-steps of 16) for 16-bit inputs of this type: `acc += A
+/// B^T` for the 64 rows of A at descriptor `a` and the 32 rows of B at descriptor `b` (both
+/// K-major, one panel of 64 elements). The MMAs are issued, not waited for: the caller
+/// brackets a group's panels with [`fence`] and [`commit`] and reads `acc` only after
+/// [`wait_pending`] or [`wait_all`] handed it back.
 pub trait Wgmma16 {
-    /// `acc += A B^T` for the 64 rows of A at descriptor `a` and the 32 rows of B at
-    /// descriptor `b` (both K-major, one panel of 64 elements): the fence, four MMAs, and the
-    /// wait for them, in one piece, so that nothing touches `acc` while they run.
+    /// A panel after the first of a tile: adds to `acc`.
     ///
     /// # Safety
-    /// All 128 threads of the warpgroup call it together with the same descriptors, which
-    /// point at staged, fenced (`fence_async_proxy`) panels no thread writes meanwhile.
+    /// All 128 threads of the warpgroup call it together, after [`fence`], with the same
+    /// descriptors, which point at staged, fenced (`fence_async_proxy`) panels no thread
+    /// writes meanwhile.
     unsafe fn panel(acc: &mut [f32; 16], a: u64, b: u64);
+
+    /// A tile's first panel: its first MMA ignores `acc` (`scale-d` false), so `acc` is only
+    /// written and nothing need clear it first (a write by another instruction between the
+    /// fence and the MMAs makes ptxas serialize them).
+    ///
+    /// # Safety
+    /// As [`Wgmma16::panel`].
+    unsafe fn first_panel(acc: &mut [f32; 16], a: u64, b: u64);
+}
+
+/// `wgmma.fence`: before a group's first MMA, once its accumulators were last written.
+///
+/// # Safety
+/// All 128 threads of the warpgroup call it together.
+#[inline(always)]
+pub unsafe fn fence() {
+    // SAFETY: forwarded from the caller.
+    unsafe { asm!("wgmma.fence.sync.aligned;", options(nostack)) };
+}
+
+/// `wgmma.commit_group`: the MMAs issued since the last commit form one group.
+///
+/// # Safety
+/// All 128 threads of the warpgroup call it together.
+#[inline(always)]
+pub unsafe fn commit() {
+    // SAFETY: forwarded from the caller.
+    unsafe { asm!("wgmma.commit_group.sync.aligned;", options(nostack)) };
+}
+
+/// Defines a wait for all but `$n` committed groups that hands back `acc`, the accumulators
+/// of a group it completes (named as operands so that nothing reads them before it).
+macro_rules! wait_groups {
+    ($(#[$doc:meta])* $name:ident = $n:literal) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// All 128 threads of the warpgroup call it together.
+        #[inline(always)]
+        pub unsafe fn $name(acc: &mut [[f32; 16]; 2]) {
+            let [[c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15],
+                [c16, c17, c18, c19, c20, c21, c22, c23, c24, c25, c26, c27, c28, c29, c30, c31]] =
+                acc;
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                asm!(
+                    // The accumulators appear in a comment: operands only to order them.
+                    concat!("wgmma.wait_group.sync.aligned ", $n, "; // {0} {1} {2} {3} {4} {5} {6} {7} {8} {9} {10} {11} {12} {13} {14} {15} {16} {17} {18} {19} {20} {21} {22} {23} {24} {25} {26} {27} {28} {29} {30} {31}"),
+                    inout(reg32) *c0, inout(reg32) *c1, inout(reg32) *c2, inout(reg32) *c3,
+                    inout(reg32) *c4, inout(reg32) *c5, inout(reg32) *c6, inout(reg32) *c7,
+                    inout(reg32) *c8, inout(reg32) *c9, inout(reg32) *c10, inout(reg32) *c11,
+                    inout(reg32) *c12, inout(reg32) *c13, inout(reg32) *c14, inout(reg32) *c15,
+                    inout(reg32) *c16, inout(reg32) *c17, inout(reg32) *c18, inout(reg32) *c19,
+                    inout(reg32) *c20, inout(reg32) *c21, inout(reg32) *c22, inout(reg32) *c23,
+                    inout(reg32) *c24, inout(reg32) *c25, inout(reg32) *c26, inout(reg32) *c27,
+                    inout(reg32) *c28, inout(reg32) *c29, inout(reg32) *c30, inout(reg32) *c31,
+                    options(nostack),
+                );
+            }
+        }
+    };
+}
+
+wait_groups! {
+    /// Waits for every committed group but the last.
+    wait_pending = "1"
+}
+
+wait_groups! {
+    /// Waits for every committed group.
+    wait_all = "0"
+}
+
+/// One `wgmma.mma_async` of `$ptx` inputs on the accumulators `c0`-`c15` with descriptors `da`
+/// and `db` and the `scale-d` predicate `$scale`.
+macro_rules! mma {
+    ($ptx:literal, $scale:literal) => {
+        concat!(
+            "wgmma.mma_async.sync.aligned.m64n32k16.f32.",
+            $ptx,
+            ".",
+            $ptx,
+            " ",
+            "{{{c0}, {c1}, {c2}, {c3}, {c4}, {c5}, {c6}, {c7}, ",
+            "{c8}, {c9}, {c10}, {c11}, {c12}, {c13}, {c14}, {c15}}}, ",
+            "da, db, ",
+            $scale,
+            ", 1, 1, 0, 0;\n"
+        )
+    };
+}
+
+/// Defines `$name` of [`Wgmma16`] for `$ptx` inputs: four k-steps of 16 elements, each 32
+/// bytes further along the rows (2 in the descriptors' address field), the first with the
+/// `scale-d` predicate `$first` (`p` true: add to `acc`; `z` false: overwrite it), the
+/// accumulators passed as `$dir` (`inout` or `out`) operands.
+macro_rules! panel_fn {
+    ($name:ident, $ptx:literal, $first:literal, $dir:ident) => {
+        #[inline(always)]
+        unsafe fn $name(acc: &mut [f32; 16], a: u64, b: u64) {
+            let [c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15] = acc;
+            // SAFETY: forwarded from the caller; the block's registers are its own.
+            unsafe {
+                asm!(
+                    concat!(
+                        "{{\n.reg .pred p, z;\n.reg .b64 da, db;\n",
+                        "setp.ne.b32 p, {one}, 0;\n",
+                        "setp.eq.b32 z, {one}, 0;\n",
+                        "mov.b64 da, {a};\nmov.b64 db, {b};\n",
+                        mma!($ptx, $first), "add.s64 da, da, 2;\nadd.s64 db, db, 2;\n",
+                        mma!($ptx, "p"), "add.s64 da, da, 2;\nadd.s64 db, db, 2;\n",
+                        mma!($ptx, "p"), "add.s64 da, da, 2;\nadd.s64 db, db, 2;\n",
+                        mma!($ptx, "p"),
+                        "}}"
+                    ),
+                    one = in(reg32) 1u32,
+                    a = in(reg64) a,
+                    b = in(reg64) b,
+                    c0 = $dir(reg32) *c0, c1 = $dir(reg32) *c1,
+                    c2 = $dir(reg32) *c2, c3 = $dir(reg32) *c3,
+                    c4 = $dir(reg32) *c4, c5 = $dir(reg32) *c5,
+                    c6 = $dir(reg32) *c6, c7 = $dir(reg32) *c7,
+                    c8 = $dir(reg32) *c8, c9 = $dir(reg32) *c9,
+                    c10 = $dir(reg32) *c10, c11 = $dir(reg32) *c11,
+                    c12 = $dir(reg32) *c12, c13 = $dir(reg32) *c13,
+                    c14 = $dir(reg32) *c14, c15 = $dir(reg32) *c15,
+                    options(nostack),
+                );
+            }
+        }
+    };
 }
 
 /// Implements [`Wgmma16`] for `$elem` with the PTX input type `$ptx`.
 macro_rules! wgmma16 {
     ($elem:ty, $ptx:literal) => {
         impl Wgmma16 for $elem {
-            #[inline(always)]
-            unsafe fn panel(acc: &mut [f32; 16], a: u64, b: u64) {
-                macro_rules! mma {
-                    () => {
-                        concat!(
-                            "wgmma.mma_async.sync.aligned.m64n32k16.f32.", $ptx, ".", $ptx, " ",
-                            "{{{c0}, {c1}, {c2}, {c3}, {c4}, {c5}, {c6}, {c7}, ",
-                            "{c8}, {c9}, {c10}, {c11}, {c12}, {c13}, {c14}, {c15}}}, ",
-                            "da, db, p, 1, 1, 0, 0;\n"
-                        )
-                    };
-                }
-                let [c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15] = acc;
-                // SAFETY: forwarded from the caller; the block's registers are its own.
-                unsafe {
-                    // Four k-steps of 16 elements, each 32 bytes further along the rows (2 in
-                    // the descriptors' address field).
-                    asm!(
-                        concat!(
-                            "{{\n.reg .pred p;\n.reg .b64 da, db;\n",
-                            "setp.ne.b32 p, {one}, 0;\n",
-                            "mov.b64 da, {a};\nmov.b64 db, {b};\n",
-                            "wgmma.fence.sync.aligned;\n",
-                            mma!(), "add.s64 da, da, 2;\nadd.s64 db, db, 2;\n",
-                            mma!(), "add.s64 da, da, 2;\nadd.s64 db, db, 2;\n",
-                            mma!(), "add.s64 da, da, 2;\nadd.s64 db, db, 2;\n",
-                            mma!(),
-                            "wgmma.commit_group.sync.aligned;\n",
-                            "wgmma.wait_group.sync.aligned 0;\n}}"
-                        ),
-                        one = in(reg32) 1u32,
-                        a = in(reg64) a,
-                        b = in(reg64) b,
-                        c0 = inout(reg32) *c0, c1 = inout(reg32) *c1,
-                        c2 = inout(reg32) *c2, c3 = inout(reg32) *c3,
-                        c4 = inout(reg32) *c4, c5 = inout(reg32) *c5,
-                        c6 = inout(reg32) *c6, c7 = inout(reg32) *c7,
-                        c8 = inout(reg32) *c8, c9 = inout(reg32) *c9,
-                        c10 = inout(reg32) *c10, c11 = inout(reg32) *c11,
-                        c12 = inout(reg32) *c12, c13 = inout(reg32) *c13,
-                        c14 = inout(reg32) *c14, c15 = inout(reg32) *c15,
-                        options(nostack),
-                    );
-                }
-            }
+            panel_fn!(panel, $ptx, "p", inout);
+            panel_fn!(first_panel, $ptx, "z", out);
         }
     };
 }
