@@ -5,7 +5,7 @@
 //! `i` (prompt position `last - (w - 1 - i)`) of query head `g` of the group, so the keys of a
 //! KV head are read once for all `G` heads. A CTA holds `agg_rows` rows (`AGG_WARPS` warps of
 //! `agg_row_tiles` 16-row MMA tiles each) and streams keys through shared memory in tiles of
-//! `agg_tile_keys`, `AGG_STAGES` deep (`cp.async`: the next tiles land while one is computed;
+//! `agg_tile_keys`, `agg_stages` deep (`cp.async`: the next tiles land while one is computed;
 //! each copying thread reads its key's block id one tile ahead). A warp computes `Q K^T` in
 //! groups of 32 keys with tensor-core `mma.sync.m16n8k16` for f16/bf16 (A fragments held in
 //! registers for the whole walk, each key fragment from `ldmatrix` shared by the warp's row
@@ -87,8 +87,8 @@ type GroupPositions = [[i32; 2]; GROUP_NTILES];
 // `pairwise` combines a lane's 8 columns of a group.
 const _: () = assert!(2 * GROUP_NTILES == 8);
 
-// `stream_keys` waits for all copies but the most recent group: one tile in flight behind the
-// one computed, i.e. three stages.
+// `stream_keys` waits for all copies but the most recent group (one tile in flight behind the
+// one computed: three stages), or for all (two).
 const _: () = assert!(AGG_STAGES == 3);
 
 /// `Q K^T` on one warp's row tiles and groups of 32 keys, over `D` dims, in the fragment
@@ -474,6 +474,8 @@ struct KeyTiles {
     positions: *mut i32,
     block_ids: *mut i32,
     tile_keys: u32,
+    /// Tiles: 2 or 3 (`agg_stages`).
+    stages: u32,
     layout: RowLayout,
 }
 
@@ -538,6 +540,7 @@ impl Layout {
                 positions: at(smem.positions) as *mut i32,
                 block_ids: at(smem.block_ids) as *mut i32,
                 tile_keys,
+                stages: smem.stages,
                 layout: layout(tile_keys),
             },
             parts: at(smem.parts) as *mut f32,
@@ -549,7 +552,7 @@ impl Layout {
 }
 
 /// Streams keys `kstart..kend` (all below the head slot's length) of `head_slot` through the
-/// key tiles, `AGG_STAGES` deep, and calls `consume(t, rows, positions)` for each tile `t`
+/// key tiles, `tiles.stages` deep, and calls `consume(t, rows, positions)` for each tile `t`
 /// once it has landed and the CTA has synchronised (so every warp is also done with tile
 /// `t - 1`). Keys of the last tile past `kend` are zero rows with position `NO_KEY`.
 ///
@@ -603,7 +606,7 @@ unsafe fn stream_keys<T: CacheElem>(
         }
     };
     let issue = |j: u32| {
-        let stage = j % AGG_STAGES;
+        let stage = j % tiles.stages;
         // SAFETY: key_local < tile_keys; the id landed before the last barrier.
         let block = unsafe {
             *tiles
@@ -640,7 +643,7 @@ unsafe fn stream_keys<T: CacheElem>(
         wait_async_copies();
         sync_threads();
     }
-    for j in 0..AGG_STAGES - 1 {
+    for j in 0..tiles.stages - 1 {
         if j < ntiles {
             issue(j);
         }
@@ -654,18 +657,22 @@ unsafe fn stream_keys<T: CacheElem>(
         // of tile t + 2 have landed for every thread, and no warp reads tile t - 1's stage or
         // the ids of tile t, which the next copies overwrite.
         unsafe {
-            wait_async_copies_but_last();
+            if tiles.stages == AGG_STAGES {
+                wait_async_copies_but_last();
+            } else {
+                wait_async_copies();
+            }
             publish_copies();
             sync_threads();
         }
-        let next = t + AGG_STAGES - 1;
+        let next = t + tiles.stages - 1;
         if next < ntiles {
             issue(next);
             fetch_ids(next + 2);
         }
         // SAFETY: closes this thread's group (possibly empty).
         unsafe { commit_async_copies() };
-        let stage = t % AGG_STAGES;
+        let stage = t % tiles.stages;
         consume(t, tiles.rows(stage), tiles.positions(stage));
         t += 1;
     }

@@ -741,6 +741,14 @@ mod tests {
                 }
             }
         }
+        // With wgmma, pass 1 at D = 128 fits three CTAs in an SM's 228 KiB (1 KiB reserved
+        // per CTA), with two key tiles; pass 2 keeps three.
+        let stats = aggregate_smem(128, 2, 4, false, true);
+        assert_eq!(
+            (stats.stages, aggregate_smem(128, 2, 4, true, true).stages),
+            (2, 3)
+        );
+        assert!(3 * (stats.bytes + 1024) <= 228 * 1024);
         // Llama-3.1-8B, w = 32, one prompt of 32768: pass 1 in about one wave of two CTAs per
         // SM, pass 2 in equal ranges of at most MAX_SCORE_KEYS keys filling whole waves.
         let g = geometry(1);
@@ -946,8 +954,20 @@ mod tests {
 
 /// Warps per aggregation CTA; each takes `agg_row_tiles` 16-row MMA tiles of query rows.
 pub const AGG_WARPS: u32 = 4;
-/// Key tiles in flight per aggregation CTA: one computed while the next ones are copied.
+/// Key tiles of an aggregation CTA, most: one computed while the next ones are copied.
 pub const AGG_STAGES: u32 = 3;
+
+/// Key tiles of an aggregation CTA (`columns`: pass 2): [`AGG_STAGES`], but two for pass 1
+/// with `wgmma`, whose query rows have their own shared memory: 66 KiB at `D = 128` instead
+/// of 82, so three CTAs fit an SM (registers allow three), where a key tile computed takes
+/// longer than the next one's copy.
+pub const fn agg_stages(elem_bytes: u32, columns: bool, hopper: bool) -> u32 {
+    if agg_wgmma(elem_bytes, hopper) && !columns {
+        2
+    } else {
+        AGG_STAGES
+    }
+}
 /// Slots of key-tile block ids: those of two tiles ahead of the tile being issued are in
 /// flight while it is issued, and a slot is rewritten only after a barrier.
 pub const AGG_ID_SLOTS: u32 = 4;
@@ -1001,7 +1021,7 @@ pub const fn agg_tile_keys(head_dim: u32, elem_bytes: u32) -> u32 {
 pub struct AggregateSmem {
     /// `[agg_rows]` rows of `row_bytes`: the query rows.
     pub q_tile: u32,
-    /// `[AGG_STAGES, tile_keys]` rows of `row_bytes`: the key tiles. For 16-bit types with
+    /// `[stages, tile_keys]` rows of `row_bytes`: the key tiles. For 16-bit types with
     /// `mma.sync` they overlay the query rows, which are dead once each warp holds its A
     /// fragments; with `wgmma` (the Hopper module), which reads the query rows from shared
     /// memory throughout, they follow them.
@@ -1010,7 +1030,7 @@ pub struct AggregateSmem {
     /// the f32 path), or with `wgmma` a row's bytes, stored as 128-byte-swizzled panels of
     /// 64 elements (`[panel][row][128 bytes]`, every tile 1024-byte aligned).
     pub row_bytes: u32,
-    /// `[AGG_STAGES, tile_keys]` i32 positions of the key tiles.
+    /// `[stages, tile_keys]` i32 positions of the key tiles.
     pub positions: u32,
     /// `[AGG_ID_SLOTS, tile_keys]` i32 block ids of the keys of the tiles being fetched.
     pub block_ids: u32,
@@ -1024,6 +1044,8 @@ pub struct AggregateSmem {
     /// `[AGG_WARPS]` i32: the most position any row of each warp sees, for the skip of key
     /// groups no row of the CTA sees (with `wgmma`, whose warps multiply together).
     pub warp_most: u32,
+    /// Key tiles (`agg_stages`).
+    pub stages: u32,
     /// Bytes in all.
     pub bytes: u32,
 }
@@ -1061,7 +1083,8 @@ pub const fn aggregate_smem(
     } else {
         tile_row_bytes(head_dim, elem_bytes)
     };
-    let keys = AGG_STAGES * agg_tile_keys(head_dim, elem_bytes);
+    let stages = agg_stages(elem_bytes, columns, hopper);
+    let keys = stages * agg_tile_keys(head_dim, elem_bytes);
     let q_tile = 0;
     let q_end = q_tile + agg_rows(head_dim, elem_bytes) * row;
     let k_tiles = if wgmma {
@@ -1096,6 +1119,7 @@ pub const fn aggregate_smem(
         columns,
         owned_ids,
         warp_most: owned_ids + id_bytes,
+        stages,
         bytes: owned_ids + id_bytes + AGG_WARPS * 4,
     }
 }
