@@ -407,12 +407,7 @@ unsafe fn stage_rows(
         let (row, col) = (chunk / chunks_per_row, chunk % chunks_per_row);
         let offset = col * VECTOR_BYTES;
         // SAFETY: row < rows, col < chunks_per_row; the source as the caller promised.
-        unsafe {
-            copy_async_chunk(
-                layout.chunk(base, row, col),
-                src(row).map(|addr| addr + offset as u64),
-            )
-        };
+        unsafe { copy_async_chunk(layout.chunk(base, row, col), src(row), offset as u64) };
         chunk += THREADS;
     }
     // SAFETY: this thread's copies.
@@ -621,7 +616,7 @@ unsafe fn stream_keys<T: CacheElem>(
             let chunk = c * per_key + part;
             let dst = tiles.layout.chunk(tile, key_local, chunk);
             // SAFETY: inside this key's staged row; the source is its K row in the pool.
-            unsafe { copy_async_chunk(dst, src.map(|a| a + (chunk * VECTOR_BYTES) as u64)) };
+            unsafe { copy_async_chunk(dst, src, (chunk * VECTOR_BYTES) as u64) };
         }
         if part == 0 {
             let position = tiles.positions(stage).wrapping_add(key_local as usize);

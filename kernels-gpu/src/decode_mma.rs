@@ -138,10 +138,12 @@ pub unsafe fn decode_mma_body<
                     copy_async_chunk(
                         chunk_addr(stage, nt, row, chunk),
                         Some(p.cache.k_pool + byte),
+                        0,
                     );
                     copy_async_chunk(
                         chunk_addr(stage, tiles + nt, row, chunk),
                         Some(p.cache.v_pool + byte),
+                        0,
                     );
                 }
             }

@@ -131,16 +131,19 @@ pub fn pair_halves(a: u32, b: u32, high: bool) -> u32 {
     d
 }
 
-/// Starts an asynchronous copy (`cp.async`, sm_80+) of 16 bytes from global `src` to shared
-/// `dst`, or of 16 zero bytes when `src` is `None` (nothing is read). The thread must
-/// [`wait_async_copies`] (and the CTA synchronise) before the bytes are read.
+/// Starts an asynchronous copy (`cp.async`, sm_80+) of the 16 bytes at global `src + offset`
+/// to shared `dst`, or of 16 zero bytes when `src` is `None` (nothing is read). The thread
+/// must [`wait_async_copies`] (and the CTA synchronise) before the bytes are read. A row's
+/// chunks share one `src` and differ in `offset`, so that the choice between a row and zeros
+/// is made once a row, and a constant offset becomes part of the copy's address.
 ///
 /// # Safety
-/// `dst` is a 16-byte-aligned shared address of 16 writable bytes; a `Some` address is a
-/// 16-byte-aligned global address of 16 bytes no thread writes during the kernel.
+/// `dst` is a 16-byte-aligned shared address of 16 writable bytes; with `Some`, `src +
+/// offset` is a 16-byte-aligned global address of 16 bytes no thread writes during the kernel.
 #[inline(always)]
-pub unsafe fn copy_async_chunk(dst: u32, src: Option<u64>) {
-    let (addr, bytes) = match src {
+pub unsafe fn copy_async_chunk(dst: u32, src: Option<u64>, offset: u64) {
+    // With `None`, the address is `offset` and the source size 0: nothing is read.
+    let (base, bytes) = match src {
         Some(addr) => (addr, 16u32),
         None => (0, 0),
     };
@@ -149,7 +152,7 @@ pub unsafe fn copy_async_chunk(dst: u32, src: Option<u64>) {
         asm!(
             "cp.async.cg.shared.global [{dst}], [{src}], 16, {bytes};",
             dst = in(reg32) dst,
-            src = in(reg64) addr,
+            src = in(reg64) base + offset,
             bytes = in(reg32) bytes,
             options(nostack),
         );
