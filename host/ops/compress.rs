@@ -19,8 +19,8 @@
 
 use kvc_abi::params::compress::{
     BUDGET_BLOCKS, BUDGET_RATE, BUDGET_TOKENS, HEAD_BELOW, IO_HEAD_BLOCKS, IO_HEAD_EVICTIONS,
-    RADIX_PASSES, SEQ_IN_BUDGET_KIND, SEQ_IN_BUDGET_VALUE, SEQ_IN_LAST_POSITION, SEQ_IN_PROTECTED,
-    SEQ_IN_SEQ, SEQ_OUT_CLAMPED, SEQ_OUT_REQUESTED, SEQ_OUT_TAKEN,
+    LISTED_PASS, RADIX_PASSES, SEQ_IN_BUDGET_KIND, SEQ_IN_BUDGET_VALUE, SEQ_IN_LAST_POSITION,
+    SEQ_IN_PROTECTED, SEQ_IN_SEQ, SEQ_OUT_CLAMPED, SEQ_OUT_REQUESTED, SEQ_OUT_TAKEN,
 };
 use kvc_abi::params::CompressParams;
 use kvc_abi::plan::plan_compress;
@@ -267,7 +267,12 @@ pub(crate) fn compress(
     unsafe {
         for pass in 0..RADIX_PASSES {
             params.pass = pass;
-            gpu.launch_chained(SCHED_HIST_ENTRIES[pass as usize], plan.hist, &params)?;
+            let dims = if pass == LISTED_PASS {
+                plan.hist_listed
+            } else {
+                plan.hist
+            };
+            gpu.launch_chained(SCHED_HIST_ENTRIES[pass as usize], dims, &params)?;
             if pass == 0 {
                 gpu.launch_chained(SCHED_BUDGET_ENTRY, plan.budget, &params)?;
             }

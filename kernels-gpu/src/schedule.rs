@@ -27,12 +27,14 @@ use kvc_abi::params::compress::{
     blocks_within, evictions, fill, EvictableWindow, KeyFilter, BUDGET_BLOCKS, BUDGET_RATE,
     BUDGET_TOKENS, CANDIDATE_WORDS, GROUP_NEED, GROUP_PREFIX, HEAD_BELOW, HEAD_BLOCKS,
     HEAD_EVICTABLE, HEAD_EVICTIONS, HEAD_FILL, HEAD_LEN, IO_HEAD_BLOCKS, IO_HEAD_EVICTIONS,
-    RADIX_BINS, RADIX_PASSES, SEQ_IN_BUDGET_KIND, SEQ_IN_BUDGET_VALUE, SEQ_IN_LAST_POSITION,
-    SEQ_IN_PROTECTED, SEQ_IN_SEQ, SEQ_OUT_CLAMPED, SEQ_OUT_REQUESTED, SEQ_OUT_TAKEN, SLICE_HEADS,
+    LISTED_PASS, RADIX_BINS, RADIX_PASSES, SEQ_IN_BUDGET_KIND, SEQ_IN_BUDGET_VALUE,
+    SEQ_IN_LAST_POSITION, SEQ_IN_PROTECTED, SEQ_IN_SEQ, SEQ_OUT_CLAMPED, SEQ_OUT_REQUESTED,
+    SEQ_OUT_TAKEN, SLICE_HEADS,
 };
 use kvc_abi::params::CompressParams;
 use kvc_abi::plan::{
-    COMPRESS_THREADS, HIST_CHUNK_KVS, MIN_BLOCK_SIZE, SCAN_THREADS, SCAN_WARPS, WARP_SIZE,
+    COMPRESS_THREADS, HIST_CHUNK_KVS, LISTED_THREADS, MIN_BLOCK_SIZE, SCAN_THREADS, SCAN_WARPS,
+    WARP_SIZE,
 };
 
 use crate::gpu::mem::{load, load_chunk, load_nc, store, store_chunk, Chunk};
@@ -286,7 +288,9 @@ pub unsafe fn sched_hist_body<const PASS: u32>(p: &CompressParams) {
     let lo = chunk * HIST_CHUNK_KVS;
     if PASS == 0 {
         // SAFETY: the launch's work head slot, sequence and chunk; every thread gets here.
-        unsafe { histogram(p, w, |bins_at, _| first_pass(p, w, s, lo, bins_at)) };
+        unsafe {
+            histogram::<COMPRESS_THREADS>(p, w, |bins_at, _| first_pass(p, w, s, lo, bins_at))
+        };
         // The chunk's evictable KVs (its bins' sum) go to the head slot's row, so that the
         // budget kernel reads one word a head slot instead of its 256 bins.
         let bins = dynamic_f32() as *const u32;
@@ -307,26 +311,39 @@ pub unsafe fn sched_hist_body<const PASS: u32>(p: &CompressParams) {
         return;
     }
     if PASS == LISTED_PASS {
-        // SAFETY: the launch's work head slot, group and chunk; pass 2 listed the chunk's
-        // candidates.
+        // A CTA of LISTED_THREADS. SAFETY: the launch's work head slot, group and chunk; pass
+        // 2 listed the chunk's candidates.
         let listed = unsafe { Listed::load(p, w, s, q, chunk) };
         if listed.need == 0 {
             return; // a group that gives nothing skips the later passes (uniform over the CTA)
         }
-        if listed.count <= LIST_KEYS {
-            // SAFETY: as above; every thread gets here (the count is the CTA's).
-            unsafe { histogram(p, w, |bins_at, _| listed.count(p, w, lo, bins_at)) };
-            return;
-        }
+        // SAFETY: as above; every thread gets here (the count is the CTA's).
+        unsafe {
+            if listed.count <= LIST_KEYS {
+                histogram::<LISTED_THREADS>(p, w, |bins_at, _| listed.count(p, w, lo, bins_at));
+            } else {
+                // More candidates than the list holds: the chunk's digests, in sweeps.
+                histogram::<LISTED_THREADS>(p, w, |bins_at, count_at| {
+                    let sweep = (LATER_RUNS * BATCH) as u32 * LISTED_THREADS;
+                    let mut first = lo;
+                    while first < lo + HIST_CHUNK_KVS {
+                        let later = LaterRuns::load::<LISTED_THREADS>(p, w, s, q, first, PASS);
+                        later.count(p, w, chunk, bins_at, count_at, PASS);
+                        first += sweep;
+                    }
+                })
+            }
+        };
+        return;
     }
     // SAFETY: as above; pass 0 ran before.
-    let later = unsafe { LaterRuns::load(p, w, s, q, lo, PASS) };
+    let later = unsafe { LaterRuns::load::<COMPRESS_THREADS>(p, w, s, q, lo, PASS) };
     if later.need == 0 {
         return; // as above
     }
     // SAFETY: w and the chunk are the launch's; every thread gets here.
     unsafe {
-        histogram(p, w, |bins_at, count_at| {
+        histogram::<COMPRESS_THREADS>(p, w, |bins_at, count_at| {
             later.count(p, w, chunk, bins_at, count_at, PASS)
         })
     };
@@ -345,9 +362,10 @@ pub unsafe fn sched_hist_body<const PASS: u32>(p: &CompressParams) {
 /// thread, and adds the non-zero bins to the pass's global histogram.
 ///
 /// # Safety
-/// Every thread calls it; the launch reserved `RADIX_BINS + 1` words of shared memory.
+/// Every thread of a CTA of `THREADS` calls it; the launch reserved `RADIX_BINS + 1` words of
+/// shared memory.
 #[inline(always)]
-unsafe fn histogram(p: &CompressParams, w: u32, fill: impl FnOnce(u32, u32)) {
+unsafe fn histogram<const THREADS: u32>(p: &CompressParams, w: u32, fill: impl FnOnce(u32, u32)) {
     let bins = dynamic_f32() as *mut u32;
     let thread = thread_idx_x();
     // SAFETY: inside the reserved words; all threads reach the barriers.
@@ -355,7 +373,7 @@ unsafe fn histogram(p: &CompressParams, w: u32, fill: impl FnOnce(u32, u32)) {
         let mut b = thread;
         while b <= RADIX_BINS {
             *bins.add(b as usize) = 0;
-            b += COMPRESS_THREADS;
+            b += THREADS;
         }
         sync_threads();
         fill(
@@ -377,7 +395,7 @@ unsafe fn histogram(p: &CompressParams, w: u32, fill: impl FnOnce(u32, u32)) {
                 );
             }
         }
-        b += COMPRESS_THREADS;
+        b += THREADS;
     }
 }
 
@@ -428,9 +446,11 @@ unsafe fn first_pass(p: &CompressParams, w: u32, s: u32, lo: u32, bins_at: u32) 
 }
 
 /// Runs of `BATCH` KVs a thread of a later histogram pass reads at once: its whole share of
-/// the chunk.
+/// the chunk (in CTAs of `COMPRESS_THREADS`; pass 3's smaller CTAs take the chunk in sweeps).
 const LATER_RUNS: usize = 2;
 const _: () = assert!(HIST_CHUNK_KVS == LATER_RUNS as u32 * BATCH as u32 * COMPRESS_THREADS);
+const _: () =
+    assert!(HIST_CHUNK_KVS.is_multiple_of(LATER_RUNS as u32 * BATCH as u32 * LISTED_THREADS));
 
 /// What a thread of histogram passes 1 to 3 reads before it counts, every load issued at
 /// once (these passes are short: a chain of dependent loads would set their time): the
@@ -447,18 +467,25 @@ struct LaterRuns {
 }
 
 impl LaterRuns {
-    /// The reads of this thread for chunk `[lo, lo + HIST_CHUNK_KVS)` of work head slot `w`
-    /// (of work sequence `s`, group `q`) in pass `pass` (`p.pass`); from pass 2 on, whose
-    /// digit lies below the high keys, the key bytes below them too.
+    /// The reads of this thread (of a CTA of `THREADS`) for the `LATER_RUNS * BATCH *
+    /// THREADS` KVs from `lo` of a chunk of work head slot `w` (of work sequence `s`, group
+    /// `q`) in pass `pass` (`p.pass`); from pass 2 on, whose digit lies below the high keys,
+    /// the key bytes below them too.
     ///
     /// # Safety
-    /// `w`, `s`, `q` and `lo` are a histogram CTA's; pass 0 ran.
+    /// `w`, `s` and `q` are a histogram CTA's, the KVs inside its chunk; pass 0 ran.
     #[inline(always)]
-    unsafe fn load(p: &CompressParams, w: u32, s: u32, q: u32, lo: u32, pass: u32) -> LaterRuns {
+    unsafe fn load<const THREADS: u32>(
+        p: &CompressParams,
+        w: u32,
+        s: u32,
+        q: u32,
+        lo: u32,
+        pass: u32,
+    ) -> LaterRuns {
         let low = pass >= LISTING_PASS;
-        let first: [u32; LATER_RUNS] = core::array::from_fn(|r| {
-            lo + BATCH as u32 * (thread_idx_x() + r as u32 * COMPRESS_THREADS)
-        });
+        let first: [u32; LATER_RUNS] =
+            core::array::from_fn(|r| lo + BATCH as u32 * (thread_idx_x() + r as u32 * THREADS));
         let mut runs = LaterRuns {
             // SAFETY: q < num_groups, s < num_work_seqs.
             need: unsafe { load::<u32>(p.groups, p.group_word(q, GROUP_NEED)) },
@@ -549,8 +576,7 @@ impl LaterRuns {
 /// The pass that lists its candidates, and the pass that reads them: every key the latter
 /// wants has the high key the former's group prefix selected, and the latter is the one pass
 /// whose digit lies below the digests.
-const LISTING_PASS: u32 = 2;
-const LISTED_PASS: u32 = 3;
+const LISTING_PASS: u32 = LISTED_PASS - 1;
 const _: () = assert!(LISTED_PASS == RADIX_PASSES - 1 && 8 * LISTING_PASS == 16);
 const _: () = assert!(8 * LISTED_PASS == DIGEST_BITS);
 /// Entries a chunk's candidate list holds: each a KV's index in the chunk, with its key's
@@ -559,6 +585,8 @@ const LIST_KEYS: u32 = CANDIDATE_WORDS - 1;
 const LIST_MID_SHIFT: u32 = 16;
 const _: () = assert!(HIST_CHUNK_KVS <= 1 << LIST_MID_SHIFT);
 const _: () = assert!(LIST_KEYS < COMPRESS_THREADS);
+/// List entries a thread of pass 3 reads (at places `thread + k * LISTED_THREADS`).
+const LISTED_ENTRIES: usize = LIST_KEYS.div_ceil(LISTED_THREADS) as usize;
 
 /// Counts this thread's wanted KVs in the chunk's candidate count, the shared word at
 /// `count_at` (so a count above `LIST_KEYS` says the list is incomplete); returns the place
@@ -615,16 +643,16 @@ unsafe fn list(
     }
 }
 
-/// What a thread of histogram pass 3 reads first, every load issued at once: the group's
-/// need and prefix, the sequence row, the chunk's candidate count (pass 2's) and the entry at
-/// the thread's place in the list (used only when the place is below the count and the count
-/// fits the list).
+/// What a thread of histogram pass 3 (a CTA of `LISTED_THREADS`) reads first, every load
+/// issued at once: the group's need and prefix, the sequence row, the chunk's candidate count
+/// (pass 2's) and the entries at the thread's `LISTED_ENTRIES` places in the list (used only
+/// where the place is below the count and the count fits the list).
 struct Listed {
     need: u32,
     prefix: u32,
     seq: u32,
     count: u32,
-    entry: u32,
+    entry: [u32; LISTED_ENTRIES],
 }
 
 impl Listed {
@@ -635,17 +663,26 @@ impl Listed {
     /// `w`, `s`, `q` and `chunk` are a histogram CTA's; pass 2 ran.
     #[inline(always)]
     unsafe fn load(p: &CompressParams, w: u32, s: u32, q: u32, chunk: u32) -> Listed {
-        let place = thread_idx_x().min(LIST_KEYS - 1);
-        // SAFETY: q < num_groups, s < num_work_seqs; the chunk's row of the candidate lists.
+        // SAFETY: q < num_groups, s < num_work_seqs; the chunk's row of the candidate lists
+        // (places clamped into it).
         unsafe {
             Listed {
                 need: load::<u32>(p.groups, p.group_word(q, GROUP_NEED)),
                 prefix: load::<u32>(p.groups, p.group_word(q, GROUP_PREFIX)),
                 seq: load::<u32>(p.seq_in, p.seq_in_word(s, SEQ_IN_SEQ)),
                 count: load::<u32>(p.candidates, p.candidate_word(w, chunk, 0)),
-                entry: load::<u32>(p.candidates, p.candidate_word(w, chunk, 1 + place)),
+                entry: core::array::from_fn(|k| {
+                    let place = Self::place(k).min(LIST_KEYS - 1);
+                    load::<u32>(p.candidates, p.candidate_word(w, chunk, 1 + place))
+                }),
             }
         }
+    }
+
+    /// This thread's place `k` in the list.
+    #[inline(always)]
+    fn place(k: usize) -> u32 {
+        thread_idx_x() + k as u32 * LISTED_THREADS
     }
 
     /// Pass 3 over the list of chunk `[lo, lo + HIST_CHUNK_KVS)` of work head slot `w` into
@@ -658,13 +695,27 @@ impl Listed {
     /// holds `RADIX_BINS` zeroed words.
     #[inline(always)]
     unsafe fn count(self, p: &CompressParams, w: u32, lo: u32, bins_at: u32) {
-        if thread_idx_x() < self.count && self.entry >> LIST_MID_SHIFT == self.prefix & 0xff {
-            let index = lo + (self.entry & ((1 << LIST_MID_SHIFT) - 1));
+        let head_slot = p.head_slot(self.seq, w);
+        let wanted: [bool; LISTED_ENTRIES] = core::array::from_fn(|k| {
+            Self::place(k) < self.count && self.entry[k] >> LIST_MID_SHIFT == self.prefix & 0xff
+        });
+        // Every wanted KV's table entry, then every metric, each round's loads at once.
+        let slots: [u64; LISTED_ENTRIES] = core::array::from_fn(|k| {
+            let index = lo + (self.entry[k] & ((1 << LIST_MID_SHIFT) - 1));
             // SAFETY: a listed KV is evictable, so below the head slot's length.
-            unsafe {
-                let slot = pool_slot_of(p, p.head_slot(self.seq, w), index);
-                let key = metric_key(f32::from_bits(load::<u32>(p.cache.metric, slot)));
-                shared_add(bins_at + 4 * (key & 0xff), 1);
+            if wanted[k] {
+                unsafe { pool_slot_of(p, head_slot, index) }
+            } else {
+                0
+            }
+        });
+        for k in 0..LISTED_ENTRIES {
+            if wanted[k] {
+                // SAFETY: a pool slot of the head slot; the bin lies in the smem histogram.
+                unsafe {
+                    let key = metric_key(f32::from_bits(load::<u32>(p.cache.metric, slots[k])));
+                    shared_add(bins_at + 4 * (key & 0xff), 1);
+                }
             }
         }
     }

@@ -475,6 +475,9 @@ impl CompressParams {
 pub mod compress {
     /// Radix select over 32-bit metric keys: 4 passes of 8 bits.
     pub const RADIX_PASSES: u32 = 4;
+    /// The last pass, which reads the candidate lists the pass before wrote (`sched_hist3`,
+    /// with CTAs of `plan::LISTED_THREADS`).
+    pub const LISTED_PASS: u32 = RADIX_PASSES - 1;
     /// Bins of one radix pass.
     pub const RADIX_BINS: u32 = 256;
     /// Words of a histogram chunk's row in `candidates`: the count and up to 255 entries (about

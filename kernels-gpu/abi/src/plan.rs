@@ -1245,6 +1245,10 @@ pub const COMPRESS_THREADS: u32 = 256;
 pub const INIT_CTA_BYTES: u32 = COMPRESS_THREADS * 16 * 8;
 /// KVs one histogram CTA reads.
 pub const HIST_CHUNK_KVS: u32 = 4096;
+/// Threads per CTA of the last histogram pass (`compress::LISTED_PASS`), which mostly reads
+/// its chunk's candidate list, a few entries a thread: small CTAs, so that its many short,
+/// latency-bound CTAs fit an SM in larger numbers and run in fewer waves.
+pub const LISTED_THREADS: u32 = 64;
 /// Warps per compression CTA.
 pub const COMPRESS_WARPS: u32 = COMPRESS_THREADS / WARP_SIZE;
 /// Threads per CTA of the budget, digit and final kernels (`sched_budget`, `sched_digit`,
@@ -1294,6 +1298,8 @@ pub struct CompressPlan {
     pub init: LaunchDims,
     /// Grid `(W * chunks_per_head)`.
     pub hist: LaunchDims,
+    /// The same grid in CTAs of `LISTED_THREADS`, for `compress::LISTED_PASS`.
+    pub hist_listed: LaunchDims,
     /// Grid `(num_work_seqs)`.
     pub budget: LaunchDims,
     /// Grid `(num_groups * slices)`.
@@ -1396,6 +1402,10 @@ pub fn plan_compress(
         init: dims(1, 0),
         // The bins and, in pass 2, the chunk's candidate count.
         hist: dims(num_work_heads * chunks_per_head, bins + 1),
+        hist_listed: LaunchDims {
+            block: [LISTED_THREADS, 1, 1],
+            ..dims(num_work_heads * chunks_per_head, bins + 1)
+        },
         budget: scan_dims(num_work_seqs, 2 * SCAN_WARPS),
         digit: scan_dims(num_groups * slices, SCAN_WARPS * bins + 2),
         finish: scan_dims(num_groups * slices, 2 * SCAN_WARPS + 1),
