@@ -271,8 +271,8 @@ pub unsafe fn pool_slot_of(p: &CompressParams, head_slot: u64, idx: u32) -> u64 
 /// (docs/PERF.md, compression v14): passes 1 and 2 need nothing else. The KVs pass 2 counts
 /// are the only ones pass 3 can want, so pass 2 also lists them per chunk, and pass 3 reads
 /// the list, and the metrics of the listed KVs under its prefix, instead of the chunk
-/// wherever the list fit (compression v15). Each pass is an entry of its own, so that no
-/// pass's code sets another's registers.
+/// wherever the list fit (compression v15), in CTAs of `LISTED_THREADS` (v19). Each pass is
+/// an entry of its own, so that no pass's code sets another's registers.
 ///
 /// # Safety
 /// Launched with `plan_compress`'s hist dims after the previous digit pass, with `p.pass ==
