@@ -275,8 +275,8 @@ pub unsafe fn pool_slot_of(p: &CompressParams, head_slot: u64, idx: u32) -> u64 
 /// an entry of its own, so that no pass's code sets another's registers.
 ///
 /// # Safety
-/// Launched with `plan_compress`'s hist dims after the previous digit pass, with `p.pass ==
-/// PASS`.
+/// Launched with `plan_compress`'s hist dims (`hist_listed` for `LISTED_PASS`) after the
+/// previous digit pass, with `p.pass == PASS`.
 #[inline(always)]
 pub unsafe fn sched_hist_body<const PASS: u32>(p: &CompressParams) {
     allow_dependent_grid();
@@ -584,7 +584,6 @@ const _: () = assert!(8 * LISTED_PASS == DIGEST_BITS);
 const LIST_KEYS: u32 = CANDIDATE_WORDS - 1;
 const LIST_MID_SHIFT: u32 = 16;
 const _: () = assert!(HIST_CHUNK_KVS <= 1 << LIST_MID_SHIFT);
-const _: () = assert!(LIST_KEYS < COMPRESS_THREADS);
 /// List entries a thread of pass 3 reads (at places `thread + k * LISTED_THREADS`).
 const LISTED_ENTRIES: usize = LIST_KEYS.div_ceil(LISTED_THREADS) as usize;
 
