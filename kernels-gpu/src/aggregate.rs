@@ -13,7 +13,9 @@
 //! (one warpgroup) computes the 16-bit types' groups together with `wgmma`, query rows and
 //! keys both read from shared memory in swizzled panels (`gpu::wgmma`); its accumulators have
 //! the same per-lane layout, for rows `64 m + 16 w` of warp `w`, so everything after the
-//! product is shared. Every warp then takes part in every group (no per-warp skips).
+//! product is shared. Every warp then takes part in every group: a key tile's two groups are
+//! started together and folded in turn while the next product runs, and a tile is skipped
+//! only when no row of the CTA sees it.
 //!
 //! - `window_stats`: grid `(row_chunk * key_splits + split, kv_head, seq)`. Each thread keeps
 //!   the online (max, sum) of its rows over its own columns, merged over the row's four lanes
@@ -32,7 +34,8 @@
 //! rows; rows past the window are zero and see nothing. A group of 32 keys that every row of
 //! the warp sees takes a path without the masks (the common case for a window at the end of
 //! its prompt; rows past the window then add zero: zero query, stats (0, 0)), and one that no
-//! row sees is skipped (the upper triangle of a full-range window).
+//! row of the warp sees is skipped (with `wgmma`: a tile no row of the CTA sees), which is
+//! the upper triangle of a full-range window.
 //!
 //! Host-validated: window lengths within the prompt and `q`'s window extent, `pool_half <=
 //! SCORE_HALO`, the head slots' blocks in the pool.
