@@ -810,8 +810,8 @@ impl WarpRows {
             sync_threads();
         }
         let mut cta_most = i32::MIN;
-        for w in 0..AGG_WARPS {
-            if T::WARPGROUP {
+        if T::WARPGROUP {
+            for w in 0..AGG_WARPS {
                 // SAFETY: every warp's word, written before the barrier above.
                 cta_most = cta_most.max(unsafe { *smem.warp_most.add(w as usize) });
             }
@@ -851,12 +851,7 @@ impl WarpRows {
         if T::WARPGROUP {
             // SAFETY: forwarded from the caller.
             unsafe {
-                self.each_group_overlapped::<T, D>(
-                    (tile, positions, tile_keys),
-                    (first, end),
-                    bounds,
-                    f,
-                )
+                self.each_group_overlapped::<T, D>((tile, positions), (first, end), bounds, f)
             };
             return;
         }
@@ -910,7 +905,7 @@ impl WarpRows {
     #[inline(always)]
     unsafe fn each_group_overlapped<T: QkTile, const D: usize>(
         &self,
-        (tile, positions, tile_keys): (*const u8, *const i32, u32),
+        (tile, positions): (*const u8, *const i32),
         (first, end): (u32, u32),
         bounds: (i32, i32),
         mut f: impl FnMut(usize, &Group, &GroupPositions, Seen),
@@ -919,7 +914,6 @@ impl WarpRows {
         // 1. Each group's values are separate variables, not an indexed array, so that they
         // stay in registers whether or not the loops unroll.
         let two = agg_tile_keys(D as u32, T::BYTES) / AGG_GROUP_KEYS == 2;
-        let _ = tile_keys;
         let key1 = AGG_GROUP_KEYS;
         // SAFETY: the tile is staged (a second group only in a 64-key tile).
         let (pos0, pos1) = unsafe {
