@@ -60,7 +60,7 @@ use crate::gpu::sync::{allow_dependent_grid, wait_for_prior_grid};
 use crate::gpu::thread::{
     block_idx_x, block_idx_y, block_idx_z, lane_id, sync_threads, thread_idx_x, warp_id,
 };
-use crate::gpu::warp::{ballot, shfl_xor, shfl_xor_u32};
+use crate::gpu::warp::{ballot, max_i32, shfl_xor};
 #[cfg(kvc_hopper)]
 use crate::gpu::wgmma::{
     commit as wgmma_commit, descriptor, fence as wgmma_fence, fence_async_proxy, wait_all,
@@ -756,6 +756,9 @@ struct WarpRows {
     a: [[u32; MAX_A]; 2],
     /// The most position any row of the CTA sees (`i32::MIN`: none).
     cta_most: i32,
+    /// Whether the warp holds a row of the window: an inactive warp folds nothing, and skips
+    /// the products too unless the whole warpgroup multiplies (`wgmma`).
+    active: bool,
     row_tiles: u32,
     row0: u32,
     q_tile: *const u8,
@@ -780,18 +783,14 @@ impl WarpRows {
     ) -> Self {
         // With `wgmma`, the warp's most seen position, published with the rows by the barrier
         // below (`cta_most`).
-        let mut warp_most = most;
-        let mut mask = 1;
-        while T::WARPGROUP && mask < WARP_SIZE {
-            // SAFETY: the whole warp runs these shuffles.
-            let other = unsafe { shfl_xor_u32(warp_most as u32, mask) } as i32;
-            warp_most = warp_most.max(other);
-            mask *= 2;
-        }
-        if T::WARPGROUP && lane_id() == 0 {
-            // SAFETY: this warp's word of the map; read only after the barrier below, and
-            // rewritten only after the next chunk's first barrier.
-            unsafe { *smem.warp_most.add(warp_id() as usize) = warp_most };
+        if T::WARPGROUP {
+            // SAFETY: the whole warp takes part.
+            let warp_most = unsafe { max_i32(most) };
+            if lane_id() == 0 {
+                // SAFETY: this warp's word of the map; read only after the barrier below, and
+                // rewritten only after the next chunk's first barrier.
+                unsafe { *smem.warp_most.add(warp_id() as usize) = warp_most };
+            }
         }
         let row_tiles = agg_row_tiles(D as u32, T::BYTES);
         let row0 = warp_row0::<T>(row_tiles);
@@ -826,6 +825,7 @@ impl WarpRows {
         Self {
             a,
             cta_most,
+            active: row_base + row0 < rows,
             row_tiles,
             row0,
             q_tile: smem.q_tile,
@@ -836,7 +836,7 @@ impl WarpRows {
     /// Calls `f(grp, c, pos, seen)` for each 32-key group `grp` of the staged tile whose first
     /// key `first + 32 grp` is below `end` and which some row of the warp sees (`bounds`: the
     /// least and the most position this lane's rows see): its C fragments, this lane's
-    /// positions of it and what the warp sees of it.
+    /// positions of it and what the warp sees of it. An inactive warp calls nothing.
     ///
     /// # Safety
     /// `tile` and `positions` are a staged key tile of `tile_keys` keys; the warp is converged.
@@ -855,6 +855,9 @@ impl WarpRows {
             };
             return;
         }
+        if !self.active {
+            return; // uniform over the warp
+        }
         for grp in 0..tile_keys / AGG_GROUP_KEYS {
             let key0 = grp * AGG_GROUP_KEYS;
             if first + key0 >= end {
@@ -864,19 +867,10 @@ impl WarpRows {
             let pos = unsafe { group_positions(positions, key0) };
             // SAFETY: the warp is converged.
             let seen = unsafe { group_seen(&pos, bounds) };
-            if seen == Seen::Nothing && !T::WARPGROUP {
+            if seen == Seen::Nothing {
                 continue; // uniform over the warp
             }
-            // With `wgmma` every warp multiplies, so a group is skipped only when no row of
-            // the CTA sees any of its keys: every warp votes on the same 32 positions
-            // against the same bound, so all take the same branch.
-            // SAFETY: the warp is converged.
-            if T::WARPGROUP
-                && unsafe { ballot(pos.iter().flatten().any(|&k| k <= self.cta_most)) } == 0
-            {
-                continue; // uniform over the CTA
-            }
-            // SAFETY: the tile is staged; the warp is converged (with `wgmma`, the CTA).
+            // SAFETY: the tile is staged; the warp is converged.
             let c = unsafe {
                 T::qk_group::<D>(
                     &self.a,
@@ -888,9 +882,7 @@ impl WarpRows {
                     key0,
                 )
             };
-            if !T::WARPGROUP || seen != Seen::Nothing {
-                f(grp as usize, &c, &pos, seen);
-            }
+            f(grp as usize, &c, &pos, seen);
         }
     }
 
@@ -944,7 +936,7 @@ impl WarpRows {
         let mut fold = |grp: u32, acc: &[[f32; 16]; 2], pos: &GroupPositions| {
             // SAFETY: the warp is converged.
             let seen = unsafe { group_seen(pos, bounds) };
-            if first + grp * AGG_GROUP_KEYS < end && seen != Seen::Nothing {
+            if self.active && first + grp * AGG_GROUP_KEYS < end && seen != Seen::Nothing {
                 f(grp as usize, &as_group(acc), pos, seen);
             }
         };
@@ -1007,7 +999,6 @@ pub unsafe fn window_stats_body<T: CacheElem + QkTile, const D: usize>(p: &Aggre
     // SAFETY: the launch reserved the stats map.
     let smem = unsafe { Layout::new::<T, D>(group, false) };
     let tig = lane_id() % 4;
-    let row0 = warp_row0::<T>(row_tiles);
     let my_rows = lane_rows::<T>(row_base, row_tiles);
     let seen = my_rows.map(|half| half.map(|r| row_position(r, rows, group, window_len, last)));
     // The least and the most position this lane's rows see.
@@ -1019,7 +1010,6 @@ pub unsafe fn window_stats_body<T: CacheElem + QkTile, const D: usize>(p: &Aggre
             }
         }
     }
-    let active = row_base + row0 < rows;
     // SAFETY: all threads take part.
     let warp_rows =
         unsafe { WarpRows::stage::<T, D>(p, &smem, (seq, kv_head), row_base, rows, bounds.1) };
@@ -1027,14 +1017,8 @@ pub unsafe fn window_stats_body<T: CacheElem + QkTile, const D: usize>(p: &Aggre
     let tile_keys = smem.tiles.tile_keys;
 
     let consume = |t, tile, positions| {
-        if !active && !T::WARPGROUP {
-            return; // uniform over the warp (with `wgmma`, every warp multiplies)
-        }
         let range = (key_lo + t * tile_keys, key_hi);
         let fold_group = |_, c: &Group, pos: &GroupPositions, seen_keys| {
-            if T::WARPGROUP && !active {
-                return; // rows past the window
-            }
             // Each row's scores in the log2 domain folded into its (max, sum), with masks;
             // `masked` is a constant in each of the two copies below.
             let mut fold = |masked: bool| {
@@ -1215,7 +1199,6 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
     let tile_keys = smem.tiles.tile_keys;
     let (lane, warp, thread) = (lane_id(), warp_id(), thread_idx_x());
     let (gid, tig) = (lane / 4, lane % 4);
-    let row0 = warp_row0::<T>(row_tiles);
     let l2 = p.record == record::L2;
     // a^2 = 2^(2 (s - max)) / sum^2 (L2), a = 2^(s - max) / sum (L1).
     let power = if l2 { 2.0 } else { 1.0 };
@@ -1284,7 +1267,6 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
                 }
             }
         }
-        let active = row_base + row0 < rows;
         // SAFETY: all threads take part; the barrier before staging ends every read of the
         // previous chunk's tiles and parts.
         let warp_rows = unsafe {
@@ -1298,45 +1280,40 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
             }
             tiles = t + 1;
             let mut acc = [[0.0f32; 2]; MAX_TILE_NTILES];
-            if active || T::WARPGROUP {
-                let sum_group = |grp: usize, c: &Group, pos: &GroupPositions, seen_keys| {
-                    if T::WARPGROUP && !active {
-                        return; // rows past the window (with `wgmma`, the warp multiplies)
-                    }
-                    // `masked` is a constant in each of the two copies below.
-                    let mut fold = |masked: bool| {
-                        for m in 0..2 {
-                            if m as u32 >= row_tiles {
-                                continue;
-                            }
-                            for nt in 0..GROUP_NTILES {
-                                for e in 0..4 {
-                                    let (i, j) = (e / 2, e % 2);
-                                    let v = exp2(fma(c[m][nt][e], mul, -sub[m][i]));
-                                    let acc_e = &mut acc[grp * GROUP_NTILES + nt][j];
-                                    if !masked || pos[nt][j] <= counted[m][i] {
-                                        *acc_e = fma(v, inv[m][i], *acc_e);
-                                    }
+            let sum_group = |grp: usize, c: &Group, pos: &GroupPositions, seen_keys| {
+                // `masked` is a constant in each of the two copies below.
+                let mut fold = |masked: bool| {
+                    for m in 0..2 {
+                        if m as u32 >= row_tiles {
+                            continue;
+                        }
+                        for nt in 0..GROUP_NTILES {
+                            for e in 0..4 {
+                                let (i, j) = (e / 2, e % 2);
+                                let v = exp2(fma(c[m][nt][e], mul, -sub[m][i]));
+                                let acc_e = &mut acc[grp * GROUP_NTILES + nt][j];
+                                if !masked || pos[nt][j] <= counted[m][i] {
+                                    *acc_e = fma(v, inv[m][i], *acc_e);
                                 }
                             }
                         }
-                    };
-                    if seen_keys == Seen::All {
-                        fold(false);
-                    } else {
-                        fold(true);
                     }
                 };
-                // SAFETY: the tile is staged; the warp is converged.
-                unsafe {
-                    warp_rows.each_group::<T, D>(
-                        (tile, positions, tile_keys),
-                        (kstart + t * tile_keys, kend),
-                        bounds,
-                        sum_group,
-                    )
-                };
-            }
+                if seen_keys == Seen::All {
+                    fold(false);
+                } else {
+                    fold(true);
+                }
+            };
+            // SAFETY: the tile is staged; the warp is converged.
+            unsafe {
+                warp_rows.each_group::<T, D>(
+                    (tile, positions, tile_keys),
+                    (kstart + t * tile_keys, kend),
+                    bounds,
+                    sum_group,
+                )
+            };
             // A thread's rows belong to query head gid % G: sum over the lanes of that
             // head, then lanes gid < G write their head's part.
             let mut mask = 4 * group;

@@ -52,6 +52,25 @@ pub unsafe fn ballot(pred: bool) -> u32 {
     mask
 }
 
+/// The maximum of `value` over the warp's lanes, every lane gets it (`redux.sync`, sm_80+).
+///
+/// # Safety
+/// As [`ballot`].
+#[inline(always)]
+pub unsafe fn max_i32(value: i32) -> i32 {
+    let out: i32;
+    // SAFETY: the caller guarantees a converged warp.
+    unsafe {
+        core::arch::asm!(
+            "redux.sync.max.s32 {o}, {v}, 0xffffffff;",
+            o = out(reg32) out,
+            v = in(reg32) value,
+            options(nomem, nostack),
+        );
+    }
+    out
+}
+
 /// Bits of the lanes below this one.
 #[inline(always)]
 pub fn lanemask_lt() -> u32 {
