@@ -85,8 +85,11 @@ pub const SCHED_BUDGET_ENTRY: &str = "sched_budget";
 pub const SCHED_DIGIT_ENTRY: &str = "sched_digit";
 /// Blocks per head slot and the ties, after the last digit.
 pub const SCHED_FINAL_ENTRY: &str = "sched_final";
-/// Per head slot selection and compaction.
+/// Per head slot selection and compaction, CTAs of `COMPACT_THREADS[0]`.
 pub const COMPACT_ENTRY: &str = "compact";
+/// The same in CTAs of `COMPACT_THREADS[1]`, for steps of many head slots
+/// (`CompressPlan::compact_narrow`).
+pub const COMPACT_NARROW_ENTRY: &str = "compact_narrow";
 
 /// Entry point of `append_kv` (one for every dtype: it copies bytes).
 pub const APPEND_ENTRY: &str = "append_kv";
@@ -159,6 +162,7 @@ pub fn entry_points() -> Vec<String> {
         SCHED_DIGIT_ENTRY,
         SCHED_FINAL_ENTRY,
         COMPACT_ENTRY,
+        COMPACT_NARROW_ENTRY,
     ]) {
         names.push(entry.to_string());
     }

@@ -10,6 +10,7 @@ use common::{
     assert_close, assert_metric_close, assert_same_snapshot, fresh_seed, gpu_or_skip, out_label,
     random_values, rng,
 };
+use kvc_abi::plan::{plan_compress, COMPACT_NARROW_HEADS_PER_SM};
 use kvcompress::{
     Backend, Budget, CacheConfig, CacheSnapshot, CompressArgs, DType, DecodeArgs, Error, Metric,
     Mode, PagedKvCache, Recording, Tensor,
@@ -175,14 +176,25 @@ fn compress_on_both(
 /// threads, several head slots per warp; 33 digit and final CTAs per group in `variable` mode,
 /// the last one partly filled, and one partly filled CTA per group of 13 in `per_layer`), few
 /// KVs each, so that the ties at the threshold are shared out across chunks of head slots.
+/// Steps of one sequence compact in wide CTAs, steps of all of them (enough head slots for the
+/// device's SMs) in narrow ones (`CompressPlan::compact_narrow`).
 #[test]
 fn compress_with_many_head_slots_per_sequence_matches_reference() {
     let Some(gpu) = gpu_or_skip("compress_with_many_head_slots_per_sequence_matches_reference")
     else {
         return;
     };
-    let max_len = 120;
-    let cfg = config(DType::F16, 64, 8, 2, 40, 13, max_len);
+    let Backend::Cuda(device) = &gpu else {
+        unreachable!("gpu_or_skip gives a CUDA backend")
+    };
+    let num_sms = device.props().num_sms;
+    let (max_len, layers, heads) = (120, 40, 13);
+    let seqs = (COMPACT_NARROW_HEADS_PER_SM * num_sms).div_ceil(layers * heads) + 1;
+    let cfg = config(DType::F16, 64, 8, seqs, layers, heads, max_len);
+    let narrow = |work_seqs: u32, group_heads: u32| {
+        plan_compress(&cfg.geometry(), work_seqs, group_heads, max_len, num_sms).compact_narrow
+    };
+    let all: Vec<u32> = (0..seqs).rev().collect();
     // Four metric values (ties everywhere), or the same with a little noise (few ties).
     for (palette, noise) in [("ties", 0.0f32), ("continuous", 0.01)] {
         let seed = fresh_seed();
@@ -196,15 +208,30 @@ fn compress_with_many_head_slots_per_sequence_matches_reference() {
             (Mode::PerLayer, Budget::Rate(3.0)),
             (Mode::Uniform, Budget::MaxTokens(40)),
         ] {
-            let name = format!("520 head slots, {palette} {mode:?} {budget:?} (seed {seed})");
-            let args = CompressArgs {
-                seqs: &[1, 0],
-                budgets: &[budget, Budget::Rate(2.0)],
-                protected: &[rng.random_range(0..16), 3],
-                sinks: rng.random_range(0..3),
-                mode,
-            };
-            compress_on_both(&gpu, cfg, &snapshot, &args, &name);
+            let group_heads = mode.group_heads(layers, heads);
+            for work in [&all[..1], &all[..]] {
+                let is_narrow = narrow(work.len() as u32, group_heads);
+                // One sequence is 520 head slots: wide CTAs on a device of more than 65 SMs.
+                assert!(is_narrow || work.len() == 1, "all sequences compact narrow");
+                let name = format!(
+                    "520 head slots, {} sequences ({} compaction), {palette} {mode:?} \
+                     {budget:?} (seed {seed})",
+                    work.len(),
+                    if is_narrow { "narrow" } else { "wide" }
+                );
+                let mut budgets = vec![Budget::Rate(2.0); work.len()];
+                budgets[0] = budget;
+                let protected: Vec<u32> =
+                    (0..work.len()).map(|_| rng.random_range(0..16)).collect();
+                let args = CompressArgs {
+                    seqs: work,
+                    budgets: &budgets,
+                    protected: &protected,
+                    sinks: rng.random_range(0..3),
+                    mode,
+                };
+                compress_on_both(&gpu, cfg, &snapshot, &args, &name);
+            }
         }
     }
 }

@@ -33,8 +33,8 @@ use crate::compress::{
 };
 use crate::error::{Error, Result};
 use crate::gpu::{
-    COMPACT_ENTRY, SCHED_BUDGET_ENTRY, SCHED_DIGIT_ENTRY, SCHED_FINAL_ENTRY, SCHED_HIST_ENTRIES,
-    SCHED_INIT_ENTRY,
+    COMPACT_ENTRY, COMPACT_NARROW_ENTRY, SCHED_BUDGET_ENTRY, SCHED_DIGIT_ENTRY, SCHED_FINAL_ENTRY,
+    SCHED_HIST_ENTRIES, SCHED_INIT_ENTRY,
 };
 use crate::validate;
 
@@ -194,15 +194,21 @@ pub(crate) fn compress(
         })
         .max()
         .map_or(0, |&len| len as u32);
-    let plan = plan_compress(&g, num_work_seqs, group_heads, max_context_len);
-    let [seq_in_at, seq_out_at, heads_at, groups_at, status_at, hist_at] =
-        plan.offsets(num_work_seqs);
-    let [key_high_at, key_mid_at, evictable_at] = plan.digest_offsets(num_work_seqs);
-    let candidates_at = plan.candidates_offset(num_work_seqs);
     let Arrays::Cuda(d) = &cache.arrays else {
         return Err(validate::backend_mismatch("cache"));
     };
     let gpu = &d.gpu;
+    let plan = plan_compress(
+        &g,
+        num_work_seqs,
+        group_heads,
+        max_context_len,
+        gpu.props().num_sms,
+    );
+    let [seq_in_at, seq_out_at, heads_at, groups_at, status_at, hist_at] =
+        plan.offsets(num_work_seqs);
+    let [key_high_at, key_mid_at, evictable_at] = plan.digest_offsets(num_work_seqs);
+    let candidates_at = plan.candidates_offset(num_work_seqs);
     let workspace = gpu.workspace(plan.workspace_bytes(num_work_seqs))?;
     let base = gpu.addr(&workspace);
     let mut params = CompressParams {
@@ -283,7 +289,13 @@ pub(crate) fn compress(
     io.written()?;
     mark(1)?;
     // SAFETY: as above, after the schedule's last digit pass; with `status` set it returns.
-    unsafe { gpu.launch_chained(COMPACT_ENTRY, plan.compact, &params)? };
+    let compact = if plan.compact_narrow {
+        COMPACT_NARROW_ENTRY
+    } else {
+        COMPACT_ENTRY
+    };
+    // SAFETY: as above.
+    unsafe { gpu.launch_chained(compact, plan.compact, &params)? };
     mark(2)?;
     let results = io.wait()?;
     let seq_out = |s: u32, field: u32| results[params.io_seq_out_word(s, field) as usize];

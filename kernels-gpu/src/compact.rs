@@ -9,9 +9,9 @@
 //!    the top `level` bits of its key are `<= P` (`level` 0: every evictable KV). Positions are
 //!    unique within a head slot, so the select always resolves.
 //! 2. Compact: `n' = n - c_h`. Holes (evicted KVs below `n'`, ascending) and movers (retained
-//!    KVs at `n'` and above, descending) are found a tile of `COMPACT_TILE` KVs at a time (each
+//!    KVs at `n'` and above, descending) are found a tile of `compact_tile(THREADS)` KVs at a time (each
 //!    thread examines `BATCH` at once, so their loads overlap) and appended in order to two
-//!    shared queues with block-wide ballots until each holds `COMPACT_ROUND` (or the scan
+//!    shared queues with block-wide ballots until each holds `compact_round(THREADS)` (or the scan
 //!    ends), a mover with the metric and position its scan read; the i-th mover fills the
 //!    i-th hole. The moves of a round run as one flat parallel copy over `(move, K or V,
 //!    16-byte chunk)`, then each mover's queued metric and position are stored. Sources (`>=
@@ -28,8 +28,8 @@ use kvc_abi::params::compress::{
 };
 use kvc_abi::params::CompressParams;
 use kvc_abi::plan::{
-    compact_smem, COMPACT_QUEUE, COMPACT_ROUND, COMPACT_TILE, COMPRESS_THREADS, COMPRESS_WARPS,
-    VECTOR_BYTES,
+    compact_queue, compact_round, compact_smem, compact_tile, COMPACT_QUEUE_PER_THREAD,
+    VECTOR_BYTES, WARP_SIZE,
 };
 
 use crate::gpu::mem::{load, load_chunk, store, store_chunk, Chunk};
@@ -42,14 +42,7 @@ use crate::schedule::{
     digest_run, kv_batch, kv_run, pool_slot_of, seq_view, SeqView, BATCH, DIGEST_BITS,
 };
 
-/// Shared-memory words (see `compact_smem`) and state fields.
-const BINS_AT: usize = compact_smem::BINS;
-const STATE_AT: usize = compact_smem::STATE;
-const WARP_COUNTS_AT: usize = compact_smem::WARP_COUNTS;
-const HOLES_AT: usize = compact_smem::HOLES;
-const MOVERS_AT: usize = compact_smem::MOVERS;
-const MOVER_METRICS_AT: usize = compact_smem::MOVER_METRICS;
-const MOVER_POSITIONS_AT: usize = compact_smem::MOVER_POSITIONS;
+/// State fields (`CompactSmem::state`).
 const S_REMAINING: usize = 0;
 const S_PREFIX_HI: usize = 1;
 const S_PREFIX_LO: usize = 2;
@@ -80,7 +73,7 @@ impl Evict {
 /// # Safety
 /// Launched with `plan_compress`'s compact dims after the last digit pass.
 #[inline(always)]
-pub unsafe fn compact_body(p: &CompressParams) {
+pub unsafe fn compact_body<const THREADS: u32>(p: &CompressParams) {
     wait_for_prior_grid();
     let geom = p.cache.geometry;
     let w = block_idx_x();
@@ -111,12 +104,13 @@ pub unsafe fn compact_body(p: &CompressParams) {
                 prefix: 0,
             }
         } else {
-            select(p, view, w, head_slot, len, evictions, words)
+            select::<THREADS>(p, view, w, head_slot, len, evictions, words)
         }
     };
     let kept = len - evictions;
     // SAFETY: as above.
-    let moved = unsafe { move_tail_into_holes(p, view, head_slot, len, kept, evict, words) };
+    let moved =
+        unsafe { move_tail_into_holes::<THREADS>(p, view, head_slot, len, kept, evict, words) };
     let thread = thread_idx_x();
     if thread == 0 {
         // SAFETY: the head slot is validated; heads holds a row for w.
@@ -135,7 +129,7 @@ pub unsafe fn compact_body(p: &CompressParams) {
                 -1,
             )
         };
-        logical_block += COMPRESS_THREADS;
+        logical_block += THREADS;
     }
 }
 
@@ -149,7 +143,7 @@ pub unsafe fn compact_body(p: &CompressParams) {
 /// Every thread calls it; `words` is the kernel's shared memory; `len > 0`; work head slot `w`
 /// frees blocks, so its group ran every schedule pass.
 #[inline(always)]
-unsafe fn select(
+unsafe fn select<const THREADS: u32>(
     p: &CompressParams,
     view: SeqView,
     w: u32,
@@ -159,6 +153,7 @@ unsafe fn select(
     words: *mut u32,
 ) -> Evict {
     let thread = thread_idx_x();
+    let m = compact_smem(THREADS);
     let num_work_heads = p.num_work_heads();
     // SAFETY: w's group is in groups; after the last digit pass its prefix is the whole
     // 32-bit threshold key.
@@ -172,29 +167,29 @@ unsafe fn select(
     // read from shared memory after a barrier, so it is uniform).
     unsafe {
         if thread == 0 {
-            *words.add(STATE_AT + S_REMAINING) = rank;
-            *words.add(STATE_AT + S_PREFIX_HI) = 0;
-            *words.add(STATE_AT + S_PREFIX_LO) = 0;
-            *words.add(STATE_AT + S_LEVEL) = 0;
-            *words.add(STATE_AT + S_DONE) = 0;
+            *words.add(m.state + S_REMAINING) = rank;
+            *words.add(m.state + S_PREFIX_HI) = 0;
+            *words.add(m.state + S_PREFIX_LO) = 0;
+            *words.add(m.state + S_LEVEL) = 0;
+            *words.add(m.state + S_DONE) = 0;
         }
         loop {
             let mut b = thread;
             while b < 256 {
-                *words.add(BINS_AT + b as usize) = 0;
-                b += COMPRESS_THREADS;
+                *words.add(m.bins + b as usize) = 0;
+                b += THREADS;
             }
             sync_threads();
-            let level = *words.add(STATE_AT + S_LEVEL);
-            let prefix = (*words.add(STATE_AT + S_PREFIX_HI) as u64) << 32
-                | *words.add(STATE_AT + S_PREFIX_LO) as u64;
+            let level = *words.add(m.state + S_LEVEL);
+            let prefix = (*words.add(m.state + S_PREFIX_HI) as u64) << 32
+                | *words.add(m.state + S_PREFIX_LO) as u64;
             let pass = level / 8;
             let scheduled = pass < RADIX_PASSES && prefix == threshold >> (32 - level);
             let mut b = thread;
             while scheduled && b < 256 {
-                *words.add(BINS_AT + b as usize) =
+                *words.add(m.bins + b as usize) =
                     load::<u32>(p.hist, p.hist_word(num_work_heads, pass, w, b));
-                b += COMPRESS_THREADS;
+                b += THREADS;
             }
             // A histogram: which thread counts which KV does not matter, so each takes a run of
             // consecutive KVs. The schedule's digests say which runs hold keys under the
@@ -227,37 +222,37 @@ unsafe fn select(
                             let wide = (key[u] as u64) << 32 | position[u] as u32 as u64;
                             if wanted[u] && (level == 0 || wide >> (64 - level) == prefix) {
                                 let digit = (wide >> (56 - level)) & 0xff;
-                                shared_add(shared_addr(words.add(BINS_AT + digit as usize)), 1);
+                                shared_add(shared_addr(words.add(m.bins + digit as usize)), 1);
                             }
                         }
                     }
                 }
-                base += COMPACT_TILE;
+                base += compact_tile(THREADS);
             }
             sync_threads();
             if thread == 0 {
-                let remaining = *words.add(STATE_AT + S_REMAINING);
+                let remaining = *words.add(m.state + S_REMAINING);
                 let mut below = 0u32;
                 let mut digit = 0u32;
-                while digit < 255 && below + *words.add(BINS_AT + digit as usize) < remaining {
-                    below += *words.add(BINS_AT + digit as usize);
+                while digit < 255 && below + *words.add(m.bins + digit as usize) < remaining {
+                    below += *words.add(m.bins + digit as usize);
                     digit += 1;
                 }
                 let remaining = remaining - below;
                 let prefix = prefix << 8 | digit as u64;
-                *words.add(STATE_AT + S_REMAINING) = remaining;
-                *words.add(STATE_AT + S_PREFIX_HI) = (prefix >> 32) as u32;
-                *words.add(STATE_AT + S_PREFIX_LO) = prefix as u32;
-                *words.add(STATE_AT + S_LEVEL) = level + 8;
-                *words.add(STATE_AT + S_DONE) =
-                    (remaining == *words.add(BINS_AT + digit as usize) || level + 8 == 64) as u32;
+                *words.add(m.state + S_REMAINING) = remaining;
+                *words.add(m.state + S_PREFIX_HI) = (prefix >> 32) as u32;
+                *words.add(m.state + S_PREFIX_LO) = prefix as u32;
+                *words.add(m.state + S_LEVEL) = level + 8;
+                *words.add(m.state + S_DONE) =
+                    (remaining == *words.add(m.bins + digit as usize) || level + 8 == 64) as u32;
             }
             sync_threads();
-            if *words.add(STATE_AT + S_DONE) != 0 {
+            if *words.add(m.state + S_DONE) != 0 {
                 return Evict {
-                    level: *words.add(STATE_AT + S_LEVEL),
-                    prefix: (*words.add(STATE_AT + S_PREFIX_HI) as u64) << 32
-                        | *words.add(STATE_AT + S_PREFIX_LO) as u64,
+                    level: *words.add(m.state + S_LEVEL),
+                    prefix: (*words.add(m.state + S_PREFIX_HI) as u64) << 32
+                        | *words.add(m.state + S_PREFIX_LO) as u64,
                 };
             }
         }
@@ -271,7 +266,7 @@ unsafe fn select(
 /// # Safety
 /// Every thread calls it; `words` is the kernel's shared memory; the queue has room.
 #[inline(always)]
-unsafe fn append<const N: usize>(
+unsafe fn append<const THREADS: u32, const N: usize>(
     words: *mut u32,
     queues: [usize; N],
     count_word: usize,
@@ -279,6 +274,7 @@ unsafe fn append<const N: usize>(
     flag: [bool; BATCH],
 ) {
     let (lane, warp, thread) = (lane_id(), warp_id(), thread_idx_x());
+    let m = compact_smem(THREADS);
     // SAFETY: every lane of every warp calls it; inside the smem map.
     unsafe {
         let mut votes = [0u32; BATCH];
@@ -287,7 +283,7 @@ unsafe fn append<const N: usize>(
         }
         if lane == 0 {
             for u in 0..BATCH {
-                *words.add(WARP_COUNTS_AT + u * COMPRESS_WARPS as usize + warp as usize) =
+                *words.add(m.warp_counts + u * (THREADS / WARP_SIZE) as usize + warp as usize) =
                     votes[u].count_ones();
             }
         }
@@ -295,8 +291,8 @@ unsafe fn append<const N: usize>(
         let mut offset = *words.add(count_word);
         for u in 0..BATCH {
             let mut mine = offset;
-            for w in 0..COMPRESS_WARPS {
-                let n = *words.add(WARP_COUNTS_AT + u * COMPRESS_WARPS as usize + w as usize);
+            for w in 0..(THREADS / WARP_SIZE) {
+                let n = *words.add(m.warp_counts + u * (THREADS / WARP_SIZE) as usize + w as usize);
                 if w < warp {
                     mine += n;
                 }
@@ -322,7 +318,7 @@ unsafe fn append<const N: usize>(
 /// # Safety
 /// Every thread calls it; `words` is the kernel's shared memory; `len > 0`.
 #[inline(always)]
-unsafe fn move_tail_into_holes(
+unsafe fn move_tail_into_holes<const THREADS: u32>(
     p: &CompressParams,
     view: SeqView,
     head_slot: u64,
@@ -332,6 +328,7 @@ unsafe fn move_tail_into_holes(
     words: *mut u32,
 ) -> u32 {
     let thread = thread_idx_x();
+    let m = compact_smem(THREADS);
     let mut hole_cursor = 0u32;
     let mut mover_cursor = len;
     let mut moved = 0u32;
@@ -340,30 +337,23 @@ unsafe fn move_tail_into_holes(
     // step), so all threads reach every barrier.
     unsafe {
         if thread == 0 {
-            *words.add(STATE_AT + S_HOLES) = 0;
-            *words.add(STATE_AT + S_MOVERS) = 0;
+            *words.add(m.state + S_HOLES) = 0;
+            *words.add(m.state + S_MOVERS) = 0;
         }
         sync_threads();
         loop {
-            while *words.add(STATE_AT + S_HOLES) < COMPACT_ROUND && hole_cursor < kept {
+            while *words.add(m.state + S_HOLES) < compact_round(THREADS) && hole_cursor < kept {
                 let idx: [u32; BATCH] =
-                    core::array::from_fn(|u| hole_cursor + u as u32 * COMPRESS_THREADS + thread);
+                    core::array::from_fn(|u| hole_cursor + u as u32 * THREADS + thread);
                 let kv = kv_batch(p, view, head_slot, idx, len);
                 let flag = core::array::from_fn(|u| {
                     idx[u] < kept && evict.takes(kv.key[u], kv.position[u], kv.evictable[u])
                 });
-                append(
-                    words,
-                    [HOLES_AT],
-                    STATE_AT + S_HOLES,
-                    idx.map(|i| [i]),
-                    flag,
-                );
-                hole_cursor += COMPACT_TILE;
+                append::<THREADS, _>(words, [m.holes], m.state + S_HOLES, idx.map(|i| [i]), flag);
+                hole_cursor += compact_tile(THREADS);
             }
-            while *words.add(STATE_AT + S_MOVERS) < COMPACT_ROUND && mover_cursor > kept {
-                let back: [u32; BATCH] =
-                    core::array::from_fn(|u| u as u32 * COMPRESS_THREADS + thread + 1);
+            while *words.add(m.state + S_MOVERS) < compact_round(THREADS) && mover_cursor > kept {
+                let back: [u32; BATCH] = core::array::from_fn(|u| u as u32 * THREADS + thread + 1);
                 let idx: [u32; BATCH] =
                     core::array::from_fn(|u| mover_cursor.saturating_sub(back[u]));
                 let kv = kv_batch(p, view, head_slot, idx, len);
@@ -375,34 +365,31 @@ unsafe fn move_tail_into_holes(
                 // A mover's metric and position travel with it, so the copy need not read
                 // them again (a scattered 4-byte read each, usually an L2 miss by then).
                 let entry = core::array::from_fn(|u| [idx[u], kv.metric[u], kv.position[u] as u32]);
-                append(
+                append::<THREADS, _>(
                     words,
-                    [MOVERS_AT, MOVER_METRICS_AT, MOVER_POSITIONS_AT],
-                    STATE_AT + S_MOVERS,
+                    [m.movers, m.mover_metrics, m.mover_positions],
+                    m.state + S_MOVERS,
                     entry,
                     flag,
                 );
-                mover_cursor = mover_cursor.saturating_sub(COMPACT_TILE).max(kept);
+                mover_cursor = mover_cursor.saturating_sub(compact_tile(THREADS)).max(kept);
             }
-            let holes = *words.add(STATE_AT + S_HOLES);
-            let movers = *words.add(STATE_AT + S_MOVERS);
+            let holes = *words.add(m.state + S_HOLES);
+            let movers = *words.add(m.state + S_MOVERS);
             let pairs = holes.min(movers);
             if pairs == 0 {
                 break;
             }
             moved += pairs;
-            copy_moves(p, head_slot, pairs, words);
+            copy_moves::<THREADS>(p, head_slot, pairs, words);
             // Drop the consumed entries: read the rest, barrier, write them to the front; two
             // arrays at a time, so few registers hold them.
-            for arrays in [
-                [HOLES_AT, MOVERS_AT],
-                [MOVER_METRICS_AT, MOVER_POSITIONS_AT],
-            ] {
-                shift_front(words, arrays, pairs);
+            for arrays in [[m.holes, m.movers], [m.mover_metrics, m.mover_positions]] {
+                shift_front::<THREADS>(words, arrays, pairs);
             }
             if thread == 0 {
-                *words.add(STATE_AT + S_HOLES) = holes - pairs;
-                *words.add(STATE_AT + S_MOVERS) = movers - pairs;
+                *words.add(m.state + S_HOLES) = holes - pairs;
+                *words.add(m.state + S_MOVERS) = movers - pairs;
             }
             sync_threads();
         }
@@ -415,23 +402,23 @@ unsafe fn move_tail_into_holes(
 /// # Safety
 /// Every thread calls it; `words` is the kernel's shared memory.
 #[inline(always)]
-unsafe fn shift_front(words: *mut u32, arrays: [usize; 2], pairs: u32) {
-    const PER_THREAD: usize = (COMPACT_QUEUE as usize).div_ceil(COMPRESS_THREADS as usize);
+unsafe fn shift_front<const THREADS: u32>(words: *mut u32, arrays: [usize; 2], pairs: u32) {
+    const PER_THREAD: usize = COMPACT_QUEUE_PER_THREAD as usize;
     let thread = thread_idx_x() as usize;
     let mut rest = [[0u32; 2]; PER_THREAD];
     // SAFETY: inside the smem map; all reads happen before the barrier, all writes after.
     unsafe {
         for (k, r) in rest.iter_mut().enumerate() {
-            let from = (k * COMPRESS_THREADS as usize + thread + pairs as usize)
-                .min(COMPACT_QUEUE as usize - 1);
+            let from = (k * THREADS as usize + thread + pairs as usize)
+                .min(compact_queue(THREADS) as usize - 1);
             for i in 0..2 {
                 r[i] = *words.add(arrays[i] + from);
             }
         }
         sync_threads();
         for (k, r) in rest.iter().enumerate() {
-            let to = k * COMPRESS_THREADS as usize + thread;
-            if to < COMPACT_QUEUE as usize {
+            let to = k * THREADS as usize + thread;
+            if to < compact_queue(THREADS) as usize {
                 for i in 0..2 {
                     *words.add(arrays[i] + to) = r[i];
                 }
@@ -447,17 +434,23 @@ unsafe fn shift_front(words: *mut u32, arrays: [usize; 2], pairs: u32) {
 /// # Safety
 /// Every thread calls it; the queues hold at least `pairs` live logical indices each.
 #[inline(always)]
-unsafe fn copy_moves(p: &CompressParams, head_slot: u64, pairs: u32, words: *mut u32) {
+unsafe fn copy_moves<const THREADS: u32>(
+    p: &CompressParams,
+    head_slot: u64,
+    pairs: u32,
+    words: *mut u32,
+) {
     let thread = thread_idx_x();
+    let m = compact_smem(THREADS);
     // SAFETY: inside the smem map; queue entries are live logical indices of the head slot.
     unsafe {
         let mut i = thread;
         while i < pairs {
-            *words.add(HOLES_AT + i as usize) =
-                pool_slot_of(p, head_slot, *words.add(HOLES_AT + i as usize)) as u32;
-            *words.add(MOVERS_AT + i as usize) =
-                pool_slot_of(p, head_slot, *words.add(MOVERS_AT + i as usize)) as u32;
-            i += COMPRESS_THREADS;
+            *words.add(m.holes + i as usize) =
+                pool_slot_of(p, head_slot, *words.add(m.holes + i as usize)) as u32;
+            *words.add(m.movers + i as usize) =
+                pool_slot_of(p, head_slot, *words.add(m.movers + i as usize)) as u32;
+            i += THREADS;
         }
         sync_threads();
         let row = p.row_bytes as u64;
@@ -471,7 +464,7 @@ unsafe fn copy_moves(p: &CompressParams, head_slot: u64, pairs: u32, words: *mut
             let mut chunk: [Chunk; COPIES] = [[0; 4]; COPIES];
             let mut to = [0u64; COPIES];
             for (c, value) in chunk.iter_mut().enumerate() {
-                let item = first + (c as u32) * COMPRESS_THREADS;
+                let item = first + (c as u32) * THREADS;
                 if item < items {
                     let (pair, rest) = (item >> (chunk_bits + 1), item & (2 * chunks - 1));
                     let pool = if rest < chunks {
@@ -480,26 +473,26 @@ unsafe fn copy_moves(p: &CompressParams, head_slot: u64, pairs: u32, words: *mut
                         p.cache.v_pool
                     };
                     let byte = ((rest & (chunks - 1)) * VECTOR_BYTES) as u64;
-                    let src = *words.add(MOVERS_AT + pair as usize) as u64;
-                    let dst = *words.add(HOLES_AT + pair as usize) as u64;
+                    let src = *words.add(m.movers + pair as usize) as u64;
+                    let dst = *words.add(m.holes + pair as usize) as u64;
                     *value = load_chunk(pool + src * row + byte);
                     to[c] = pool + dst * row + byte;
                 }
             }
             for (c, value) in chunk.iter().enumerate() {
-                if first + (c as u32) * COMPRESS_THREADS < items {
+                if first + (c as u32) * THREADS < items {
                     store_chunk(to[c], *value);
                 }
             }
-            first += COPIES as u32 * COMPRESS_THREADS;
+            first += COPIES as u32 * THREADS;
         }
         // Metric and position, as the mover scan read them.
         let mut i = thread as usize;
         while i < pairs as usize {
-            let to = *words.add(HOLES_AT + i) as u64;
-            store::<u32>(p.cache.metric, to, *words.add(MOVER_METRICS_AT + i));
-            store::<u32>(p.cache.position, to, *words.add(MOVER_POSITIONS_AT + i));
-            i += COMPRESS_THREADS as usize;
+            let to = *words.add(m.holes + i) as u64;
+            store::<u32>(p.cache.metric, to, *words.add(m.mover_metrics + i));
+            store::<u32>(p.cache.position, to, *words.add(m.mover_positions + i));
+            i += THREADS as usize;
         }
     }
 }

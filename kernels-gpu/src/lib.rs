@@ -22,6 +22,7 @@ mod gpu;
 mod schedule;
 
 use kvc_abi::params::{AggregateParams, AppendParams, CompressParams, DecodeParams};
+use kvc_abi::plan::COMPACT_THREADS;
 
 use gpu::math::{Bf16, F16, F32};
 
@@ -162,6 +163,7 @@ entries! { CompressParams =>
     sched_budget = schedule::sched_budget_body;
     sched_digit = schedule::sched_digit_body;
     sched_final = schedule::sched_final_body;
-    compact = compact::compact_body;
+    compact = compact::compact_body::<{ COMPACT_THREADS[0] }>;
+    compact_narrow = compact::compact_body::<{ COMPACT_THREADS[1] }>;
     abi_echo_compress = echo::echo_body::<CompressParams>;
 }

@@ -876,7 +876,7 @@ mod tests {
     #[test]
     fn compress_digests_follow_the_schedule_arrays() {
         for (seqs, group_heads, longest) in [(1, 8, 1), (3, 8, 4097), (16, 1, 8192), (2, 4, 100)] {
-            let plan = plan_compress(&geometry(seqs), seqs, group_heads, longest);
+            let plan = plan_compress(&geometry(seqs), seqs, group_heads, longest, 132);
             let [key_high, key_mid, evictable] = plan.digest_offsets(seqs);
             let stride = plan.key_stride();
             assert_eq!(
@@ -912,7 +912,7 @@ mod tests {
         use crate::params::CompressParams;
         for (seqs, group_heads, longest) in [(1, 8, 1), (3, 8, 4097), (16, 1, 8192), (2, 4, 100)] {
             let g = geometry(seqs);
-            let plan = plan_compress(&g, seqs, group_heads, longest);
+            let plan = plan_compress(&g, seqs, group_heads, longest, 132);
             let mut p: CompressParams = bytemuck::Zeroable::zeroed();
             p.cache.geometry = g;
             p.num_work_seqs = seqs;
@@ -1249,8 +1249,6 @@ pub const HIST_CHUNK_KVS: u32 = 4096;
 /// its chunk's candidate list, a few entries a thread: small CTAs, so that its many short,
 /// latency-bound CTAs fit an SM in larger numbers and run in fewer waves.
 pub const LISTED_THREADS: u32 = 64;
-/// Warps per compression CTA.
-pub const COMPRESS_WARPS: u32 = COMPRESS_THREADS / WARP_SIZE;
 /// Threads per CTA of the budget, digit and final kernels (`sched_budget`, `sched_digit`,
 /// `sched_final`): a warp per head slot; a budget CTA scans all head slots of its sequence, a
 /// digit or final CTA one slice of [`crate::params::compress::SLICE_HEADS`] of its group.
@@ -1258,40 +1256,84 @@ pub const SCAN_THREADS: u32 = 512;
 /// Warps per budget, digit or final CTA.
 pub const SCAN_WARPS: u32 = SCAN_THREADS / WARP_SIZE;
 const _: () = assert!(SCAN_WARPS == crate::params::compress::SLICE_HEADS);
-/// Logical KVs one compaction scan tile covers (each thread examines 8 at once).
-pub const COMPACT_TILE: u32 = 8 * COMPRESS_THREADS;
+/// Threads of a compaction CTA (one head slot each), `compact` then `compact_narrow`: the
+/// narrow CTAs fit an SM five at a time (two wide ones do), so that fewer of an SM's warps
+/// wait in a CTA's latency-bound select and scans while the others copy, which pays when
+/// head slots are many (16 x 8192 at rate 8: compaction 1.647-1.651 ms against 1.663-1.664
+/// on an H100); with few, each head slot's own time rules and wide CTAs are faster (1 x
+/// 32768: 0.420 against 0.492 ms). docs/PERF.md, compression v20.
+pub const COMPACT_THREADS: [u32; 2] = [256, 128];
+/// Head slots per SM from which a step compacts with narrow CTAs (`COMPACT_THREADS[1]`).
+pub const COMPACT_NARROW_HEADS_PER_SM: u32 = 8;
+
+/// Logical KVs one scan tile of a compaction CTA of `threads` covers (each thread examines
+/// 8 at once).
+pub const fn compact_tile(threads: u32) -> u32 {
+    8 * threads
+}
+
 /// Moves a compaction round gathers before it copies: each queue is refilled while it holds
 /// fewer. Larger rounds mean fewer barriers and more copies in flight per round.
-pub const COMPACT_ROUND: u32 = 4 * COMPRESS_THREADS;
-/// Capacity of each of the compaction kernel's hole and mover queues: refilled while below
-/// `COMPACT_ROUND` entries, a tile adds at most `COMPACT_TILE`.
-pub const COMPACT_QUEUE: u32 = COMPACT_ROUND + COMPACT_TILE;
+pub const fn compact_round(threads: u32) -> u32 {
+    4 * threads
+}
 
-/// Shared memory of the compaction kernel, in u32 words from the start.
-pub mod compact_smem {
-    use super::{COMPACT_QUEUE, COMPRESS_WARPS};
-    use crate::params::compress::RADIX_BINS;
+/// Capacity of each of the compaction kernel's hole and mover queues, in entries a thread:
+/// refilled while below `compact_round` entries, a tile adds at most `compact_tile`.
+pub const COMPACT_QUEUE_PER_THREAD: u32 = 12;
+const _: () = assert!(compact_round(1) + compact_tile(1) == COMPACT_QUEUE_PER_THREAD);
 
-    /// `[RADIX_BINS]` select histogram.
-    pub const BINS: usize = 0;
+/// Capacity of each of the compaction kernel's hole and mover queues.
+pub const fn compact_queue(threads: u32) -> u32 {
+    COMPACT_QUEUE_PER_THREAD * threads
+}
+
+/// Shared memory of a compaction CTA of `threads`, in u32 words from the start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompactSmem {
+    /// `[RADIX_BINS]` select histogram, at word 0.
+    pub bins: usize,
     /// `[8]` select and queue state.
-    pub const STATE: usize = BINS + RADIX_BINS as usize;
-    /// `[8, COMPRESS_WARPS]` ballot counts (8 indices examined per thread per tile).
-    pub const WARP_COUNTS: usize = STATE + 8;
-    /// `[COMPACT_QUEUE]` hole logical indices (then pool slots, during a round's moves).
-    pub const HOLES: usize = WARP_COUNTS + 8 * COMPRESS_WARPS as usize;
-    /// `[COMPACT_QUEUE]` mover logical indices (then pool slots, during a round's moves).
-    pub const MOVERS: usize = HOLES + COMPACT_QUEUE as usize;
-    /// `[COMPACT_QUEUE]` each queued mover's metric bits, as its scan read them.
-    pub const MOVER_METRICS: usize = MOVERS + COMPACT_QUEUE as usize;
-    /// `[COMPACT_QUEUE]` each queued mover's position, as its scan read it.
-    pub const MOVER_POSITIONS: usize = MOVER_METRICS + COMPACT_QUEUE as usize;
+    pub state: usize,
+    /// `[8, warps]` ballot counts (8 indices examined per thread per tile).
+    pub warp_counts: usize,
+    /// `[compact_queue]` hole logical indices (then pool slots, during a round's moves).
+    pub holes: usize,
+    /// `[compact_queue]` mover logical indices (then pool slots, during a round's moves).
+    pub movers: usize,
+    /// `[compact_queue]` each queued mover's metric bits, as its scan read them.
+    pub mover_metrics: usize,
+    /// `[compact_queue]` each queued mover's position, as its scan read it.
+    pub mover_positions: usize,
     /// Words in all.
-    pub const WORDS: usize = MOVER_POSITIONS + COMPACT_QUEUE as usize;
+    pub words: usize,
+}
+
+/// The shared-memory map of a compaction CTA of `threads`.
+pub const fn compact_smem(threads: u32) -> CompactSmem {
+    let queue = compact_queue(threads) as usize;
+    let bins = 0;
+    let state = bins + crate::params::compress::RADIX_BINS as usize;
+    let warp_counts = state + 8;
+    let holes = warp_counts + 8 * (threads / WARP_SIZE) as usize;
+    let movers = holes + queue;
+    let mover_metrics = movers + queue;
+    let mover_positions = mover_metrics + queue;
+    CompactSmem {
+        bins,
+        state,
+        warp_counts,
+        holes,
+        movers,
+        mover_metrics,
+        mover_positions,
+        words: mover_positions + queue,
+    }
 }
 
 /// The compression launches for `num_work_seqs` sequences of `geometry` whose longest head
-/// slot holds `max_context_len` KVs, groups of `group_heads` head slots.
+/// slot holds `max_context_len` KVs, groups of `group_heads` head slots, on a device of
+/// `num_sms` SMs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CompressPlan {
     /// Grid `(ceil(cleared bytes / INIT_CTA_BYTES))`.
@@ -1306,8 +1348,11 @@ pub struct CompressPlan {
     pub digit: LaunchDims,
     /// Grid `(num_groups * slices)`.
     pub finish: LaunchDims,
-    /// Grid `(W)`.
+    /// Grid `(W)` of `COMPACT_THREADS[0]` (entry `compact`) or, with `compact_narrow`,
+    /// `COMPACT_THREADS[1]` (entry `compact_narrow`).
     pub compact: LaunchDims,
+    /// Whether the step compacts with narrow CTAs (`COMPACT_NARROW_HEADS_PER_SM`).
+    pub compact_narrow: bool,
     /// Histogram CTAs per work head slot.
     pub chunks_per_head: u32,
     /// Head slots compressed, `W`.
@@ -1383,8 +1428,11 @@ pub fn plan_compress(
     num_work_seqs: u32,
     group_heads: u32,
     max_context_len: u32,
+    num_sms: u32,
 ) -> CompressPlan {
     let num_work_heads = num_work_seqs * geometry.num_layers * geometry.num_kv_heads;
+    let compact_narrow = num_work_heads >= COMPACT_NARROW_HEADS_PER_SM * num_sms;
+    let compact_threads = COMPACT_THREADS[compact_narrow as usize];
     let num_groups = num_work_heads / group_heads.max(1);
     let chunks_per_head = max_context_len.div_ceil(HIST_CHUNK_KVS).max(1);
     let dims = |grid: u32, smem_words: u32| LaunchDims {
@@ -1409,7 +1457,11 @@ pub fn plan_compress(
         budget: scan_dims(num_work_seqs, 2 * SCAN_WARPS),
         digit: scan_dims(num_groups * slices, SCAN_WARPS * bins + 2),
         finish: scan_dims(num_groups * slices, 2 * SCAN_WARPS + 1),
-        compact: dims(num_work_heads, compact_smem::WORDS as u32),
+        compact: LaunchDims {
+            block: [compact_threads, 1, 1],
+            ..dims(num_work_heads, compact_smem(compact_threads).words as u32)
+        },
+        compact_narrow,
         chunks_per_head,
         num_work_heads,
         num_groups,
