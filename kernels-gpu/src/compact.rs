@@ -1,4 +1,6 @@
-//! Block compaction (SPEC §6) with each head slot's eviction set, one CTA per work head slot.
+//! Block compaction (SPEC §6) with each head slot's eviction set, one CTA of `THREADS` per
+//! work head slot: entry `compact` in CTAs of 256, `compact_narrow` in CTAs of 128 for steps
+//! of many head slots (`kvc_abi::plan::COMPACT_THREADS`).
 //!
 //! 1. Select: the `c_h` evictable KVs of smallest `(metric key, position)` (`schedule.rs` chose
 //!    `c_h`). A radix select over the 64-bit key `metric_key << 32 | position` in passes of 8
@@ -9,9 +11,9 @@
 //!    the top `level` bits of its key are `<= P` (`level` 0: every evictable KV). Positions are
 //!    unique within a head slot, so the select always resolves.
 //! 2. Compact: `n' = n - c_h`. Holes (evicted KVs below `n'`, ascending) and movers (retained
-//!    KVs at `n'` and above, descending) are found a tile of `compact_tile(THREADS)` KVs at a time (each
-//!    thread examines `BATCH` at once, so their loads overlap) and appended in order to two
-//!    shared queues with block-wide ballots until each holds `compact_round(THREADS)` (or the scan
+//!    KVs at `n'` and above, descending) are found a tile of `compact_tile` KVs at a time
+//!    (each thread examines `BATCH` at once, so their loads overlap) and appended in order to
+//!    two shared queues with block-wide ballots until each holds `compact_round` (or the scan
 //!    ends), a mover with the metric and position its scan read; the i-th mover fills the
 //!    i-th hole. The moves of a round run as one flat parallel copy over `(move, K or V,
 //!    16-byte chunk)`, then each mover's queued metric and position are stored. Sources (`>=
