@@ -176,8 +176,9 @@ fn compress_on_both(
 /// threads, several head slots per warp; 33 digit and final CTAs per group in `variable` mode,
 /// the last one partly filled, and one partly filled CTA per group of 13 in `per_layer`), few
 /// KVs each, so that the ties at the threshold are shared out across chunks of head slots.
-/// Steps of one sequence compact in wide CTAs, steps of all of them (enough head slots for the
-/// device's SMs) in narrow ones (`CompressPlan::compact_narrow`).
+/// Steps of all the sequences (enough head slots for the device's SMs) compact in narrow CTAs
+/// (`CompressPlan::compact_narrow`), steps of one in either, by the device's SM count; the
+/// other tests' few head slots take wide ones.
 #[test]
 fn compress_with_many_head_slots_per_sequence_matches_reference() {
     let Some(gpu) = gpu_or_skip("compress_with_many_head_slots_per_sequence_matches_reference")
@@ -211,7 +212,6 @@ fn compress_with_many_head_slots_per_sequence_matches_reference() {
             let group_heads = mode.group_heads(layers, heads);
             for work in [&all[..1], &all[..]] {
                 let is_narrow = narrow(work.len() as u32, group_heads);
-                // One sequence is 520 head slots: wide CTAs on a device of more than 65 SMs.
                 assert!(is_narrow || work.len() == 1, "all sequences compact narrow");
                 let name = format!(
                     "520 head slots, {} sequences ({} compaction), {palette} {mode:?} \

@@ -1259,12 +1259,14 @@ const _: () = assert!(SCAN_WARPS == crate::params::compress::SLICE_HEADS);
 /// Threads of a compaction CTA (one head slot each), `compact` then `compact_narrow`: the
 /// narrow CTAs fit an SM five at a time (two wide ones do), so that fewer of an SM's warps
 /// wait in a CTA's latency-bound select and scans while the others copy, which pays when
-/// head slots are many (16 x 8192 at rate 8: compaction 1.647-1.651 ms against 1.663-1.664
-/// on an H100); with few, each head slot's own time rules and wide CTAs are faster (1 x
-/// 32768: 0.420 against 0.492 ms). docs/PERF.md, compression v20.
+/// head slots are many (rate 8 on an H100: 16 x 8192, 31 head slots an SM, compaction 1.647
+/// ms against 1.664; 2 x 8192, 3.9 an SM, 0.218 against 0.227); with about two an SM or
+/// fewer, narrow CTAs leave SMs half empty of warps and wide ones are faster (1 x 32768:
+/// 0.420 against 0.492 ms). docs/PERF.md, compression v20.
 pub const COMPACT_THREADS: [u32; 2] = [256, 128];
-/// Head slots per SM from which a step compacts with narrow CTAs (`COMPACT_THREADS[1]`).
-pub const COMPACT_NARROW_HEADS_PER_SM: u32 = 8;
+/// Head slots per SM from which a step compacts with narrow CTAs (`COMPACT_THREADS[1]`):
+/// between the 1.9 and the 3.9 measured.
+pub const COMPACT_NARROW_HEADS_PER_SM: u32 = 3;
 
 /// Logical KVs one scan tile of a compaction CTA of `threads` covers (each thread examines
 /// 8 at once).
