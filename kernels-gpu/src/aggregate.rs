@@ -60,7 +60,9 @@ use crate::gpu::sync::{allow_dependent_grid, wait_for_prior_grid};
 use crate::gpu::thread::{
     block_idx_x, block_idx_y, block_idx_z, lane_id, sync_threads, thread_idx_x, warp_id,
 };
-use crate::gpu::warp::{ballot, max_i32, shfl_xor};
+#[cfg(kvc_hopper)]
+use crate::gpu::warp::max_i32;
+use crate::gpu::warp::{ballot, shfl_xor};
 #[cfg(kvc_hopper)]
 use crate::gpu::wgmma::{
     commit as wgmma_commit, descriptor, fence as wgmma_fence, fence_async_proxy, wait_all,
@@ -95,7 +97,7 @@ const _: () = assert!(2 * GROUP_NTILES == 8);
 const _: () = assert!(AGG_STAGES == 3);
 
 /// `Q K^T` on one warp's row tiles and groups of 32 keys, over `D` dims, in the fragment
-/// layout of `mma.m16n8k16` (see `gpu::mma`).
+/// layout of `mma.m16n8k16` (see `gpu::mma`), walked over a staged key tile.
 pub trait QkTile: CacheElem {
     /// Whether the whole warpgroup (the CTA) computes each group together (`wgmma`): every
     /// warp then takes part in every group, and warp `w` holds rows `64 m + 16 w` of tile `m`
@@ -103,7 +105,7 @@ pub trait QkTile: CacheElem {
     const WARPGROUP: bool = false;
 
     /// This warp's A fragments for rows `row0..row0 + 16` of the staged query rows (none for
-    /// the implementations that read the rows from shared memory in `qk_group`).
+    /// the implementations that read the rows from shared memory).
     ///
     /// # Safety
     /// The rows are staged at `q_tile` (shared) with `row_bytes` a row; the warp is converged.
@@ -116,11 +118,31 @@ pub trait QkTile: CacheElem {
         [0; MAX_A]
     }
 
+    /// Calls `f(grp, c, pos, seen)` for each 32-key group `grp` of the staged tile whose first
+    /// key `first + 32 grp` is below `end` and which some row of the warp sees (`bounds`: the
+    /// least and the most position this lane's rows see): its C fragments against `rows`, this
+    /// lane's positions of it and what the warp sees of it. An inactive warp calls nothing.
+    ///
+    /// # Safety
+    /// `tile` and `positions` are a staged key tile of `tile_keys` keys; the warp is converged;
+    /// with `WARPGROUP`, every warp of the CTA calls it with the same tile and range.
+    unsafe fn each_group<const D: usize>(
+        rows: &WarpRows,
+        tile: (*const u8, *const i32, u32),
+        range: (u32, u32),
+        bounds: (i32, i32),
+        f: impl FnMut(usize, &Group, &GroupPositions, Seen),
+    );
+}
+
+/// The types whose warps compute a group's products on their own and at once (`mma.sync`,
+/// scalar FMAs): their `QkTile::each_group` is `WarpRows::each_group_at_once`.
+trait QkGroup: CacheElem {
     /// The C fragments of row tiles `row0 + 16 m` (`m < row_tiles`) against keys
     /// `key0..key0 + 32`; `a[m]` holds tile `m`'s A fragments.
     ///
     /// # Safety
-    /// As `load_a`, with the keys staged at `k_tile`.
+    /// As `QkTile::load_a`, with the keys staged at `k_tile`.
     unsafe fn qk_group<const D: usize>(
         a: &[[u32; MAX_A]; 2],
         row_tiles: u32,
@@ -130,123 +152,114 @@ pub trait QkTile: CacheElem {
         row0: u32,
         key0: u32,
     ) -> Group;
-
-    /// With `WARPGROUP`: starts the product of `qk_group` for the group at `key0` into `acc`
-    /// (`[row tile][4 n-tile + register]`), to be read only after [`QkTile::finish_groups`]
-    /// handed it back. The others compute it at once.
-    ///
-    /// # Safety
-    /// As `qk_group`.
-    #[inline(always)]
-    unsafe fn start_group<const D: usize>(
-        acc: &mut [[f32; 16]; 2],
-        row_tiles: u32,
-        q_tile: *const u8,
-        k_tile: *const u8,
-        key0: u32,
-    ) {
-        let a = [[0; MAX_A]; 2];
-        // SAFETY: forwarded from the caller (implementations that keep this default take no
-        // A fragments).
-        let c = unsafe { Self::qk_group::<D>(&a, row_tiles, q_tile, k_tile, 0, 0, key0) };
-        for (m, acc_m) in acc.iter_mut().enumerate() {
-            for (k, v) in acc_m.iter_mut().enumerate() {
-                *v = c[m][k / 4][k % 4];
-            }
-        }
-    }
-
-    /// With `WARPGROUP`: waits for the started groups but the last (`keep_last`) or all, and
-    /// hands back `acc`, the accumulators of one it completes.
-    ///
-    /// # Safety
-    /// Every warp of the CTA calls it together.
-    #[inline(always)]
-    unsafe fn finish_groups(_acc: &mut [[f32; 16]; 2], _keep_last: bool) {}
 }
 
-/// `acc` of `QkTile::start_group` as C fragments.
+/// `QkTile::each_group` of a `QkGroup` type: `WarpRows::each_group_at_once`.
+macro_rules! each_group_at_once {
+    () => {
+        #[inline(always)]
+        unsafe fn each_group<const D: usize>(
+            rows: &WarpRows,
+            tile: (*const u8, *const i32, u32),
+            range: (u32, u32),
+            bounds: (i32, i32),
+            f: impl FnMut(usize, &Group, &GroupPositions, Seen),
+        ) {
+            // SAFETY: forwarded from the caller.
+            unsafe { rows.each_group_at_once::<Self, D>(tile, range, bounds, f) }
+        }
+    };
+}
+
+/// `acc` of `start_group` as C fragments.
+#[cfg(kvc_hopper)]
 #[inline(always)]
 fn as_group(acc: &[[f32; 16]; 2]) -> Group {
     core::array::from_fn(|m| core::array::from_fn(|j| core::array::from_fn(|e| acc[m][4 * j + e])))
 }
 
+/// With `wgmma`: starts the product of the warpgroup's staged query rows (`row_tiles` 64-row
+/// tiles) and the group of 32 staged keys at `key0` into `acc` (`[row tile][4 n-tile +
+/// register]`), a panel of 64 dims at a time, both operands from shared memory (swizzled
+/// panels, `gpu::wgmma`); `acc` is read only after [`finish_groups`] handed it back.
+///
+/// # Safety
+/// Every warp of the CTA calls it with the same tiles, staged and fenced.
+#[cfg(kvc_hopper)]
+#[inline(always)]
+unsafe fn start_group<T: CacheElem + Wgmma16, const D: usize>(
+    acc: &mut [[f32; 16]; 2],
+    row_tiles: u32,
+    q_tile: *const u8,
+    k_tile: *const u8,
+    key0: u32,
+) {
+    let q_rows = agg_rows(D as u32, T::BYTES);
+    let tile_keys = agg_tile_keys(D as u32, T::BYTES);
+    let (q_base, k_base) = (shared_addr(q_tile), shared_addr(k_tile));
+    let [acc0, acc1] = acc;
+    // Row tile `m`'s panels into `acc_m` (a separate variable per tile, so that the
+    // accumulators stay in registers whether or not the loops unroll).
+    let tile = |m: u32, acc_m: &mut [f32; 16]| {
+        for panel in 0..(D / 64) as u32 {
+            let a = q_base + (panel * q_rows + 64 * m) * PANEL_ROW_BYTES;
+            let b = k_base + (panel * tile_keys + key0) * PANEL_ROW_BYTES;
+            // SAFETY: forwarded from the caller, after the fence below.
+            unsafe {
+                if panel == 0 {
+                    T::first_panel(acc_m, descriptor(a), descriptor(b));
+                } else {
+                    T::panel(acc_m, descriptor(a), descriptor(b));
+                }
+            }
+        }
+    };
+    // SAFETY: forwarded from the caller: every warp of the CTA is here with the same tiles,
+    // staged and fenced; no instruction writes the accumulators before the MMAs.
+    unsafe { wgmma_fence() };
+    tile(0, acc0);
+    if row_tiles > 1 {
+        tile(1, acc1); // uniform over the CTA
+    }
+    // SAFETY: as above.
+    unsafe { wgmma_commit() };
+}
+
+/// With `wgmma`: waits for the started groups but the last (`keep_last`) or all, and hands
+/// back `acc`, the accumulators of one it completes.
+///
+/// # Safety
+/// Every warp of the CTA calls it together.
+#[cfg(kvc_hopper)]
+#[inline(always)]
+unsafe fn finish_groups(acc: &mut [[f32; 16]; 2], keep_last: bool) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        if keep_last {
+            wait_pending(acc);
+        } else {
+            wait_all(acc);
+        }
+    }
+}
+
 /// The 16-bit types on the Hopper module: the warpgroup multiplies its staged query rows (two
-/// 64-row tiles, or one at D = 256) by the group's 32 staged keys with `wgmma`, a panel of 64
-/// dims at a time, both operands from shared memory (swizzled panels, `gpu::wgmma`).
+/// 64-row tiles, or one at D = 256) by each group's 32 staged keys with `wgmma`
+/// (`start_group`), on the overlapped schedule of `WarpRows::each_group_overlapped`.
 #[cfg(kvc_hopper)]
 impl<T: CacheElem + Wgmma16> QkTile for T {
     const WARPGROUP: bool = true;
 
     #[inline(always)]
-    unsafe fn qk_group<const D: usize>(
-        _: &[[u32; MAX_A]; 2],
-        row_tiles: u32,
-        q_tile: *const u8,
-        k_tile: *const u8,
-        _: u32,
-        _: u32,
-        key0: u32,
-    ) -> Group {
-        let mut acc = [[0.0f32; 16]; 2];
-        // SAFETY: forwarded from the caller: every warp of the CTA is here with the same
-        // tiles, staged and fenced.
-        unsafe {
-            Self::start_group::<D>(&mut acc, row_tiles, q_tile, k_tile, key0);
-            Self::finish_groups(&mut acc, false);
-        }
-        as_group(&acc)
-    }
-
-    #[inline(always)]
-    unsafe fn start_group<const D: usize>(
-        acc: &mut [[f32; 16]; 2],
-        row_tiles: u32,
-        q_tile: *const u8,
-        k_tile: *const u8,
-        key0: u32,
+    unsafe fn each_group<const D: usize>(
+        rows: &WarpRows,
+        (tile, positions, _): (*const u8, *const i32, u32),
+        range: (u32, u32),
+        bounds: (i32, i32),
+        f: impl FnMut(usize, &Group, &GroupPositions, Seen),
     ) {
-        let q_rows = agg_rows(D as u32, T::BYTES);
-        let tile_keys = agg_tile_keys(D as u32, T::BYTES);
-        let (q_base, k_base) = (shared_addr(q_tile), shared_addr(k_tile));
-        let [acc0, acc1] = acc;
-        // Row tile `m`'s panels into `acc_m` (a separate variable per tile, so that the
-        // accumulators stay in registers whether or not the loops unroll).
-        let tile = |m: u32, acc_m: &mut [f32; 16]| {
-            for panel in 0..(D / 64) as u32 {
-                let a = q_base + (panel * q_rows + 64 * m) * PANEL_ROW_BYTES;
-                let b = k_base + (panel * tile_keys + key0) * PANEL_ROW_BYTES;
-                // SAFETY: forwarded from the caller, after the fence below.
-                unsafe {
-                    if panel == 0 {
-                        T::first_panel(acc_m, descriptor(a), descriptor(b));
-                    } else {
-                        T::panel(acc_m, descriptor(a), descriptor(b));
-                    }
-                }
-            }
-        };
-        // SAFETY: forwarded from the caller: every warp of the CTA is here with the same
-        // tiles, staged and fenced; no instruction writes the accumulators before the MMAs.
-        unsafe { wgmma_fence() };
-        tile(0, acc0);
-        if row_tiles > 1 {
-            tile(1, acc1); // uniform over the CTA
-        }
-        // SAFETY: as above.
-        unsafe { wgmma_commit() };
-    }
-
-    #[inline(always)]
-    unsafe fn finish_groups(acc: &mut [[f32; 16]; 2], keep_last: bool) {
         // SAFETY: forwarded from the caller.
-        unsafe {
-            if keep_last {
-                wait_pending(acc);
-            } else {
-                wait_all(acc);
-            }
-        }
+        unsafe { rows.each_group_overlapped::<T, D>((tile, positions), range, bounds, f) }
     }
 }
 
@@ -269,6 +282,11 @@ impl<T: CacheElem + Mma16> QkTile for T {
         a
     }
 
+    each_group_at_once!();
+}
+
+#[cfg(not(kvc_hopper))]
+impl<T: CacheElem + Mma16> QkGroup for T {
     #[inline(always)]
     unsafe fn qk_group<const D: usize>(
         a: &[[u32; MAX_A]; 2],
@@ -313,6 +331,10 @@ impl<T: CacheElem + Mma16> QkTile for T {
 }
 
 impl QkTile for F32 {
+    each_group_at_once!();
+}
+
+impl QkGroup for F32 {
     /// The same C fragments by scalar FMAs (no f32 tensor-core MMA at full precision).
     #[inline(always)]
     unsafe fn qk_group<const D: usize>(
@@ -509,6 +531,7 @@ struct Layout {
     parts: *mut f32,
     columns: *mut f32,
     owned_ids: *mut i32,
+    #[cfg(kvc_hopper)]
     warp_most: *mut i32,
 }
 
@@ -544,6 +567,7 @@ impl Layout {
             parts: at(smem.parts) as *mut f32,
             columns: at(smem.columns) as *mut f32,
             owned_ids: at(smem.owned_ids) as *mut i32,
+            #[cfg(kvc_hopper)]
             warp_most: at(smem.warp_most) as *mut i32,
         }
     }
@@ -696,7 +720,7 @@ unsafe fn group_positions(positions: *const i32, key0: u32) -> GroupPositions {
 
 /// What the rows of a warp see of a group of keys.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Seen {
+pub(crate) enum Seen {
     /// Every row every key: no masks.
     All,
     /// Some: masks per score.
@@ -752,9 +776,10 @@ fn lane_rows<T: QkTile>(row_base: u32, row_tiles: u32) -> [[u32; 2]; 2] {
 }
 
 /// A warp's query rows in one chunk, held as A fragments, and the tiles it multiplies them with.
-struct WarpRows {
+pub(crate) struct WarpRows {
     a: [[u32; MAX_A]; 2],
-    /// The most position any row of the CTA sees (`i32::MIN`: none).
+    /// With `wgmma`, the most position any row of the CTA sees (`i32::MIN`: none).
+    #[cfg(kvc_hopper)]
     cta_most: i32,
     /// Whether the warp holds a row of the window: an inactive warp folds nothing, and skips
     /// the products too unless the whole warpgroup multiplies (`wgmma`).
@@ -767,7 +792,8 @@ struct WarpRows {
 
 impl WarpRows {
     /// Stages query rows `row_base..row_base + agg_rows` of `(seq, kv_head)` (zero past
-    /// `rows`) and returns this warp's, its A fragments loaded.
+    /// `rows`) and returns this warp's, its A fragments loaded. `most` is the most position
+    /// this lane's rows see, for the CTA-wide skip of the `wgmma` walk (Hopper module only).
     ///
     /// # Safety
     /// Every thread calls it; nothing reads the query rows' shared memory (or the key tiles
@@ -779,10 +805,11 @@ impl WarpRows {
         (seq, kv_head): (u32, u32),
         row_base: u32,
         rows: u32,
-        most: i32,
+        #[cfg_attr(not(kvc_hopper), allow(unused_variables))] most: i32,
     ) -> Self {
         // With `wgmma`, the warp's most seen position, published with the rows by the barrier
         // below (`cta_most`).
+        #[cfg(kvc_hopper)]
         if T::WARPGROUP {
             // SAFETY: the whole warp takes part.
             let warp_most = unsafe { max_i32(most) };
@@ -808,7 +835,9 @@ impl WarpRows {
             );
             sync_threads();
         }
+        #[cfg(kvc_hopper)]
         let mut cta_most = i32::MIN;
+        #[cfg(kvc_hopper)]
         if T::WARPGROUP {
             for w in 0..AGG_WARPS {
                 // SAFETY: every warp's word, written before the barrier above.
@@ -824,6 +853,7 @@ impl WarpRows {
         }
         Self {
             a,
+            #[cfg(kvc_hopper)]
             cta_most,
             active: row_base + row0 < rows,
             row_tiles,
@@ -833,28 +863,19 @@ impl WarpRows {
         }
     }
 
-    /// Calls `f(grp, c, pos, seen)` for each 32-key group `grp` of the staged tile whose first
-    /// key `first + 32 grp` is below `end` and which some row of the warp sees (`bounds`: the
-    /// least and the most position this lane's rows see): its C fragments, this lane's
-    /// positions of it and what the warp sees of it. An inactive warp calls nothing.
+    /// `QkTile::each_group` for the types that compute a group at once (`QkGroup`): the
+    /// warp's groups one after another.
     ///
     /// # Safety
-    /// `tile` and `positions` are a staged key tile of `tile_keys` keys; the warp is converged.
+    /// As `QkTile::each_group`.
     #[inline(always)]
-    unsafe fn each_group<T: QkTile, const D: usize>(
+    unsafe fn each_group_at_once<T: QkGroup, const D: usize>(
         &self,
         (tile, positions, tile_keys): (*const u8, *const i32, u32),
         (first, end): (u32, u32),
         bounds: (i32, i32),
         mut f: impl FnMut(usize, &Group, &GroupPositions, Seen),
     ) {
-        if T::WARPGROUP {
-            // SAFETY: forwarded from the caller.
-            unsafe {
-                self.each_group_overlapped::<T, D>((tile, positions), (first, end), bounds, f)
-            };
-            return;
-        }
         if !self.active {
             return; // uniform over the warp
         }
@@ -886,16 +907,17 @@ impl WarpRows {
         }
     }
 
-    /// `each_group` with `wgmma`, on a fixed schedule so that nothing diverges between the
-    /// issue of a product and its wait: every group of the tile is started (past the range
+    /// `QkTile::each_group` with `wgmma`, on a fixed schedule so that nothing diverges between
+    /// the issue of a product and its wait: every group of the tile is started (past the range
     /// too: those keys are zero rows no row sees), then each is waited for and folded in
     /// turn, so the later groups' products run while the earlier ones are folded. The tile
     /// is skipped as a whole when no row of the CTA sees any of its keys.
     ///
     /// # Safety
-    /// As `each_group`; every warp of the CTA calls it with the same tile and range.
+    /// As `QkTile::each_group`; every warp of the CTA calls it with the same tile and range.
+    #[cfg(kvc_hopper)]
     #[inline(always)]
-    unsafe fn each_group_overlapped<T: QkTile, const D: usize>(
+    unsafe fn each_group_overlapped<T: CacheElem + Wgmma16, const D: usize>(
         &self,
         (tile, positions): (*const u8, *const i32),
         (first, end): (u32, u32),
@@ -927,11 +949,11 @@ impl WarpRows {
         let (mut acc0, mut acc1) = ([[0.0f32; 16]; 2], [[0.0f32; 16]; 2]);
         // SAFETY: the tile is staged; every warp of the CTA is here for every call below.
         unsafe {
-            T::start_group::<D>(&mut acc0, self.row_tiles, self.q_tile, tile, 0);
+            start_group::<T, D>(&mut acc0, self.row_tiles, self.q_tile, tile, 0);
             if two {
-                T::start_group::<D>(&mut acc1, self.row_tiles, self.q_tile, tile, key1);
+                start_group::<T, D>(&mut acc1, self.row_tiles, self.q_tile, tile, key1);
             }
-            T::finish_groups(&mut acc0, two);
+            finish_groups(&mut acc0, two);
         }
         let mut fold = |grp: u32, acc: &[[f32; 16]; 2], pos: &GroupPositions| {
             // SAFETY: the warp is converged.
@@ -943,7 +965,7 @@ impl WarpRows {
         fold(0, &acc0, &pos0);
         if two {
             // SAFETY: as above.
-            unsafe { T::finish_groups(&mut acc1, false) };
+            unsafe { finish_groups(&mut acc1, false) };
             fold(1, &acc1, &pos1);
         }
     }
@@ -1080,7 +1102,13 @@ pub unsafe fn window_stats_body<T: CacheElem + QkTile, const D: usize>(p: &Aggre
         };
         // SAFETY: the tile is staged; the warp is converged.
         unsafe {
-            warp_rows.each_group::<T, D>((tile, positions, tile_keys), range, bounds, fold_group)
+            T::each_group::<D>(
+                &warp_rows,
+                (tile, positions, tile_keys),
+                range,
+                bounds,
+                fold_group,
+            )
         };
     };
     // SAFETY: all threads take part with the same range.
@@ -1307,7 +1335,8 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
             };
             // SAFETY: the tile is staged; the warp is converged.
             unsafe {
-                warp_rows.each_group::<T, D>(
+                T::each_group::<D>(
+                    &warp_rows,
                     (tile, positions, tile_keys),
                     (kstart + t * tile_keys, kend),
                     bounds,

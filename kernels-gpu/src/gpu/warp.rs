@@ -52,10 +52,12 @@ pub unsafe fn ballot(pred: bool) -> u32 {
     mask
 }
 
-/// The maximum of `value` over the warp's lanes, every lane gets it (`redux.sync`, sm_80+).
+/// The maximum of `value` over the warp's lanes, every lane gets it (`redux.sync`, sm_80+;
+/// only the Hopper module's aggregation uses it).
 ///
 /// # Safety
 /// As [`ballot`].
+#[cfg(kvc_hopper)]
 #[inline(always)]
 pub unsafe fn max_i32(value: i32) -> i32 {
     let out: i32;
