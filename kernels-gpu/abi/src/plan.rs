@@ -1257,8 +1257,9 @@ pub const SCAN_THREADS: u32 = 512;
 pub const SCAN_WARPS: u32 = SCAN_THREADS / WARP_SIZE;
 const _: () = assert!(SCAN_WARPS == crate::params::compress::SLICE_HEADS);
 /// Threads of a compaction CTA (one head slot each), `compact` then `compact_narrow`: the
-/// narrow CTAs fit an SM five at a time (two wide ones do), so that fewer of an SM's warps
-/// wait in a CTA's latency-bound select and scans while the others copy, which pays when
+/// narrow CTAs fit an SM four at a time (100 registers a thread, allocated 256 a warp), the
+/// 16 warps of two wide CTAs in four independent ones, so that fewer of an SM's warps wait
+/// in a CTA's latency-bound select and scans while the others copy, which pays when
 /// head slots are many (rate 8 on an H100: 16 x 8192, 31 head slots an SM, compaction 1.647
 /// ms against 1.664; 2 x 8192, 3.9 an SM, 0.218 against 0.227); with about two an SM or
 /// fewer, narrow CTAs leave SMs half empty of warps and wide ones are faster (1 x 32768:
