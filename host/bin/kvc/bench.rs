@@ -186,6 +186,9 @@ pub fn bench_compress(
         samples.sort_by(|a, b| a.0.step_ms.total_cmp(&b.0.step_ms));
         let (times, freed) = samples[samples.len() / 2];
         let total_ms = times.step_ms;
+        // The steps' spread: the host's time to the first launch varies by tens of us from
+        // step to step (docs/PERF.md, compression v16-v17), which the median alone hides.
+        let (fastest, slowest) = (samples[0].0.step_ms, samples[samples.len() - 1].0.step_ms);
         let row_bytes = (model.head_dim * DType::from(model.dtype).elem_bytes()) as f64;
         let moved_bytes = times.moved_kvs as f64 * (2.0 * row_bytes + 8.0);
         let moves_gbps = 2.0 * moved_bytes / (times.compact_ms * 1e6);
@@ -198,7 +201,9 @@ pub fn bench_compress(
             "setup_ms": times.setup_ms,
             "outside_kernels_ms": outside_ms,
             "schedule_ms": times.schedule_ms, "compact_ms": times.compact_ms, "host_ms": times.host_ms,
-            "total_ms": total_ms, "decode_step_ms": step.median_ms(), "over_decode_step": total_ms / step.median_ms(),
+            "total_ms": total_ms, "total_min_ms": fastest, "total_max_ms": slowest,
+            "total_range_ms": format!("{fastest:.3}-{slowest:.3}"),
+            "decode_step_ms": step.median_ms(), "over_decode_step": total_ms / step.median_ms(),
             "blocks_freed": freed, "moved_mb": moved_bytes / 1e6,
             "compact_gbps_on_moved": moves_gbps, "compact_fraction_of_copy": moves_gbps / copy_gbps,
         }));
@@ -212,6 +217,7 @@ pub fn bench_compress(
         ("outside_kernels_ms", "outside schedule + compact ms", 3),
         ("setup_ms", "of which setup", 3),
         ("total_ms", "total ms", 3),
+        ("total_range_ms", "total min-max ms", 0),
         ("decode_step_ms", "decode step ms", 3),
         ("over_decode_step", "total / step", 2),
         ("moved_mb", "moved MB", 0),
