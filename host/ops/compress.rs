@@ -288,13 +288,12 @@ pub(crate) fn compress(
     }
     io.written()?;
     mark(1)?;
-    // SAFETY: as above, after the schedule's last digit pass; with `status` set it returns.
     let compact = if plan.compact_narrow {
         COMPACT_NARROW_ENTRY
     } else {
         COMPACT_ENTRY
     };
-    // SAFETY: as above.
+    // SAFETY: as above, after the schedule's last digit pass; with `status` set it returns.
     unsafe { gpu.launch_chained(compact, plan.compact, &params)? };
     mark(2)?;
     let results = io.wait()?;

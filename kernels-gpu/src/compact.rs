@@ -276,6 +276,7 @@ unsafe fn append<const THREADS: u32, const N: usize>(
     flag: [bool; BATCH],
 ) {
     let (lane, warp, thread) = (lane_id(), warp_id(), thread_idx_x());
+    let warps = THREADS / WARP_SIZE;
     let m = compact_smem(THREADS);
     // SAFETY: every lane of every warp calls it; inside the smem map.
     unsafe {
@@ -285,7 +286,7 @@ unsafe fn append<const THREADS: u32, const N: usize>(
         }
         if lane == 0 {
             for u in 0..BATCH {
-                *words.add(m.warp_counts + u * (THREADS / WARP_SIZE) as usize + warp as usize) =
+                *words.add(m.warp_counts + u * warps as usize + warp as usize) =
                     votes[u].count_ones();
             }
         }
@@ -293,8 +294,8 @@ unsafe fn append<const THREADS: u32, const N: usize>(
         let mut offset = *words.add(count_word);
         for u in 0..BATCH {
             let mut mine = offset;
-            for w in 0..(THREADS / WARP_SIZE) {
-                let n = *words.add(m.warp_counts + u * (THREADS / WARP_SIZE) as usize + w as usize);
+            for w in 0..warps {
+                let n = *words.add(m.warp_counts + u * warps as usize + w as usize);
                 if w < warp {
                     mine += n;
                 }
