@@ -81,10 +81,9 @@ pub const SCHED_HIST_ENTRIES: [&str; RADIX_PASSES as usize] =
 pub const SCHED_INIT_ENTRY: &str = "sched_init";
 /// Per-group budget and threshold of the schedule.
 pub const SCHED_BUDGET_ENTRY: &str = "sched_budget";
-/// One radix digit of the schedule's threshold.
+/// One radix digit of the schedule's threshold; after the last, blocks per head slot and the
+/// ties.
 pub const SCHED_DIGIT_ENTRY: &str = "sched_digit";
-/// Blocks per head slot and the ties, after the last digit.
-pub const SCHED_FINAL_ENTRY: &str = "sched_final";
 /// Per head slot selection and compaction, CTAs of `COMPACT_THREADS[0]`.
 pub const COMPACT_ENTRY: &str = "compact";
 /// The same in CTAs of `COMPACT_THREADS[1]`, for steps of many head slots
@@ -160,7 +159,6 @@ pub fn entry_points() -> Vec<String> {
         SCHED_INIT_ENTRY,
         SCHED_BUDGET_ENTRY,
         SCHED_DIGIT_ENTRY,
-        SCHED_FINAL_ENTRY,
         COMPACT_ENTRY,
         COMPACT_NARROW_ENTRY,
     ]) {

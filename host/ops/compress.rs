@@ -1,19 +1,19 @@
 //! Launchers of the compression step on the GPU (SPEC §5-§7): `sched_init`, four radix
-//! passes of histograms and digit choices (`schedule.rs`), the budget after the first, the
-//! blocks per head slot after the last, then compaction (`compact.rs`).
+//! passes of histograms and digit choices (`schedule.rs`), the budget after the first (the last
+//! digit pass also gives each head slot its blocks), then compaction (`compact.rs`).
 //!
 //! The host's inputs and results travel through host-mapped memory, so no copy or memset
 //! stands between the host's call and the first kernel, nor between the schedule and the
 //! compaction: `sched_init` reads the inputs from it and clears the schedule's state, and the
-//! budget and final kernels write the per-sequence reports and per-head results (blocks to
-//! free, KVs to evict: all the host needs to bring its tables, lengths and allocator up to
-//! date) there as well as to the workspace. The host waits for the schedule alone and does
-//! its per-block work (a table entry and a free-list entry per freed block: 1.8 M at 16 x
-//! 8192, both in pages touched before) while the device compacts. An explicit budget that
-//! cannot be met sets `status`, and the compaction then changes nothing. A timed step waits
-//! for the compaction's end event (where its `step_ms` stops), then reads back the moves per
-//! head slot for the report; an untimed one returns without waiting (stream order covers
-//! what follows).
+//! budget kernel and the last digit pass write the per-sequence reports and per-head results
+//! (blocks to free, KVs to evict: all the host needs to bring its tables, lengths and
+//! allocator up to date) there as well as to the workspace. The host waits for the schedule
+//! alone and does its per-block work (a table entry and a free-list entry per freed block:
+//! 1.8 M at 16 x 8192, both in pages touched before) while the device compacts. An explicit
+//! budget that cannot be met sets `status`, and the compaction then changes nothing. A timed
+//! step waits for the compaction's end event (where its `step_ms` stops), then reads back the
+//! moves per head slot for the report; an untimed one returns without waiting (stream order
+//! covers what follows).
 //! Past `PARALLEL_RELEASE_BLOCKS` that work is shared by threads, each a run of head slots with
 //! its own stretch of the free list, so the order of the free list is the same either way.
 
@@ -33,8 +33,8 @@ use crate::compress::{
 };
 use crate::error::{Error, Result};
 use crate::gpu::{
-    COMPACT_ENTRY, COMPACT_NARROW_ENTRY, SCHED_BUDGET_ENTRY, SCHED_DIGIT_ENTRY, SCHED_FINAL_ENTRY,
-    SCHED_HIST_ENTRIES, SCHED_INIT_ENTRY,
+    COMPACT_ENTRY, COMPACT_NARROW_ENTRY, SCHED_BUDGET_ENTRY, SCHED_DIGIT_ENTRY, SCHED_HIST_ENTRIES,
+    SCHED_INIT_ENTRY,
 };
 use crate::validate;
 
@@ -284,7 +284,6 @@ pub(crate) fn compress(
             }
             gpu.launch_chained(SCHED_DIGIT_ENTRY, plan.digit, &params)?;
         }
-        gpu.launch_chained(SCHED_FINAL_ENTRY, plan.finish, &params)?;
     }
     io.written()?;
     mark(1)?;

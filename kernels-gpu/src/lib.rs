@@ -162,7 +162,6 @@ entries! { CompressParams =>
     sched_init = schedule::sched_init_body;
     sched_budget = schedule::sched_budget_body;
     sched_digit = schedule::sched_digit_body;
-    sched_final = schedule::sched_final_body;
     compact = compact::compact_body::<{ COMPACT_THREADS[0] }>;
     compact_narrow = compact::compact_body::<{ COMPACT_THREADS[1] }>;
     abi_echo_compress = echo::echo_body::<CompressParams>;

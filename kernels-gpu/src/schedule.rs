@@ -12,13 +12,13 @@
 //! (`sched_digit`, CTAs of 16 head slots of a group, a warp per head slot scanning its 256
 //! bins; the last CTA of a group to finish chooses). `sched_init` first copies the inputs from
 //! host-mapped memory and clears the state; after the first histogram `sched_budget`
-//! turns each sequence's budget into blocks per group; after the last digit `sched_final`
-//! gives each head slot its blocks and shares out the ties. The work is linear in the KVs per
-//! pass; nothing is sorted. `compact.rs` then picks each head slot's `c_h` cheapest KVs and
-//! moves the rest. Every kernel after `sched_init` first waits for the one before it
-//! (`wait_for_prior_grid`) and lets the next one start its CTAs early (`allow_dependent_grid`):
-//! with the Hopper module the host chains them (programmatic dependent launch), so each
-//! launch overlaps the previous kernel's last CTAs.
+//! turns each sequence's budget into blocks per group; the last slice of the last digit pass
+//! also gives each head slot of its group its blocks and shares out the ties. The work is
+//! linear in the KVs per pass; nothing is sorted. `compact.rs` then picks each head slot's
+//! `c_h` cheapest KVs and moves the rest. Every kernel after `sched_init` first waits for the
+//! one before it (`wait_for_prior_grid`) and lets the next one start its CTAs early
+//! (`allow_dependent_grid`): with the Hopper module the host chains them (programmatic
+//! dependent launch), so each launch overlaps the previous kernel's last CTAs.
 //!
 //! Host-validated: sequence rows, budgets and lengths; every live block in the pool.
 
@@ -47,8 +47,7 @@ use crate::gpu::sync::{
 use crate::gpu::thread::{block_idx_x, grid_dim_x, lane_id, sync_threads, thread_idx_x, warp_id};
 use crate::gpu::warp::{inclusive_scan_u32, warp_sum_u64};
 
-/// Bins each lane scans in `sched_budget`, `sched_digit` and `sched_final` (two 16-byte
-/// loads).
+/// Bins each lane scans in `sched_digit` (two 16-byte loads).
 const LANE_BINS: u32 = RADIX_BINS / WARP_SIZE;
 const _: () = assert!(LANE_BINS == 8);
 
@@ -964,32 +963,28 @@ pub unsafe fn sched_budget_body(p: &CompressParams) {
     }
 }
 
-/// What the digit and final kernels read of one work head slot: its fill, its count of keys
-/// below the group's prefix of the pass, and this lane's bins of the pass's histogram.
+/// What the digit kernel reads of one work head slot: its fill, its count of keys below the
+/// group's prefix of the pass, and this lane's bins of the pass's histogram.
 struct HeadBins {
     fill: u32,
     below: u32,
     bins: [u32; LANE_BINS as usize],
 }
 
-/// Work head slot `w` for pass `pass` (`RADIX_PASSES`: the final kernel, no bins) of a group
-/// whose prefix is `prefix`. The stored count below is that of pass `pass - 1`; the bins of
-/// that pass below its digit (the low 8 bits of `prefix`) are added here, so that the digit
-/// kernel needs no second look at the histograms once it has chosen.
+/// Work head slot `w` for pass `pass` of a group whose prefix is `prefix`. The stored count
+/// below is that of pass `pass - 1`; the bins of that pass below its digit (the low 8 bits of
+/// `prefix`) are added here, so that the digit kernel needs no second look at the histograms
+/// once it has chosen.
 ///
 /// # Safety
-/// The whole warp calls it; `w < num_work_heads`, `pass <= RADIX_PASSES`.
+/// The whole warp calls it; `w < num_work_heads`, `pass < RADIX_PASSES`.
 #[inline(always)]
 unsafe fn head_bins(p: &CompressParams, w: u32, pass: u32, prefix: u32) -> HeadBins {
     // SAFETY: heads and the histograms hold rows for w.
     unsafe {
         let fill = load::<u32>(p.heads, p.head_word(w, HEAD_FILL));
         let stored = load::<u32>(p.heads, p.head_word(w, HEAD_BELOW));
-        let bins = if pass < RADIX_PASSES {
-            lane_bins(p, pass, w)
-        } else {
-            [0; LANE_BINS as usize]
-        };
+        let bins = lane_bins(p, pass, w);
         let below = if pass > 0 {
             let digit = prefix & (RADIX_BINS - 1);
             let mut lane_below = 0u32;
@@ -1006,11 +1001,11 @@ unsafe fn head_bins(p: &CompressParams, w: u32, pass: u32, prefix: u32) -> HeadB
     }
 }
 
-/// The group and slice of this CTA of the digit or final kernel, and the group's need and
-/// prefix; `None` for a group that gives nothing (it skips every pass).
+/// The group and slice of this CTA of the digit kernel, and the group's need and prefix;
+/// `None` for a group that gives nothing (it skips every pass).
 ///
 /// # Safety
-/// Launched with `plan_compress`'s digit or finish dims.
+/// Launched with `plan_compress`'s digit dims.
 #[inline(always)]
 unsafe fn group_slice(p: &CompressParams) -> Option<(u32, u32, u32, u32)> {
     let slices = p.slices_per_group();
@@ -1050,7 +1045,9 @@ unsafe fn last_slice(p: &CompressParams, pass: u32, q: u32, flag: *mut u32) -> b
 /// (the previous digit), sums the blocks per bin over its slice, and, when the group has
 /// several slices, publishes the sums; the last slice to count in adds them up and chooses.
 /// (One CTA per group did all of it, 256 head slots of a sequence one after another per warp:
-/// 25 us a pass on an H100, docs/PERF.md compression v8.)
+/// 25 us a pass on an H100, docs/PERF.md compression v8.) In the last pass the warps also keep
+/// their head slot's cumulative counts, from which the choosing slice then gives each head
+/// slot of the group its blocks (`finish_group`; a kernel of its own until compression v21).
 ///
 /// # Safety
 /// Launched with `plan_compress`'s digit dims after histogram pass `p.pass`.
@@ -1058,8 +1055,23 @@ unsafe fn last_slice(p: &CompressParams, pass: u32, q: u32, flag: *mut u32) -> b
 pub unsafe fn sched_digit_body(p: &CompressParams) {
     allow_dependent_grid();
     wait_for_prior_grid();
+    let last_pass = p.pass == RADIX_PASSES - 1;
     // SAFETY: launched with the digit dims.
     let Some((q, slice, need, prefix)) = (unsafe { group_slice(p) }) else {
+        if last_pass {
+            // A group that gives nothing: the host reads zero blocks and evictions for its
+            // head slots (it does not clear them itself).
+            let slices = p.slices_per_group();
+            let i = (block_idx_x() % slices) * SLICE_HEADS + thread_idx_x();
+            if thread_idx_x() < SLICE_HEADS && i < p.group_heads {
+                let w = (block_idx_x() / slices) * p.group_heads + i;
+                // SAFETY: w is a work head slot; host_io holds its result.
+                unsafe {
+                    store::<u32>(p.host_io, p.io_head_word(w, IO_HEAD_BLOCKS), 0);
+                    store::<u32>(p.host_io, p.io_head_word(w, IO_HEAD_EVICTIONS), 0);
+                }
+            }
+        }
         return; // uniform over the CTA
     };
     let geom = p.cache.geometry;
@@ -1084,9 +1096,20 @@ pub unsafe fn sched_digit_body(p: &CompressParams) {
         let lane_total: u32 = head.bins.iter().sum();
         // SAFETY: the warp is converged.
         let mut cum = head.below + unsafe { inclusive_scan_u32(lane_total) } - lane_total;
+        let mut cums = [0u32; LANE_BINS as usize];
         for (j, count) in head.bins.iter().enumerate() {
             cum += count;
+            cums[j] = cum;
             blocks[j] = blocks_within(cum, head.fill, geom.block_size);
+        }
+        if last_pass {
+            let at = p.candidates + p.cum_word(w, lane * LANE_BINS) * 4;
+            // SAFETY: w's row of cumulative counts (16-byte aligned: rows of whole chunks'
+            // candidate lists from a 16-byte aligned start), only this lane's 32 bytes.
+            unsafe {
+                store_chunk(at, [cums[0], cums[1], cums[2], cums[3]]);
+                store_chunk(at + 16, [cums[4], cums[5], cums[6], cums[7]]);
+            }
         }
     }
     // SAFETY: inside the smem map; each lane owns its bins of its warp's row; all threads reach
@@ -1125,81 +1148,59 @@ pub unsafe fn sched_digit_body(p: &CompressParams) {
         }
         sync_threads();
         // A bin always qualifies (module header).
+        let chosen = *digit;
         if thread == 0 {
             store::<u32>(
                 p.groups,
                 p.group_word(q, GROUP_PREFIX),
-                prefix << 8 | *digit,
+                prefix << 8 | chosen,
             );
+        }
+        if last_pass {
+            // The per-warp rows are free since the barrier above.
+            finish_group(p, q, need, chosen, rows);
         }
     }
 }
 
-/// After the last digit: each head slot's blocks below the threshold and at most with its
-/// ties, by slices as in the digit kernel; then the last slice shares out the ties.
+/// After the last digit `digit` of group `q` is chosen: each head slot's blocks below the
+/// threshold and at most with its ties, from its cumulative counts and the last pass's bin at
+/// the threshold; then the ties are shared out.
 ///
 /// # Safety
-/// Launched with `plan_compress`'s finish dims after the last digit pass.
+/// Every thread of the group's choosing CTA calls it, after every slice's cumulative counts
+/// were written and made visible to it; `scratch` holds `2 * SCAN_WARPS` words.
 #[inline(always)]
-pub unsafe fn sched_final_body(p: &CompressParams) {
-    allow_dependent_grid();
-    wait_for_prior_grid();
-    // SAFETY: launched with the finish dims.
-    let Some((q, slice, need, threshold)) = (unsafe { group_slice(p) }) else {
-        // A group that gives nothing: the host reads zero blocks and evictions for its head
-        // slots (it does not clear them itself).
-        let slices = p.slices_per_group();
-        let i = (block_idx_x() % slices) * SLICE_HEADS + thread_idx_x();
-        if thread_idx_x() < SLICE_HEADS && i < p.group_heads {
-            let w = (block_idx_x() / slices) * p.group_heads + i;
-            // SAFETY: w is a work head slot; host_io holds its result.
-            unsafe {
-                store::<u32>(p.host_io, p.io_head_word(w, IO_HEAD_BLOCKS), 0);
-                store::<u32>(p.host_io, p.io_head_word(w, IO_HEAD_EVICTIONS), 0);
-            }
-        }
-        return; // uniform over the CTA
-    };
+unsafe fn finish_group(p: &CompressParams, q: u32, need: u32, digit: u32, scratch: *mut u32) {
     let geom = p.cache.geometry;
-    let i = slice * SLICE_HEADS + warp_id();
-    if i < p.group_heads {
-        let w = q * p.group_heads + i;
-        // SAFETY: the condition is warp-uniform; w is a work head slot.
-        let head = unsafe { head_bins(p, w, RADIX_PASSES, threshold) };
-        if lane_id() == 0 {
-            let last = p.hist_word(
-                p.num_work_heads(),
-                RADIX_PASSES - 1,
-                w,
-                threshold & (RADIX_BINS - 1),
+    let first = q * p.group_heads;
+    let num_work_heads = p.num_work_heads();
+    let mut i = thread_idx_x();
+    while i < p.group_heads {
+        let w = first + i;
+        // SAFETY: rows of the group's head slots; only this thread writes w's from here on.
+        unsafe {
+            let at_most = load::<u32>(p.candidates, p.cum_word(w, digit));
+            let at_threshold = load::<u32>(
+                p.hist,
+                p.hist_word(num_work_heads, RADIX_PASSES - 1, w, digit),
             );
-            // SAFETY: the last pass's histogram; only this lane writes w's row.
-            unsafe {
-                let at_threshold = load::<u32>(p.hist, last);
-                store::<u32>(
-                    p.heads,
-                    p.head_word(w, HEAD_BLOCKS),
-                    blocks_within(head.below, head.fill, geom.block_size),
-                );
-                store::<u32>(
-                    p.heads,
-                    p.head_word(w, HEAD_EVICTIONS),
-                    blocks_within(head.below + at_threshold, head.fill, geom.block_size),
-                );
-            }
+            let fill = load::<u32>(p.heads, p.head_word(w, HEAD_FILL));
+            store::<u32>(
+                p.heads,
+                p.head_word(w, HEAD_BLOCKS),
+                blocks_within(at_most - at_threshold, fill, geom.block_size),
+            );
+            store::<u32>(
+                p.heads,
+                p.head_word(w, HEAD_EVICTIONS),
+                blocks_within(at_most, fill, geom.block_size),
+            );
         }
+        i += SCAN_THREADS;
     }
-    let scratch = dynamic_f32() as *mut u32;
-    // SAFETY: the launch reserved 2 * SCAN_WARPS + 1 words; every thread calls these (the
-    // branches are uniform).
-    unsafe {
-        if p.slices_per_group() > 1
-            && !last_slice(p, RADIX_PASSES, q, scratch.add(2 * SCAN_WARPS as usize))
-        {
-            return;
-        }
-        take_ties(p, q * p.group_heads, need, scratch);
-    }
+    // SAFETY: every thread of the CTA calls it after the rows above.
+    unsafe { take_ties(p, first, need, scratch) };
 }
 
 /// The tie-break: head slot `i` of the group (from work head slot `first`) holds

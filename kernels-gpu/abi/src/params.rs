@@ -273,7 +273,7 @@ pub struct CompressParams {
     /// `[num_groups, compress::GROUP_WORDS]`: per group budget and threshold prefix.
     pub groups: u64,
     /// `[compress::RADIX_PASSES, W, compress::RADIX_BINS]`: metric-key histograms, then
-    /// `[compress::RADIX_PASSES + 1, num_groups]` tickets of the digit and final kernels (all
+    /// `[compress::RADIX_PASSES, num_groups]` tickets of the digit kernels (all
     /// zero at launch; [`CompressParams::hist_word`], [`CompressParams::ticket_word`]), then
     /// `[num_groups, slices, compress::RADIX_BINS]` per-slice partial sums, only when a group
     /// has more than one slice ([`CompressParams::partial_word`]).
@@ -295,7 +295,9 @@ pub struct CompressParams {
     /// of histogram pass 2's candidates (evictable KVs whose high key is the group's 16-bit
     /// prefix), then an entry for each of the first `compress::CANDIDATE_WORDS - 1` (its index
     /// in the chunk, the key byte below the high key at bit 16), which pass 3 reads instead of
-    /// the chunk when they all fit ([`CompressParams::candidate_word`]).
+    /// the chunk when they all fit ([`CompressParams::candidate_word`]). Nothing reads the
+    /// lists after pass 3: the last digit pass then keeps each work head slot's cumulative
+    /// counts in the row of its chunk 0 ([`CompressParams::cum_word`]).
     pub candidates: u64,
     /// Sequences being compressed.
     pub num_work_seqs: u32,
@@ -354,6 +356,14 @@ impl CompressParams {
     pub const fn candidate_word(&self, w: u32, chunk: u32, i: u32) -> u64 {
         (w as u64 * self.chunks_per_head as u64 + chunk as u64) * compress::CANDIDATE_WORDS as u64
             + i as u64
+    }
+
+    /// Word `bin` of work head slot `w`'s cumulative counts in `candidates` (the row of its
+    /// chunk 0, free after histogram pass 3): its evictable KVs whose key lies at or below the
+    /// end of bin `bin` of the last pass, under the group's prefix of that pass.
+    #[inline(always)]
+    pub const fn cum_word(&self, w: u32, bin: u32) -> u64 {
+        self.candidate_word(w, 0, bin)
     }
 
     /// Word `field` of work head slot `w` in `heads`.
@@ -444,15 +454,14 @@ impl CompressParams {
             }
     }
 
-    /// CTAs of the digit and final kernels per group, [`compress::SLICE_HEADS`] head slots
+    /// CTAs of the digit kernel per group, [`compress::SLICE_HEADS`] head slots
     /// each.
     #[inline(always)]
     pub const fn slices_per_group(&self) -> u32 {
         compress::slices(self.group_heads)
     }
 
-    /// Word (from `hist`) of group `q`'s ticket in the digit kernel of `pass`, or in the final
-    /// kernel for `pass == RADIX_PASSES`.
+    /// Word (from `hist`) of group `q`'s ticket in the digit kernel of `pass`.
     #[inline(always)]
     pub const fn ticket_word(&self, pass: u32, q: u32) -> u64 {
         compress::tickets_at(self.num_work_heads())
@@ -522,15 +531,14 @@ pub mod compress {
     /// Evictable KVs `m`.
     pub const HEAD_EVICTABLE: u32 = 2;
     /// During scheduling, after the digit kernel of pass `p`: evictable KVs whose key's top
-    /// `8 p` bits lie below the group's prefix of pass `p` (the digit kernel of `p + 1` and the
-    /// final kernel add the bins below the digit chosen last). After compaction: the KVs
-    /// moved.
+    /// `8 p` bits lie below the group's prefix of pass `p` (the digit kernel of `p + 1` adds
+    /// the bins below the digit chosen last). After compaction: the KVs moved.
     pub const HEAD_BELOW: u32 = 3;
-    /// Blocks to free `k_h` (in the final kernel, until the ties are shared out: the blocks
-    /// below the threshold).
+    /// Blocks to free `k_h` (in the last digit pass, until the ties are shared out: the
+    /// blocks below the threshold).
     pub const HEAD_BLOCKS: u32 = 4;
-    /// KVs to evict `c_h` (in the final kernel, until the ties are shared out: the blocks at
-    /// or below the threshold).
+    /// KVs to evict `c_h` (in the last digit pass, until the ties are shared out: the blocks
+    /// at or below the threshold).
     pub const HEAD_EVICTIONS: u32 = 5;
 
     /// Words of a work head slot's result in `host_io`.
@@ -547,7 +555,7 @@ pub mod compress {
     /// Blocks the group gives (its share of the budget, clamped to what it can free).
     pub const GROUP_NEED: u32 = 1;
 
-    /// Head slots one CTA of the digit and final kernels takes (a warp each).
+    /// Head slots one CTA of the digit kernel takes (a warp each).
     pub const SLICE_HEADS: u32 = 16;
 
     /// KVs of a work head slot's row in the key digests, for `chunks_per_head` histogram
@@ -557,7 +565,7 @@ pub mod compress {
         chunks_per_head as u64 * crate::plan::HIST_CHUNK_KVS as u64
     }
 
-    /// Word (from `hist`) where the digit and final tickets start: after the histograms of `W`
+    /// Word (from `hist`) where the digit tickets start: after the histograms of `W`
     /// head slots.
     #[inline(always)]
     pub const fn tickets_at(num_work_heads: u32) -> u64 {
@@ -568,7 +576,7 @@ pub mod compress {
     /// launch.
     #[inline(always)]
     pub const fn tickets_end(num_work_heads: u32, num_groups: u32) -> u64 {
-        tickets_at(num_work_heads) + (RADIX_PASSES as u64 + 1) * num_groups as u64
+        tickets_at(num_work_heads) + RADIX_PASSES as u64 * num_groups as u64
     }
 
     /// Word (from `hist`) where the digit partial sums start, 16-byte aligned.

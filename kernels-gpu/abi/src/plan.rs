@@ -1249,11 +1249,11 @@ pub const HIST_CHUNK_KVS: u32 = 4096;
 /// its chunk's candidate list, a few entries a thread: small CTAs, so that its many short,
 /// latency-bound CTAs fit an SM in larger numbers and run in fewer waves.
 pub const LISTED_THREADS: u32 = 64;
-/// Threads per CTA of the budget, digit and final kernels (`sched_budget`, `sched_digit`,
-/// `sched_final`): a warp per head slot; a budget CTA scans all head slots of its sequence, a
-/// digit or final CTA one slice of [`crate::params::compress::SLICE_HEADS`] of its group.
+/// Threads per CTA of the budget and digit kernels (`sched_budget`, `sched_digit`): a warp
+/// per head slot; a budget CTA scans all head slots of its sequence, a digit CTA one slice of
+/// [`crate::params::compress::SLICE_HEADS`] of its group.
 pub const SCAN_THREADS: u32 = 512;
-/// Warps per budget, digit or final CTA.
+/// Warps per budget or digit CTA.
 pub const SCAN_WARPS: u32 = SCAN_THREADS / WARP_SIZE;
 const _: () = assert!(SCAN_WARPS == crate::params::compress::SLICE_HEADS);
 /// Threads of a compaction CTA (one head slot each), `compact` then `compact_narrow`: the
@@ -1349,8 +1349,6 @@ pub struct CompressPlan {
     pub budget: LaunchDims,
     /// Grid `(num_groups * slices)`.
     pub digit: LaunchDims,
-    /// Grid `(num_groups * slices)`.
-    pub finish: LaunchDims,
     /// Grid `(W)` of `COMPACT_THREADS[0]` (entry `compact`) or, with `compact_narrow`,
     /// `COMPACT_THREADS[1]` (entry `compact_narrow`).
     pub compact: LaunchDims,
@@ -1362,7 +1360,7 @@ pub struct CompressPlan {
     pub num_work_heads: u32,
     /// Selection groups (budgets shared by `group_heads` head slots).
     pub num_groups: u32,
-    /// Digit and final CTAs per group.
+    /// Digit CTAs per group.
     pub slices: u32,
 }
 
@@ -1459,7 +1457,6 @@ pub fn plan_compress(
         },
         budget: scan_dims(num_work_seqs, 2 * SCAN_WARPS),
         digit: scan_dims(num_groups * slices, SCAN_WARPS * bins + 2),
-        finish: scan_dims(num_groups * slices, 2 * SCAN_WARPS + 1),
         compact: LaunchDims {
             block: [compact_threads, 1, 1],
             ..dims(num_work_heads, compact_smem(compact_threads).words as u32)
