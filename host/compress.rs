@@ -84,9 +84,10 @@ pub struct HeadReport {
 pub struct CompressTimes {
     /// The whole step, wall clock, from the call until the compaction has finished: validation,
     /// launches, the wait for the schedule's results and host work. On CUDA the host work runs
-    /// while the device compacts, so this is less than the sum of the parts; the read-back of
-    /// the move counts for `moved_kvs` comes after it (a timed step's report only, not the
-    /// step).
+    /// while the device compacts, so this is less than the sum of the parts, and the host
+    /// polls for the compaction's end (a busy wait) rather than sleeping until the driver
+    /// wakes it; the read-back of the move counts for `moved_kvs` comes after it (a timed
+    /// step's report only, not the step).
     pub step_ms: f64,
     /// Host time from the call until the step's first device command is queued (validation,
     /// the launch plan, the inputs, the launch of `sched_init`); on the CPU backend, to the

@@ -177,6 +177,9 @@ const INITIAL_STAGING_BYTES: usize = 1 << 18;
 /// Bytes of the host-mapped buffer a new device starts with (a compression step exchanges
 /// ~33 KB at 16 x 8192 tokens, Llama-3.1-8B).
 const INITIAL_HOST_IO_BYTES: usize = 1 << 16;
+/// How often [`Gpu::poll`] asks the driver: a query on every spin slowed the compaction it
+/// waited for by ~6 us at 16 x 8192 (H100, docs/PERF.md compression v22).
+const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_micros(2);
 /// Timing events a device keeps for timed steps.
 const TIMING_EVENTS: usize = 3;
 
@@ -608,6 +611,23 @@ impl Gpu {
         event
             .record(&self.stream)
             .map_err(Error::driver("recording an event"))
+    }
+
+    /// Waits for `event` by querying it every `POLL_INTERVAL` on this thread instead of
+    /// sleeping in the driver, so that the wait ends when the device passes the event, not
+    /// when the host next wakes after that: for a timed step's end (docs/PERF.md, compression
+    /// v22).
+    pub(crate) fn poll(&self, event: &CudaEvent) -> Result<()> {
+        while !event
+            .try_is_complete()
+            .map_err(Error::driver("waiting for an event"))?
+        {
+            let asked = std::time::Instant::now();
+            while asked.elapsed() < POLL_INTERVAL {
+                std::hint::spin_loop();
+            }
+        }
+        Ok(())
     }
 
     /// Milliseconds between two recorded events (waits for the second).
