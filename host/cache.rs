@@ -94,6 +94,8 @@ pub(crate) struct DeviceArrays {
     pub(crate) context_lens: CudaSlice<u8>,
     /// Decode recording's state between calls.
     pub(crate) recording: RecordingState,
+    /// Window aggregation's per-sequence inputs between calls.
+    pub(crate) windows: WindowState,
 }
 
 /// What decode recording keeps on the device between calls, so that a call uploads nothing
@@ -105,6 +107,16 @@ pub(crate) struct RecordingState {
     /// `[num_seqs]` i32 thresholds `last_position - metric_skip`.
     pub(crate) thresholds: CudaSlice<u8>,
     /// What `thresholds` holds (`None` before the first upload).
+    pub(crate) uploaded: Option<Vec<i32>>,
+}
+
+/// What window aggregation keeps on the device between calls, so that a call uploads nothing
+/// while the windows, last positions and `metric_skip` stay the same (every layer after one
+/// prefill): a copy before the first kernel cost each call a few microseconds of the stream.
+pub(crate) struct WindowState {
+    /// `[num_seqs, 3]` i32: window length, last position, metric_skip.
+    pub(crate) seq_info: CudaSlice<u8>,
+    /// What `seq_info` holds (`None` before the first upload).
     pub(crate) uploaded: Option<Vec<i32>>,
 }
 
@@ -273,6 +285,10 @@ impl PagedKvCache {
                 recording: RecordingState {
                     counters: gpu.alloc(decode_counter_words(&g) as usize * 4)?,
                     thresholds: gpu.alloc(g.num_seqs as usize * 4)?,
+                    uploaded: None,
+                },
+                windows: WindowState {
+                    seq_info: gpu.alloc(g.num_seqs as usize * 12)?,
                     uploaded: None,
                 },
             })),

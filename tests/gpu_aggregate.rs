@@ -224,3 +224,58 @@ fn full_range_window_over_32768_tokens_has_exact_l1_mass_and_is_deterministic() 
         );
     }
 }
+
+/// One cache through the calls of a prefill and the next: layers 0 and 1 with the same
+/// windows (the second call reuses what the first uploaded), layer 2 with other windows and
+/// `metric_skip`, then layer 0 again with the first ones; every metric equals the reference's
+/// after the same calls.
+#[test]
+fn consecutive_calls_with_same_and_changed_windows_match_reference() {
+    let Some(gpu) = gpu_or_skip("consecutive_calls_with_same_and_changed_windows_match_reference")
+    else {
+        return;
+    };
+    let seed = fresh_seed();
+    let mut rng = rng(seed);
+    let prompts = [300u32, 1000];
+    let (layers, heads, group) = (3u32, 2u32, 4u32);
+    let lens: Vec<u32> = prompts
+        .iter()
+        .flat_map(|&p| std::iter::repeat_n(p, (heads * layers) as usize))
+        .collect();
+    let config = config_for(DType::F16, 64, 16, group, 2, layers, heads, &lens, 0);
+    let mut snapshot = random_snapshot(&config, &lens, &mut rng);
+    zero_live_metrics(&mut snapshot);
+    snapshot.last_position = prompts.iter().map(|&p| p as i32 - 1).collect();
+    let window = 24usize;
+    let shape = [2, window, (heads * group) as usize, 64];
+    let q_values = random_values(DType::F16, shape.iter().product(), 4.0, &mut rng);
+    let first = AggregateArgs {
+        scale: 1.0 / 8.0,
+        metric: Metric::L2,
+        metric_skip: &[0, 3],
+        window_lens: &[24, 16],
+        pool_kernel: 7,
+    };
+    let second = AggregateArgs {
+        metric_skip: &[2, 0],
+        window_lens: &[9, 24],
+        ..first
+    };
+    let mut metrics = Vec::new();
+    for backend in [&gpu, &Backend::Cpu] {
+        let mut cache = PagedKvCache::from_snapshot(backend, config, &snapshot).unwrap();
+        let q = Tensor::from_f32(backend, DType::F16, &shape, &q_values).unwrap();
+        for (layer, args) in [(0, &first), (1, &first), (2, &second), (0, &first)] {
+            cache.aggregate(layer, &q, args).unwrap_or_else(|e| {
+                panic!("layer {layer} on {}: {e} (seed {seed})", backend.describe())
+            });
+        }
+        metrics.push(cache.snapshot().unwrap().metric);
+    }
+    assert_metric_close(
+        &metrics[0],
+        &metrics[1],
+        &format!("consecutive calls (seed {seed})"),
+    );
+}

@@ -24,7 +24,7 @@ pub(crate) struct AggregateJob<'a> {
 
 /// Runs both passes for one layer.
 pub(crate) fn aggregate(
-    d: &DeviceArrays,
+    d: &mut DeviceArrays,
     g: Geometry,
     dtype: DType,
     job: AggregateJob,
@@ -57,19 +57,23 @@ pub(crate) fn aggregate(
         ),
         gpu.hopper_module(),
     );
-    let mut workspace = gpu.workspace(plan.workspace_bytes(g.num_seqs))?;
-    gpu.write_at(
-        bytemuck::cast_slice(&job.seq_info),
-        &mut workspace,
-        plan.seq_info_offset(),
-    )?;
+    let windows = &mut d.windows;
+    if windows.uploaded.as_ref() != Some(&job.seq_info) {
+        gpu.write_at(
+            bytemuck::cast_slice(&job.seq_info),
+            &mut windows.seq_info,
+            0,
+        )?;
+        windows.uploaded = Some(job.seq_info);
+    }
+    let workspace = gpu.workspace(plan.workspace_bytes())?;
     let base = gpu.addr(&workspace);
     let params = AggregateParams {
         cache: d.view(g),
         q: gpu.addr(job.q),
         stats: base,
         partials: base + plan.partials_offset(),
-        seq_info: base + plan.seq_info_offset(),
+        seq_info: gpu.addr(&d.windows.seq_info),
         layer_idx: job.layer,
         window: job.window,
         key_splits: plan.key_splits,
@@ -81,7 +85,8 @@ pub(crate) fn aggregate(
     };
     // SAFETY: validate::aggregate checked q, the window lengths (within q and the prompt),
     // metric_skip, the pool width (within the kernels' halo) and the scale; the cache's tables
-    // are valid by construction; the workspace holds the plan's stats, partials and seq_info.
+    // are valid by construction; the workspace holds the plan's stats and partials, and
+    // `seq_info` this call's windows.
     unsafe {
         gpu.launch(&stats_entry, plan.stats, &params)?;
         // Both wait for the launch before them before they read (`wait_for_prior_grid`).

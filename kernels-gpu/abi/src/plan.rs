@@ -1152,14 +1152,9 @@ impl AggregatePlan {
         self.stats_words * 4
     }
 
-    /// Byte offset of `seq_info`.
-    pub const fn seq_info_offset(&self) -> u64 {
+    /// Bytes of workspace: the stats and the partials.
+    pub const fn workspace_bytes(&self) -> u64 {
         self.partials_offset() + self.stats_words * self.key_splits as u64 * 4
-    }
-
-    /// Bytes of workspace.
-    pub const fn workspace_bytes(&self, num_seqs: u32) -> u64 {
-        self.seq_info_offset() + num_seqs as u64 * 12
     }
 }
 
