@@ -11,7 +11,7 @@
 //! alone and does its per-block work (a table entry and a free-list entry per freed block:
 //! 1.8 M at 16 x 8192, both in pages touched before) while the device compacts. An explicit
 //! budget that cannot be met sets `status`, and the compaction then changes nothing. A timed
-//! step waits for the compaction's end event (where its `step_ms` stops), then reads back the
+//! step polls for the compaction's end event (where its `step_ms` stops), then reads back the
 //! moves per head slot for the report; an untimed one returns without waiting (stream order
 //! covers what follows).
 //! Past `PARALLEL_RELEASE_BLOCKS` that work is shared by threads, each a run of head slots with
