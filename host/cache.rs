@@ -94,30 +94,49 @@ pub(crate) struct DeviceArrays {
     pub(crate) context_lens: CudaSlice<u8>,
     /// Decode recording's state between calls.
     pub(crate) recording: RecordingState,
-    /// Window aggregation's per-sequence inputs between calls.
-    pub(crate) windows: WindowState,
+    /// Window aggregation's `[num_seqs, 3]` i32 per-sequence inputs (window length, last
+    /// position, metric_skip), copied once per prefill, not once per layer: a copy before
+    /// the first kernel cost each call a few microseconds of the stream.
+    pub(crate) windows: HeldArray,
 }
 
-/// What decode recording keeps on the device between calls, so that a call uploads nothing
-/// while the thresholds stay the same (every layer of a decode step).
+/// What decode recording keeps on the device between calls.
 pub(crate) struct RecordingState {
     /// `[decode_counter_words]` u32 handshake counters: allocated zeroed, left zero by every
     /// launch.
     pub(crate) counters: CudaSlice<u8>,
-    /// `[num_seqs]` i32 thresholds `last_position - metric_skip`.
-    pub(crate) thresholds: CudaSlice<u8>,
-    /// What `thresholds` holds (`None` before the first upload).
-    pub(crate) uploaded: Option<Vec<i32>>,
+    /// `[num_seqs]` i32 thresholds `last_position - metric_skip`, copied once per decode step,
+    /// not once per layer.
+    pub(crate) thresholds: HeldArray,
 }
 
-/// What window aggregation keeps on the device between calls, so that a call uploads nothing
-/// while the windows, last positions and `metric_skip` stay the same (every layer after one
-/// prefill): a copy before the first kernel cost each call a few microseconds of the stream.
-pub(crate) struct WindowState {
-    /// `[num_seqs, 3]` i32: window length, last position, metric_skip.
-    pub(crate) seq_info: CudaSlice<u8>,
-    /// What `seq_info` holds (`None` before the first upload).
-    pub(crate) uploaded: Option<Vec<i32>>,
+/// An i32 array kept on the device between calls and copied there only when the values a
+/// call passes differ from the last ones copied.
+pub(crate) struct HeldArray {
+    /// The device copy.
+    pub(crate) buf: CudaSlice<u8>,
+    /// What `buf` holds (`None` before the first copy).
+    held: Option<Vec<i32>>,
+}
+
+impl HeldArray {
+    /// Room for `len` values, none held yet.
+    fn new(gpu: &Gpu, len: usize) -> Result<Self> {
+        Ok(Self {
+            buf: gpu.alloc(len * 4)?,
+            held: None,
+        })
+    }
+
+    /// Makes the device copy hold `values`, copying them (stream-ordered, after the launches
+    /// queued before) unless it holds them already.
+    pub(crate) fn update(&mut self, gpu: &Gpu, values: &[i32]) -> Result<()> {
+        if self.held.as_deref() != Some(values) {
+            gpu.write_at(bytemuck::cast_slice(values), &mut self.buf, 0)?;
+            self.held = Some(values.to_vec());
+        }
+        Ok(())
+    }
 }
 
 impl DeviceArrays {
@@ -284,13 +303,9 @@ impl PagedKvCache {
                 context_lens: gpu.upload(bytemuck::cast_slice(&snapshot.context_lens))?,
                 recording: RecordingState {
                     counters: gpu.alloc(decode_counter_words(&g) as usize * 4)?,
-                    thresholds: gpu.alloc(g.num_seqs as usize * 4)?,
-                    uploaded: None,
+                    thresholds: HeldArray::new(gpu, g.num_seqs as usize)?,
                 },
-                windows: WindowState {
-                    seq_info: gpu.alloc(g.num_seqs as usize * 12)?,
-                    uploaded: None,
-                },
+                windows: HeldArray::new(gpu, g.num_seqs as usize * 3)?,
             })),
         };
         Ok(Self {

@@ -57,15 +57,7 @@ pub(crate) fn aggregate(
         ),
         gpu.hopper_module(),
     );
-    let windows = &mut d.windows;
-    if windows.uploaded.as_ref() != Some(&job.seq_info) {
-        gpu.write_at(
-            bytemuck::cast_slice(&job.seq_info),
-            &mut windows.seq_info,
-            0,
-        )?;
-        windows.uploaded = Some(job.seq_info);
-    }
+    d.windows.update(gpu, &job.seq_info)?;
     let workspace = gpu.workspace(plan.workspace_bytes())?;
     let base = gpu.addr(&workspace);
     let params = AggregateParams {
@@ -73,7 +65,7 @@ pub(crate) fn aggregate(
         q: gpu.addr(job.q),
         stats: base,
         partials: base + plan.partials_offset(),
-        seq_info: gpu.addr(&d.windows.seq_info),
+        seq_info: gpu.addr(&d.windows.buf),
         layer_idx: job.layer,
         window: job.window,
         key_splits: plan.key_splits,

@@ -46,18 +46,10 @@ pub(crate) fn decode(
         job.args.partition_kvs,
         recording,
     );
-    let recording_state = &mut d.recording;
     if let Some(thresholds) = job.thresholds {
         // The handshake counters need no copy (the kernel leaves them zero); the thresholds
         // change once per decode step, not per layer.
-        if recording_state.uploaded.as_deref() != Some(thresholds) {
-            gpu.write_at(
-                bytemuck::cast_slice(thresholds),
-                &mut recording_state.thresholds,
-                0,
-            )?;
-            recording_state.uploaded = Some(thresholds.to_vec());
-        }
+        d.recording.thresholds.update(gpu, thresholds)?;
     }
     let workspace = gpu.workspace(plan.workspace_bytes(g.head_dim))?;
     let base = gpu.addr(&workspace);
@@ -73,7 +65,7 @@ pub(crate) fn decode(
         scale_log2: job.args.scale * std::f32::consts::LOG2_E,
         record: job.args.record.map_or(record::OFF, |r| r.metric.code()),
         reserved: 0,
-        thresholds: gpu.addr(&d.recording.thresholds),
+        thresholds: gpu.addr(&d.recording.thresholds.buf),
         counters: gpu.addr(&d.recording.counters),
         stash: base + plan.stash_offset(g.head_dim),
     };
