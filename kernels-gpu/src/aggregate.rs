@@ -79,9 +79,13 @@ const THREADS: u32 = AGG_WARPS * WARP_SIZE;
 const NO_KEY: i32 = i32::MAX;
 /// 8-key MMA tiles in a group.
 const GROUP_NTILES: usize = (AGG_GROUP_KEYS / 8) as usize;
-/// Owned keys of a pass-2 CTA per thread, at most.
+/// Owned keys of a pass-2 CTA per thread, at most: a run of consecutive keys.
 const OWNED_PER_THREAD: usize = (MAX_SCORE_KEYS / THREADS) as usize;
 const _: () = assert!(MAX_SCORE_KEYS.is_multiple_of(THREADS));
+/// Columns the pooling windows of a thread's run read: the run and `SCORE_HALO` on each side.
+const POOL_SPAN: usize = OWNED_PER_THREAD + 2 * SCORE_HALO as usize;
+// `pooled_run` has an arm for every half width up to `SCORE_HALO`.
+const _: () = assert!(SCORE_HALO == 8);
 /// Most 8-key MMA tiles in a key tile (64 keys).
 const MAX_TILE_NTILES: usize = 8;
 /// C fragments of a warp's (up to two) row tiles against a group: `[row tile][n-tile][4]`.
@@ -1382,12 +1386,14 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
     // SAFETY: all threads reach it; the columns are complete after it.
     unsafe { sync_threads() };
 
-    // Owned key `thread + i * THREADS` of this thread: all its metric loads first (one round
-    // trip), then the pooled group sums added.
+    // Owned keys `run + i` of this thread: all their metric loads first (one round trip),
+    // then the pooled group sums added. Their pooling windows read columns `run + j`, `j <
+    // POOL_SPAN`, of each query head (column `SCORE_HALO + k` is owned key `k`).
+    let run = thread * OWNED_PER_THREAD as u32;
     let mut slots = [0u64; OWNED_PER_THREAD];
     let mut metric = [0.0f32; OWNED_PER_THREAD];
     for i in 0..OWNED_PER_THREAD {
-        let k = thread + i as u32 * THREADS;
+        let k = run + i as u32;
         if owned + k < owned_end {
             // SAFETY: k < score_kvs ids, landed; the block is a validated pool block.
             unsafe {
@@ -1397,25 +1403,76 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
             }
         }
     }
-    for i in 0..OWNED_PER_THREAD {
-        let k = thread + i as u32 * THREADS;
-        if owned + k < owned_end {
-            let local = SCORE_HALO + k;
-            let mut value = 0.0f32;
-            for g in 0..group {
-                let mut pooled = 0.0f32;
-                let mut d = local - p.pool_half;
-                while d <= local + p.pool_half {
-                    // SAFETY: pool_half <= SCORE_HALO keeps d inside the columns.
-                    pooled = fmax(pooled, unsafe {
-                        *smem.columns.add((g * width + d) as usize)
-                    });
-                    d += 1;
+    let run_keys = owned_end
+        .saturating_sub(owned + run)
+        .min(OWNED_PER_THREAD as u32);
+    let out = PooledRun {
+        columns: smem.columns.wrapping_add(run as usize),
+        group,
+        keys: run_keys,
+        slots: &slots,
+        metric: &metric,
+        to: p.cache.metric,
+    };
+    // SAFETY: as `PooledRun::add`'s; pool_half <= SCORE_HALO (host-validated).
+    unsafe {
+        match p.pool_half {
+            0 => out.add::<0>(),
+            1 => out.add::<1>(),
+            2 => out.add::<2>(),
+            3 => out.add::<3>(),
+            4 => out.add::<4>(),
+            5 => out.add::<5>(),
+            6 => out.add::<6>(),
+            7 => out.add::<7>(),
+            _ => out.add::<8>(),
+        }
+    }
+}
+
+/// A pass-2 thread's run of owned keys, for the metric update: the run's columns from
+/// `SCORE_HALO` before it (`POOL_SPAN` a query head, heads `SCORE_COLUMNS` apart), its
+/// owned keys (the first `keys` of the run), their pool slots and loaded metrics.
+struct PooledRun<'a> {
+    columns: *const f32,
+    group: u32,
+    keys: u32,
+    slots: &'a [u64; OWNED_PER_THREAD],
+    metric: &'a [f32; OWNED_PER_THREAD],
+    to: u64,
+}
+
+impl PooledRun<'_> {
+    /// Adds to each key's metric the group sum of its max-pooled columns, half width `H`
+    /// known at compile time so that the windows are unrolled over registers: key `i` of the
+    /// run gets, per query head, the greatest of columns `SCORE_HALO + i - H ..= SCORE_HALO +
+    /// i + H` of the span. Columns are sums of squares or probabilities, never negative, and
+    /// zero past the head slot's keys: the contract's zero padding.
+    ///
+    /// # Safety
+    /// The columns are complete and hold `group` heads of `POOL_SPAN` from `columns`; the
+    /// first `keys` slots are this thread's keys', which no other thread touches.
+    #[inline(always)]
+    unsafe fn add<const H: usize>(&self) {
+        let mut value = [0.0f32; OWNED_PER_THREAD];
+        for g in 0..self.group {
+            let head = self.columns.wrapping_add((g * SCORE_COLUMNS) as usize);
+            // SAFETY: inside the columns (the caller).
+            let span: [f32; POOL_SPAN] = core::array::from_fn(|j| unsafe { *head.add(j) });
+            for (i, v) in value.iter_mut().enumerate() {
+                let first = SCORE_HALO as usize + i - H;
+                let mut pooled = span[first];
+                for d in 1..2 * H + 1 {
+                    pooled = fmax(pooled, span[first + d]);
                 }
-                value += pooled;
+                *v += pooled;
             }
-            // SAFETY: only this thread touches this KV's metric.
-            unsafe { store::<f32>(p.cache.metric, slots[i], metric[i] + value) };
+        }
+        for (i, &slot) in self.slots.iter().enumerate() {
+            if (i as u32) < self.keys {
+                // SAFETY: this thread's KV (the caller).
+                unsafe { store::<f32>(self.to, slot, self.metric[i] + value[i]) };
+            }
         }
     }
 }
