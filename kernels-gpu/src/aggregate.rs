@@ -26,8 +26,10 @@
 //!   it turns scores into probabilities with the row stats and sums `a^2` (or `a`) per key and
 //!   query head: over a thread's rows (all of one head, `gid % G`), over the lanes of that head
 //!   by shuffles, then over warps in shared memory in a fixed order (deterministic), into the
-//!   CTA's column sums. At the end each owned key's metric gets the group sum of its
-//!   max-pooled columns, one thread per key.
+//!   CTA's column sums. The Hopper module's 16-bit types with 64-key tiles multiply the other
+//!   way round (`keys_major_chunk`: keys are the product's rows, so a key's sums per head are
+//!   whole in one warp and go straight into the column sums). At the end each thread adds to
+//!   the metric of a run of 8 owned keys the group sum of their max-pooled columns.
 //!
 //! Masks: a row sees keys with position `<= p_i` (pass 1) and counts those with position
 //! `<= p_i - metric_skip` (pass 2). Keys past the head slot have the position `NO_KEY` and zero
@@ -47,6 +49,8 @@ use kvc_abi::plan::{
     VECTOR_BYTES, WARP_SIZE,
 };
 
+#[cfg(kvc_hopper)]
+use crate::gpu::math::log2;
 use crate::gpu::math::{exp2, fma, fmax, opaque, CacheElem, F32};
 use crate::gpu::mem::{load, store};
 use crate::gpu::mma::{
@@ -69,7 +73,7 @@ use crate::gpu::wgmma::{
     wait_pending, Wgmma16,
 };
 #[cfg(kvc_hopper)]
-use kvc_abi::plan::PANEL_ROW_BYTES;
+use kvc_abi::plan::{agg_keys_major, PANEL_ROW_BYTES};
 
 /// Most `u32` registers of one row tile's A fragments: `4 * D / 16` for `D = 256`.
 const MAX_A: usize = 64;
@@ -137,6 +141,17 @@ pub trait QkTile: CacheElem {
         bounds: (i32, i32),
         f: impl FnMut(usize, &Group, &GroupPositions, Seen),
     );
+
+    /// Pass 2 over the row chunk at `row_base`: [`rows_major_chunk`] unless the
+    /// implementation multiplies in another order.
+    ///
+    /// # Safety
+    /// As [`rows_major_chunk`].
+    #[inline(always)]
+    unsafe fn score_chunk<const D: usize>(s: &Scores, row_base: u32) {
+        // SAFETY: forwarded from the caller.
+        unsafe { rows_major_chunk::<Self, D>(s, row_base) }
+    }
 }
 
 /// The types whose warps compute a group's products on their own and at once (`mma.sync`,
@@ -264,6 +279,19 @@ impl<T: CacheElem + Wgmma16> QkTile for T {
     ) {
         // SAFETY: forwarded from the caller.
         unsafe { rows.each_group_overlapped::<T, D>((tile, positions), range, bounds, f) }
+    }
+
+    /// Keys by rows ([`keys_major_chunk`]) where a key tile is 64 keys, else rows by keys.
+    #[inline(always)]
+    unsafe fn score_chunk<const D: usize>(s: &Scores, row_base: u32) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            if agg_keys_major(D as u32, T::BYTES, true) {
+                keys_major_chunk::<T, D>(s, row_base);
+            } else {
+                rows_major_chunk::<T, D>(s, row_base);
+            }
+        }
     }
 }
 
@@ -1194,6 +1222,67 @@ pub unsafe fn window_stats_merge_body(p: &AggregateParams) {
     }
 }
 
+/// What the row chunks of a pass-2 CTA share: its sequence, head and keys, and how a score
+/// becomes the metric's term.
+pub(crate) struct Scores<'a> {
+    p: &'a AggregateParams,
+    smem: Layout,
+    seq: u32,
+    kv_head: u32,
+    head_slot: u64,
+    window_len: u32,
+    last: i32,
+    skip: i32,
+    group: u32,
+    rows: u32,
+    /// The keys scored: the owned ones and their halo inside the head slot.
+    keys: (u32, u32),
+    /// The column of the first key scored (key `owned - SCORE_HALO + c` is column `c`).
+    first_column: u32,
+    /// 2 for L2 (`a^2`), 1 for L1 (`a`).
+    power: f32,
+}
+
+impl Scores<'_> {
+    /// The position up to which row `row` counts keys (`i32::MIN`: past the window).
+    #[inline(always)]
+    fn counted(&self, row: u32) -> i32 {
+        let (rows, group, window_len, last) = (self.rows, self.group, self.window_len, self.last);
+        row_position(row, rows, group, window_len, last).saturating_sub(self.skip)
+    }
+
+    /// The least and the most position the rows of the chunk at `row_base` count (a row's
+    /// position grows with its query).
+    #[cfg(kvc_hopper)]
+    #[inline(always)]
+    fn chunk_bounds(&self, row_base: u32, chunk_rows: u32) -> (i32, i32) {
+        let end = self.rows.min(row_base + chunk_rows);
+        (self.counted(row_base), self.counted(end - 1))
+    }
+
+    /// Row `row`'s (max, 1/sum) from pass 1.
+    ///
+    /// # Safety
+    /// `row < rows`; pass 1 wrote stats for every row of the window.
+    #[inline(always)]
+    unsafe fn stats(&self, row: u32) -> (f32, f32) {
+        let at = self.p.stats_row(self.seq, self.kv_head, row) * 2;
+        // SAFETY: as the caller promised.
+        unsafe {
+            (
+                load::<f32>(self.p.stats, at),
+                load::<f32>(self.p.stats, at + 1),
+            )
+        }
+    }
+
+    /// The column of key `key` of tile `t` for query head `g`.
+    #[inline(always)]
+    fn column(&self, g: u32, t: u32, key: u32) -> usize {
+        (g * SCORE_COLUMNS + self.first_column + t * self.smem.tiles.tile_keys + key) as usize
+    }
+}
+
 /// Pass 2 body for cache type `T` and head dimension `D`.
 ///
 /// # Safety
@@ -1214,30 +1303,29 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
         return; // uniform over the CTA
     }
     let owned_end = len.min(owned + p.score_kvs);
-    // Column c of the CTA holds key `owned - SCORE_HALO + c`; the keys scored are the owned
-    // ones and their halo inside the head slot.
-    let (kstart, kend) = (
-        owned.saturating_sub(SCORE_HALO),
-        len.min(owned_end + SCORE_HALO),
-    );
-    let first_column = kstart + SCORE_HALO - owned;
-    let width = SCORE_COLUMNS;
-    let rows = window_len * group;
-    let chunk_rows = agg_rows(D as u32, T::BYTES);
-    let row_tiles = agg_row_tiles(D as u32, T::BYTES);
-
-    // SAFETY: the launch reserved the scores map.
-    let smem = unsafe { Layout::new::<T, D>(group, true) };
-    let tile_keys = smem.tiles.tile_keys;
-    let (lane, warp, thread) = (lane_id(), warp_id(), thread_idx_x());
-    let (gid, tig) = (lane / 4, lane % 4);
-    let l2 = p.record == record::L2;
-    // a^2 = 2^(2 (s - max)) / sum^2 (L2), a = 2^(s - max) / sum (L1).
-    let power = if l2 { 2.0 } else { 1.0 };
-    let mul = power * p.scale_log2;
+    let kstart = owned.saturating_sub(SCORE_HALO);
+    let scores = Scores {
+        p,
+        // SAFETY: the launch reserved the scores map.
+        smem: unsafe { Layout::new::<T, D>(group, true) },
+        seq,
+        kv_head,
+        head_slot,
+        window_len,
+        last,
+        skip,
+        group,
+        rows: window_len * group,
+        keys: (kstart, len.min(owned_end + SCORE_HALO)),
+        first_column: kstart + SCORE_HALO - owned,
+        // a^2 = 2^(2 (s - max)) / sum^2 (L2), a = 2^(s - max) / sum (L1).
+        power: if p.record == record::L2 { 2.0 } else { 1.0 },
+    };
+    let smem = scores.smem;
+    let thread = thread_idx_x();
 
     let mut item = thread;
-    while item < group * width {
+    while item < group * SCORE_COLUMNS {
         // SAFETY: inside the columns map.
         unsafe { *smem.columns.add(item as usize) = 0.0 };
         item += THREADS;
@@ -1254,132 +1342,15 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
     }
     // SAFETY: closes this thread's group.
     unsafe { commit_async_copies() };
-    // Sums the warps' parts of tile `t` into the columns, in warp order.
-    let reduce = |t: u32| {
-        let parts = smem
-            .parts
-            .wrapping_add(((t % 2) * AGG_WARPS * group * tile_keys) as usize);
-        let mut item = thread;
-        while item < group * tile_keys {
-            let (g, key) = (item / tile_keys, item % tile_keys);
-            let mut total = 0.0f32;
-            for w in 0..AGG_WARPS {
-                // SAFETY: inside the parts map.
-                total += unsafe { *parts.add(((w * group + g) * tile_keys + key) as usize) };
-            }
-            // Keys past the range add zero (masked) to columns no pooling reads.
-            let column = g * width + first_column + t * tile_keys + key;
-            // SAFETY: column < SCORE_COLUMNS (whole tiles of the range, plan); only this
-            // thread touches it between barriers.
-            unsafe { *smem.columns.add(column as usize) += total };
-            item += THREADS;
-        }
-    };
 
+    let chunk_rows = agg_rows(D as u32, T::BYTES);
     let mut row_base = 0;
-    while row_base < rows {
-        let my_rows = lane_rows::<T>(row_base, row_tiles);
-        let mut counted = [[i32::MIN; 2]; 2];
-        let mut sub = [[0.0f32; 2]; 2];
-        let mut inv = [[0.0f32; 2]; 2];
-        // The least and the most position this lane's rows count.
-        let mut bounds = (i32::MAX, i32::MIN);
-        for (m, half) in my_rows.iter().enumerate() {
-            for (i, &row) in half.iter().enumerate() {
-                if (m as u32) < row_tiles && row < rows {
-                    counted[m][i] =
-                        row_position(row, rows, group, window_len, last).saturating_sub(skip);
-                    bounds = (bounds.0.min(counted[m][i]), bounds.1.max(counted[m][i]));
-                    let at = p.stats_row(seq, kv_head, row) * 2;
-                    // SAFETY: pass 1 wrote stats for every row of the window.
-                    let (max, inv_sum) =
-                        unsafe { (load::<f32>(p.stats, at), load::<f32>(p.stats, at + 1)) };
-                    sub[m][i] = power * max;
-                    inv[m][i] = if l2 { inv_sum * inv_sum } else { inv_sum };
-                }
-            }
-        }
-        // SAFETY: all threads take part; the barrier before staging ends every read of the
-        // previous chunk's tiles and parts.
-        let warp_rows = unsafe {
-            sync_threads();
-            WarpRows::stage::<T, D>(p, &smem, (seq, kv_head), row_base, rows, bounds.1)
-        };
-        let mut tiles = 0;
-        let consume = |t, tile, positions| {
-            if t > 0 {
-                reduce(t - 1);
-            }
-            tiles = t + 1;
-            let mut acc = [[0.0f32; 2]; MAX_TILE_NTILES];
-            let sum_group = |grp: usize, c: &Group, pos: &GroupPositions, seen_keys| {
-                // `masked` is a constant in each of the two copies below.
-                let mut fold = |masked: bool| {
-                    for m in 0..2 {
-                        if m as u32 >= row_tiles {
-                            continue;
-                        }
-                        for nt in 0..GROUP_NTILES {
-                            for e in 0..4 {
-                                let (i, j) = (e / 2, e % 2);
-                                let v = exp2(fma(c[m][nt][e], mul, -sub[m][i]));
-                                let acc_e = &mut acc[grp * GROUP_NTILES + nt][j];
-                                if !masked || pos[nt][j] <= counted[m][i] {
-                                    *acc_e = fma(v, inv[m][i], *acc_e);
-                                }
-                            }
-                        }
-                    }
-                };
-                if seen_keys == Seen::All {
-                    fold(false);
-                } else {
-                    fold(true);
-                }
-            };
-            // SAFETY: the tile is staged; the warp is converged.
-            unsafe {
-                T::each_group::<D>(
-                    &warp_rows,
-                    (tile, positions, tile_keys),
-                    (kstart + t * tile_keys, kend),
-                    bounds,
-                    sum_group,
-                )
-            };
-            // A thread's rows belong to query head gid % G: sum over the lanes of that
-            // head, then lanes gid < G write their head's part.
-            let mut mask = 4 * group;
-            while mask < WARP_SIZE {
-                for acc_nt in acc.iter_mut() {
-                    for v in acc_nt.iter_mut() {
-                        // SAFETY: the whole warp runs these shuffles.
-                        *v += unsafe { shfl_xor(*v, mask) };
-                    }
-                }
-                mask *= 2;
-            }
-            if gid < group {
-                let parts = smem.parts.wrapping_add(
-                    ((((t % 2) * AGG_WARPS + warp) * group + gid) * tile_keys) as usize,
-                );
-                for nt in 0..(tile_keys / 8) as usize {
-                    for j in 0..2 {
-                        let key = 8 * nt + 2 * tig as usize + j;
-                        // SAFETY: inside this warp's part of the parts map.
-                        unsafe { *parts.add(key) = acc[nt][j] };
-                    }
-                }
-            }
-        };
-        // SAFETY: all threads take part with the same range; the barrier after it ends every
-        // warp's writes of the last tile's parts.
+    while row_base < scores.rows {
+        // SAFETY: every thread takes part; the barrier before it ends every read of the
+        // previous chunk's shared memory.
         unsafe {
-            stream_keys::<T>(p, smem.tiles, head_slot, (kstart, kend), consume);
             sync_threads();
-        }
-        if tiles > 0 {
-            reduce(tiles - 1);
+            T::score_chunk::<D>(&scores, row_base);
         }
         row_base += chunk_rows;
     }
@@ -1428,6 +1399,307 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
             _ => out.add::<8>(),
         }
     }
+}
+
+/// One row chunk of pass 2 with the rows as the product's rows (`Q K^T`): each warp's column
+/// sums of a key tile (its rows' part) meet the other warps' in shared memory (`parts`), summed
+/// into the columns in warp order while the next tile is computed.
+///
+/// # Safety
+/// Every thread calls it after a barrier that ended every read of the chunk's shared memory.
+#[inline(always)]
+unsafe fn rows_major_chunk<T: CacheElem + QkTile, const D: usize>(s: &Scores, row_base: u32) {
+    let (p, smem, group, rows) = (s.p, s.smem, s.group, s.rows);
+    let (kstart, kend) = s.keys;
+    let row_tiles = agg_row_tiles(D as u32, T::BYTES);
+    let tile_keys = smem.tiles.tile_keys;
+    let (lane, warp, thread) = (lane_id(), warp_id(), thread_idx_x());
+    let (gid, tig) = (lane / 4, lane % 4);
+    let l2 = s.power == 2.0;
+    let (power, mul) = (s.power, s.power * p.scale_log2);
+    // Sums the warps' parts of tile `t` into the columns, in warp order.
+    let reduce = |t: u32| {
+        let parts = smem
+            .parts
+            .wrapping_add(((t % 2) * AGG_WARPS * group * tile_keys) as usize);
+        let mut item = thread;
+        while item < group * tile_keys {
+            let (g, key) = (item / tile_keys, item % tile_keys);
+            let mut total = 0.0f32;
+            for w in 0..AGG_WARPS {
+                // SAFETY: inside the parts map.
+                total += unsafe { *parts.add(((w * group + g) * tile_keys + key) as usize) };
+            }
+            // Keys past the range add zero (masked) to columns no pooling reads.
+            // SAFETY: the column is inside the map (whole tiles of the range, plan); only this
+            // thread touches it between barriers.
+            unsafe { *smem.columns.add(s.column(g, t, key)) += total };
+            item += THREADS;
+        }
+    };
+    let my_rows = lane_rows::<T>(row_base, row_tiles);
+    let mut counted = [[i32::MIN; 2]; 2];
+    let mut sub = [[0.0f32; 2]; 2];
+    let mut inv = [[0.0f32; 2]; 2];
+    // The least and the most position this lane's rows count.
+    let mut bounds = (i32::MAX, i32::MIN);
+    for (m, half) in my_rows.iter().enumerate() {
+        for (i, &row) in half.iter().enumerate() {
+            if (m as u32) < row_tiles && row < rows {
+                counted[m][i] = s.counted(row);
+                bounds = (bounds.0.min(counted[m][i]), bounds.1.max(counted[m][i]));
+                // SAFETY: row < rows.
+                let (max, inv_sum) = unsafe { s.stats(row) };
+                sub[m][i] = power * max;
+                inv[m][i] = if l2 { inv_sum * inv_sum } else { inv_sum };
+            }
+        }
+    }
+    // SAFETY: all threads take part, after the caller's barrier.
+    let warp_rows =
+        unsafe { WarpRows::stage::<T, D>(p, &smem, (s.seq, s.kv_head), row_base, rows, bounds.1) };
+    let mut tiles = 0;
+    let consume = |t, tile, positions| {
+        if t > 0 {
+            reduce(t - 1);
+        }
+        tiles = t + 1;
+        let mut acc = [[0.0f32; 2]; MAX_TILE_NTILES];
+        let sum_group = |grp: usize, c: &Group, pos: &GroupPositions, seen_keys| {
+            // `masked` is a constant in each of the two copies below.
+            let mut fold = |masked: bool| {
+                for m in 0..2 {
+                    if m as u32 >= row_tiles {
+                        continue;
+                    }
+                    for nt in 0..GROUP_NTILES {
+                        for e in 0..4 {
+                            let (i, j) = (e / 2, e % 2);
+                            let v = exp2(fma(c[m][nt][e], mul, -sub[m][i]));
+                            let acc_e = &mut acc[grp * GROUP_NTILES + nt][j];
+                            if !masked || pos[nt][j] <= counted[m][i] {
+                                *acc_e = fma(v, inv[m][i], *acc_e);
+                            }
+                        }
+                    }
+                }
+            };
+            if seen_keys == Seen::All {
+                fold(false);
+            } else {
+                fold(true);
+            }
+        };
+        // SAFETY: the tile is staged; the warp is converged.
+        unsafe {
+            T::each_group::<D>(
+                &warp_rows,
+                (tile, positions, tile_keys),
+                (kstart + t * tile_keys, kend),
+                bounds,
+                sum_group,
+            )
+        };
+        // A thread's rows belong to query head gid % G: sum over the lanes of that
+        // head, then lanes gid < G write their head's part.
+        let mut mask = 4 * group;
+        while mask < WARP_SIZE {
+            for acc_nt in acc.iter_mut() {
+                for v in acc_nt.iter_mut() {
+                    // SAFETY: the whole warp runs these shuffles.
+                    *v += unsafe { shfl_xor(*v, mask) };
+                }
+            }
+            mask *= 2;
+        }
+        if gid < group {
+            let parts = smem
+                .parts
+                .wrapping_add(((((t % 2) * AGG_WARPS + warp) * group + gid) * tile_keys) as usize);
+            for nt in 0..(tile_keys / 8) as usize {
+                for j in 0..2 {
+                    let key = 8 * nt + 2 * tig as usize + j;
+                    // SAFETY: inside this warp's part of the parts map.
+                    unsafe { *parts.add(key) = acc[nt][j] };
+                }
+            }
+        }
+    };
+    // SAFETY: all threads take part with the same range; the barrier after it ends every
+    // warp's writes of the last tile's parts.
+    unsafe {
+        stream_keys::<T>(p, smem.tiles, s.head_slot, (kstart, kend), consume);
+        sync_threads();
+    }
+    if tiles > 0 {
+        reduce(tiles - 1);
+    }
+}
+
+/// One row chunk of pass 2 with the keys as the product's rows (`K Q^T`; `agg_keys_major`):
+/// `wgmma.m64n64k16` with the 64-key tile as A (warp `w` holds keys `16 w + gid` and `+ 8`)
+/// and the chunk's 128 query rows as B in two halves of 64, the second half's product running
+/// while the first is folded. A lane's query columns `64 h + 8 j + 2 tig + e` belong to query
+/// head `(2 tig + e) % G` (G divides 8), so a key's sum per head is the lane's own terms, then
+/// at most two shuffles over its quad: whole in the warp, added straight into the columns.
+/// Each row's normalisation is folded into the exponent: `a^p = 2^(p s scale_log2 - sub)` with
+/// `sub = p (max - log2(1/sum))`, `+inf` for a row that sees nothing or is past the window
+/// (a zero term).
+///
+/// # Safety
+/// As [`rows_major_chunk`]; `agg_keys_major` holds for `T` and `D`.
+#[cfg(kvc_hopper)]
+#[inline(always)]
+unsafe fn keys_major_chunk<T: CacheElem + Wgmma16, const D: usize>(s: &Scores, row_base: u32) {
+    let (p, smem, group, rows) = (s.p, s.smem, s.group, s.rows);
+    let chunk_rows = agg_rows(D as u32, T::BYTES);
+    let tile_keys = smem.tiles.tile_keys;
+    let (lane, warp, thread) = (lane_id(), warp_id(), thread_idx_x());
+    let tig = lane % 4;
+    let mul = s.power * p.scale_log2;
+    // The chunk rows' counted positions (for the masked folds) and `sub`, one row a thread,
+    // in the parts map.
+    let counted = smem.parts as *mut i32;
+    let subs = smem.parts.wrapping_add(chunk_rows as usize);
+    if thread < chunk_rows {
+        let row = row_base + thread;
+        let sub = if row < rows {
+            // SAFETY: row < rows.
+            let (max, inv_sum) = unsafe { s.stats(row) };
+            s.power * (max - log2(inv_sum))
+        } else {
+            f32::INFINITY
+        };
+        // SAFETY: the map holds 2 chunk_rows words (plan); read after the staging barrier.
+        unsafe {
+            *counted.add(thread as usize) = s.counted(row);
+            *subs.add(thread as usize) = sub;
+        }
+    }
+    let (least, most) = s.chunk_bounds(row_base, chunk_rows);
+    // SAFETY: all threads take part, after the caller's barrier.
+    let warp_rows =
+        unsafe { WarpRows::stage::<T, D>(p, &smem, (s.seq, s.kv_head), row_base, rows, most) };
+    // `sub` of this lane's query columns `64 h + 8 j + 2 tig + e`, as `[h][j][e]`.
+    let sub: [[[f32; 2]; 8]; 2] = core::array::from_fn(|h| {
+        core::array::from_fn(|j| {
+            // SAFETY: written before the staging barrier.
+            core::array::from_fn(|e| unsafe { *subs.add(64 * h + 8 * j + 2 * tig as usize + e) })
+        })
+    });
+    let q_base = shared_addr(warp_rows.q_tile);
+    let keys = [16 * warp + lane / 4, 16 * warp + lane / 4 + 8];
+    let consume = |t: u32, tile: *const u8, positions: *const i32| {
+        // SAFETY: the tile's positions are staged.
+        let (pos, two) = unsafe {
+            (
+                keys.map(|k| *positions.add(k as usize)),
+                [
+                    *positions.add(lane as usize),
+                    *positions.add(lane as usize + 32),
+                ],
+            )
+        };
+        // Every warp votes on all the tile's positions against the same bound.
+        // SAFETY: the warp is converged.
+        if unsafe { ballot(two[0] <= most || two[1] <= most) } == 0 {
+            return; // uniform over the CTA
+        }
+        let k_base = shared_addr(tile);
+        // Query half `half`'s product into `acc` (a separate variable per half, so that the
+        // accumulators stay in registers).
+        let start = |acc: &mut [[f32; 16]; 2], half: u32| {
+            for panel in 0..(D / 64) as u32 {
+                let a = descriptor(k_base + panel * tile_keys * PANEL_ROW_BYTES);
+                let b = descriptor(q_base + (panel * chunk_rows + 64 * half) * PANEL_ROW_BYTES);
+                // SAFETY: every warp of the CTA is here with the same staged, fenced tiles.
+                unsafe {
+                    if panel == 0 {
+                        T::first_panel_n64(acc, a, b);
+                    } else {
+                        T::panel_n64(acc, a, b);
+                    }
+                }
+            }
+            // SAFETY: as above.
+            unsafe { wgmma_commit() };
+        };
+        let (mut acc0, mut acc1) = ([[0.0f32; 16]; 2], [[0.0f32; 16]; 2]);
+        // SAFETY: as above; nothing writes the accumulators before the MMAs.
+        unsafe { wgmma_fence() };
+        start(&mut acc0, 0);
+        start(&mut acc1, 1);
+        // Whether the warp's keys are all counted by every row of the chunk: no masks.
+        // SAFETY: the warp is converged.
+        let all = unsafe { ballot(pos[0] <= least && pos[1] <= least) } == u32::MAX;
+        let mut sums = [[0.0f32; 2]; 2];
+        // Adds query half `h`'s terms, by key row and column parity; `masked` is a constant in
+        // each copy.
+        let mut fold = |h: usize, acc: &[[f32; 16]; 2], masked: bool| {
+            for (r, sums_r) in sums.iter_mut().enumerate() {
+                for (e, sum) in sums_r.iter_mut().enumerate() {
+                    let term = |j: usize| {
+                        let at = 4 * j + 2 * r + e;
+                        let x = exp2(fma(acc[at / 16][at % 16], mul, -sub[h][j][e]));
+                        let column = 64 * h + 8 * j + 2 * tig as usize + e;
+                        // SAFETY: inside the chunk's counted positions.
+                        if masked && pos[r] > unsafe { *counted.add(column) } {
+                            0.0
+                        } else {
+                            x
+                        }
+                    };
+                    *sum += pairwise(term, |a, b| a + b);
+                }
+            }
+        };
+        // SAFETY: every warp of the CTA is here.
+        unsafe { finish_groups(&mut acc0, true) };
+        if all {
+            fold(0, &acc0, false);
+        } else {
+            fold(0, &acc0, true);
+        }
+        // SAFETY: as above.
+        unsafe { finish_groups(&mut acc1, false) };
+        if all {
+            fold(1, &acc1, false);
+        } else {
+            fold(1, &acc1, true);
+        }
+        // Lanes `tig` and `tig ^ m` share query heads for the masks `m` from `G / 2` up to 2;
+        // with G = 1 both parities are head 0.
+        if group == 1 {
+            for sums_r in sums.iter_mut() {
+                sums_r[0] += sums_r[1];
+            }
+        }
+        let sharing = (group / 2).max(1);
+        let mut mask = sharing;
+        while mask < 4 {
+            for sums_r in sums.iter_mut() {
+                for v in sums_r.iter_mut() {
+                    // SAFETY: the whole warp runs these shuffles.
+                    *v += unsafe { shfl_xor(*v, mask) };
+                }
+            }
+            mask *= 2;
+        }
+        if tig < sharing {
+            for (r, sums_r) in sums.iter().enumerate() {
+                for (e, &sum) in sums_r.iter().enumerate() {
+                    if (e as u32) < group.min(2) {
+                        let column = s.column(2 * tig + e as u32, t, keys[r]);
+                        // SAFETY: inside the columns map (whole tiles of the range, plan);
+                        // this lane is the only writer of this key and head.
+                        unsafe { *smem.columns.add(column) += sum };
+                    }
+                }
+            }
+        }
+    };
+    // SAFETY: all threads take part with the same range.
+    unsafe { stream_keys::<T>(p, smem.tiles, s.head_slot, s.keys, consume) };
 }
 
 /// A pass-2 thread's run of owned keys, for the metric update: the run's columns from

@@ -1035,7 +1035,9 @@ pub struct AggregateSmem {
     /// `[AGG_ID_SLOTS, tile_keys]` i32 block ids of the keys of the tiles being fetched.
     pub block_ids: u32,
     /// Pass 2: `[2, AGG_WARPS, G, tile_keys]` f32 per-warp column sums of a key tile (two, so
-    /// that one is summed while the next is written).
+    /// that one is summed while the next is written); with `agg_keys_major`, `[2, agg_rows]`
+    /// words instead: the positions up to which the chunk's rows count keys (i32), then their
+    /// exponent offsets (f32).
     pub parts: u32,
     /// Pass 2: `[G, SCORE_COLUMNS]` f32 column sums of the CTA's keys.
     pub columns: u32,
@@ -1068,6 +1070,15 @@ pub const fn agg_wgmma(elem_bytes: u32, hopper: bool) -> bool {
     hopper && elem_bytes == 2
 }
 
+/// Whether pass 2 multiplies keys by query rows (`K Q^T`: a 64-key tile as `wgmma`'s 64 rows,
+/// the chunk's 128 query rows as two halves of 64 columns): the Hopper module's 16-bit types
+/// where a key tile is 64 keys (a row at most 256 bytes). Each key's column sums are then
+/// whole in the warp that holds its row of the product, so they go straight into the column
+/// sums, with no per-warp parts summed in shared memory each tile.
+pub const fn agg_keys_major(head_dim: u32, elem_bytes: u32, hopper: bool) -> bool {
+    agg_wgmma(elem_bytes, hopper) && agg_tile_keys(head_dim, elem_bytes) == 64
+}
+
 /// The shared-memory map of an aggregation kernel (pass 2 adds its column sums); `hopper`:
 /// the Hopper module's kernels (`agg_wgmma`).
 pub const fn aggregate_smem(
@@ -1098,9 +1109,14 @@ pub const fn aggregate_smem(
     let positions = if k_end > q_end { k_end } else { q_end };
     let block_ids = positions + keys * 4;
     let parts = block_ids + AGG_ID_SLOTS * agg_tile_keys(head_dim, elem_bytes) * 4;
+    let part_bytes = if agg_keys_major(head_dim, elem_bytes, hopper) {
+        2 * agg_rows(head_dim, elem_bytes) * 4
+    } else {
+        2 * AGG_WARPS * group_size * agg_tile_keys(head_dim, elem_bytes) * 4
+    };
     let (part_bytes, column_bytes, id_bytes) = if columns {
         (
-            2 * AGG_WARPS * group_size * agg_tile_keys(head_dim, elem_bytes) * 4,
+            part_bytes,
             group_size * SCORE_COLUMNS * 4,
             MAX_SCORE_KEYS * 4,
         )

@@ -3,6 +3,9 @@
 unsafe extern "C" {
     #[link_name = "llvm.nvvm.ex2.approx.ftz.f"]
     fn ex2_approx_ftz(x: f32) -> f32;
+    #[cfg(kvc_hopper)]
+    #[link_name = "llvm.nvvm.lg2.approx.f"]
+    fn lg2_approx(x: f32) -> f32;
 }
 
 /// `2^x` by the SFU (`ex2.approx.ftz.f32`, about 2 ulp); `exp2(-inf) = 0`.
@@ -10,6 +13,14 @@ unsafe extern "C" {
 pub fn exp2(x: f32) -> f32 {
     // SAFETY: a pure arithmetic intrinsic, defined for every input.
     unsafe { ex2_approx_ftz(x) }
+}
+
+/// `log2 x` by the SFU (`lg2.approx.f32`, absolute error about `2^-22`); `log2 0 = -inf`.
+#[cfg(kvc_hopper)]
+#[inline(always)]
+pub fn log2(x: f32) -> f32 {
+    // SAFETY: a pure arithmetic intrinsic, defined for every input.
+    unsafe { lg2_approx(x) }
 }
 
 /// `a * b + c` with one rounding (`fma.rn.f32`). Rust never contracts `a * b + c` by itself.

@@ -52,6 +52,20 @@ pub trait Wgmma16 {
     /// # Safety
     /// As [`Wgmma16::panel`].
     unsafe fn first_panel(acc: &mut [f32; 16], a: u64, b: u64);
+
+    /// As [`Wgmma16::panel`] for `m64n64k16`: 64 rows of B, accumulators as the
+    /// `[[f32; 16]; 2]` that [`wait_pending`] and [`wait_all`] hand back (register `16 h + i`
+    /// of the instruction is `acc[h][i]`).
+    ///
+    /// # Safety
+    /// As [`Wgmma16::panel`].
+    unsafe fn panel_n64(acc: &mut [[f32; 16]; 2], a: u64, b: u64);
+
+    /// As [`Wgmma16::first_panel`] for `m64n64k16` (see [`Wgmma16::panel_n64`]).
+    ///
+    /// # Safety
+    /// As [`Wgmma16::panel`].
+    unsafe fn first_panel_n64(acc: &mut [[f32; 16]; 2], a: u64, b: u64);
 }
 
 /// `wgmma.fence`: before a group's first MMA, once its accumulators were last written.
@@ -117,10 +131,10 @@ wait_groups! {
     wait_all = "0"
 }
 
-/// One `wgmma.mma_async` of `$ptx` inputs on the accumulators `c0`-`c15` with descriptors `da`
-/// and `db` and the `scale-d` predicate `$scale`.
+/// One `wgmma.mma_async` of `$ptx` inputs on the accumulators `c0`-`c15` (`n32`) or
+/// `c0`-`c31` (`n64`) with descriptors `da` and `db` and the `scale-d` predicate `$scale`.
 macro_rules! mma {
-    ($ptx:literal, $scale:literal) => {
+    (n32, $ptx:literal, $scale:literal) => {
         concat!(
             "wgmma.mma_async.sync.aligned.m64n32k16.f32.",
             $ptx,
@@ -134,42 +148,64 @@ macro_rules! mma {
             ", 1, 1, 0, 0;\n"
         )
     };
+    (n64, $ptx:literal, $scale:literal) => {
+        concat!(
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.",
+            $ptx,
+            ".",
+            $ptx,
+            " ",
+            "{{{c0}, {c1}, {c2}, {c3}, {c4}, {c5}, {c6}, {c7}, ",
+            "{c8}, {c9}, {c10}, {c11}, {c12}, {c13}, {c14}, {c15}, ",
+            "{c16}, {c17}, {c18}, {c19}, {c20}, {c21}, {c22}, {c23}, ",
+            "{c24}, {c25}, {c26}, {c27}, {c28}, {c29}, {c30}, {c31}}}, ",
+            "da, db, ",
+            $scale,
+            ", 1, 1, 0, 0;\n"
+        )
+    };
 }
 
-/// Defines `$name` of [`Wgmma16`] for `$ptx` inputs: four k-steps of 16 elements, each 32
-/// bytes further along the rows (2 in the descriptors' address field), the first with the
-/// `scale-d` predicate `$first` (`p` true: add to `acc`; `z` false: overwrite it), the
-/// accumulators passed as `$dir` (`inout` or `out`) operands.
+/// The asm text of one panel (four k-steps of `mma!($shape, $ptx, ..)`, each 32 bytes further
+/// along the rows: 2 in the descriptors' address field), the first with the `scale-d`
+/// predicate `$first`.
+macro_rules! panel_asm {
+    ($shape:ident, $ptx:literal, $first:literal) => {
+        concat!(
+            "{{\n.reg .pred p, z;\n.reg .b64 da, db;\n",
+            "setp.ne.b32 p, {one}, 0;\n",
+            "setp.eq.b32 z, {one}, 0;\n",
+            "mov.b64 da, {a};\nmov.b64 db, {b};\n",
+            mma!($shape, $ptx, $first),
+            "add.s64 da, da, 2;\nadd.s64 db, db, 2;\n",
+            mma!($shape, $ptx, "p"),
+            "add.s64 da, da, 2;\nadd.s64 db, db, 2;\n",
+            mma!($shape, $ptx, "p"),
+            "add.s64 da, da, 2;\nadd.s64 db, db, 2;\n",
+            mma!($shape, $ptx, "p"),
+            "}}"
+        )
+    };
+}
+
+/// Defines `$name` of [`Wgmma16`] for `$ptx` inputs: one `$shape` panel (`panel_asm!`), the
+/// first k-step with the `scale-d` predicate `$first` (`p` true: add to `acc`; `z` false:
+/// overwrite it), the accumulators (`$acc`, destructured by `$pat` into the registers
+/// `$c`) passed as `$dir` (`inout` or `out`) operands.
 macro_rules! panel_fn {
-    ($name:ident, $ptx:literal, $first:literal, $dir:ident) => {
+    ($name:ident, $shape:ident, $ptx:literal, $first:literal, $dir:ident, $acc:ty, $pat:pat,
+     [$($c:ident),*]) => {
         #[inline(always)]
-        unsafe fn $name(acc: &mut [f32; 16], a: u64, b: u64) {
-            let [c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15] = acc;
+        unsafe fn $name(acc: &mut $acc, a: u64, b: u64) {
+            let $pat = acc;
             // SAFETY: forwarded from the caller; the block's registers are its own.
             unsafe {
                 asm!(
-                    concat!(
-                        "{{\n.reg .pred p, z;\n.reg .b64 da, db;\n",
-                        "setp.ne.b32 p, {one}, 0;\n",
-                        "setp.eq.b32 z, {one}, 0;\n",
-                        "mov.b64 da, {a};\nmov.b64 db, {b};\n",
-                        mma!($ptx, $first), "add.s64 da, da, 2;\nadd.s64 db, db, 2;\n",
-                        mma!($ptx, "p"), "add.s64 da, da, 2;\nadd.s64 db, db, 2;\n",
-                        mma!($ptx, "p"), "add.s64 da, da, 2;\nadd.s64 db, db, 2;\n",
-                        mma!($ptx, "p"),
-                        "}}"
-                    ),
+                    panel_asm!($shape, $ptx, $first),
                     one = in(reg32) 1u32,
                     a = in(reg64) a,
                     b = in(reg64) b,
-                    c0 = $dir(reg32) *c0, c1 = $dir(reg32) *c1,
-                    c2 = $dir(reg32) *c2, c3 = $dir(reg32) *c3,
-                    c4 = $dir(reg32) *c4, c5 = $dir(reg32) *c5,
-                    c6 = $dir(reg32) *c6, c7 = $dir(reg32) *c7,
-                    c8 = $dir(reg32) *c8, c9 = $dir(reg32) *c9,
-                    c10 = $dir(reg32) *c10, c11 = $dir(reg32) *c11,
-                    c12 = $dir(reg32) *c12, c13 = $dir(reg32) *c13,
-                    c14 = $dir(reg32) *c14, c15 = $dir(reg32) *c15,
+                    $($c = $dir(reg32) *$c,)*
                     options(nostack),
                 );
             }
@@ -177,12 +213,45 @@ macro_rules! panel_fn {
     };
 }
 
+/// Defines `$name` (`m64n32k16`) and `$n64` (`m64n64k16`) of [`Wgmma16`] for `$ptx` inputs
+/// with the first k-step's predicate `$first` and operands `$dir`.
+macro_rules! panel_fns {
+    ($name:ident, $n64:ident, $ptx:literal, $first:literal, $dir:ident) => {
+        panel_fn!(
+            $name,
+            n32,
+            $ptx,
+            $first,
+            $dir,
+            [f32; 16],
+            [c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15],
+            [c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15]
+        );
+        panel_fn!(
+            $n64,
+            n64,
+            $ptx,
+            $first,
+            $dir,
+            [[f32; 16]; 2],
+            [
+                [c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15],
+                [c16, c17, c18, c19, c20, c21, c22, c23, c24, c25, c26, c27, c28, c29, c30, c31]
+            ],
+            [
+                c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, c16, c17,
+                c18, c19, c20, c21, c22, c23, c24, c25, c26, c27, c28, c29, c30, c31
+            ]
+        );
+    };
+}
+
 /// Implements [`Wgmma16`] for `$elem` with the PTX input type `$ptx`.
 macro_rules! wgmma16 {
     ($elem:ty, $ptx:literal) => {
         impl Wgmma16 for $elem {
-            panel_fn!(panel, $ptx, "p", inout);
-            panel_fn!(first_panel, $ptx, "z", out);
+            panel_fns!(panel, panel_n64, $ptx, "p", inout);
+            panel_fns!(first_panel, first_panel_n64, $ptx, "z", out);
         }
     };
 }
