@@ -48,6 +48,7 @@ use kvc_abi::plan::{
     AGG_GROUP_KEYS, AGG_ID_SLOTS, AGG_STAGES, AGG_WARPS, MAX_SCORE_KEYS, SCORE_COLUMNS, SCORE_HALO,
     VECTOR_BYTES, WARP_SIZE,
 };
+use kvc_abi::Geometry;
 
 #[cfg(kvc_hopper)]
 use crate::gpu::math::log2;
@@ -495,14 +496,14 @@ unsafe fn stage_queries<T: CacheElem>(
     (row_base, count): (u32, u32),
     rows: u32,
 ) {
-    let group = p.cache.geometry.group_size.max(1);
+    let geom = p.cache.geometry;
     // SAFETY: valid rows address [num_seqs, window, Hq, D] of T (host-validated shape).
     unsafe {
         stage_rows(q_tile, layout, count, |r| {
             let row = row_base + r;
             (row < rows).then(|| {
-                p.q + p.query_elem(seq, row / group, kv_head * group + row % group)
-                    * T::BYTES as u64
+                let (i, g) = geom.window_row(row);
+                p.q + p.query_elem(seq, i, kv_head * geom.group_size + g) * T::BYTES as u64
             })
         })
     }
@@ -511,9 +512,9 @@ unsafe fn stage_queries<T: CacheElem>(
 /// Position threshold of row `row` given `(window length, last position)`: the position of
 /// its query, or `i32::MIN` for rows past the window (they see nothing).
 #[inline(always)]
-fn row_position(row: u32, rows: u32, group: u32, window_len: u32, last: i32) -> i32 {
+fn row_position(row: u32, rows: u32, geom: &Geometry, window_len: u32, last: i32) -> i32 {
     if row < rows {
-        last - (window_len - 1 - row / group) as i32
+        last - (window_len - 1 - geom.window_row(row).0) as i32
     } else {
         i32::MIN
     }
@@ -1054,7 +1055,7 @@ pub unsafe fn window_stats_body<T: CacheElem + QkTile, const D: usize>(p: &Aggre
     let smem = unsafe { Layout::new::<T, D>(group, false) };
     let tig = lane_id() % 4;
     let my_rows = lane_rows::<T>(row_base, row_tiles);
-    let seen = my_rows.map(|half| half.map(|r| row_position(r, rows, group, window_len, last)));
+    let seen = my_rows.map(|half| half.map(|r| row_position(r, rows, &geom, window_len, last)));
     // The least and the most position this lane's rows see.
     let mut bounds = (i32::MAX, i32::MIN);
     for (m, half) in my_rows.iter().enumerate() {
@@ -1247,8 +1248,8 @@ impl Scores<'_> {
     /// The position up to which row `row` counts keys (`i32::MIN`: past the window).
     #[inline(always)]
     fn counted(&self, row: u32) -> i32 {
-        let (rows, group, window_len, last) = (self.rows, self.group, self.window_len, self.last);
-        row_position(row, rows, group, window_len, last).saturating_sub(self.skip)
+        let (rows, window_len, last) = (self.rows, self.window_len, self.last);
+        row_position(row, rows, &self.p.cache.geometry, window_len, last).saturating_sub(self.skip)
     }
 
     /// The least and the most position the rows of the chunk at `row_base` count (a row's

@@ -60,6 +60,16 @@ impl Geometry {
         head_slot * self.max_blocks_per_head as u64 + logical_block as u64
     }
 
+    /// Window query and query head of the group of row `row` of a KV head's window rows
+    /// (`row = i G + g`; `G` is a power of two, validated, so no division).
+    #[inline(always)]
+    pub const fn window_row(&self, row: u32) -> (u32, u32) {
+        (
+            row >> self.group_size.trailing_zeros(),
+            row & (self.group_size - 1),
+        )
+    }
+
     /// The logical block holding logical KV `logical_idx` of a head slot.
     #[inline(always)]
     pub const fn logical_block(&self, logical_idx: u32) -> u32 {
@@ -148,6 +158,16 @@ mod tests {
         assert_eq!(G.head_slot(1, 0, 0), 35);
         assert_eq!(G.head_slot(2, 4, 6), 2 * 35 + 4 * 7 + 6);
         assert_eq!(G.num_head_slots(), 105);
+    }
+
+    #[test]
+    fn window_row_is_query_major() {
+        for group_size in [1, 2, 4, 8] {
+            let g = Geometry { group_size, ..G };
+            for row in 0..100 {
+                assert_eq!(g.window_row(row), (row / group_size, row % group_size));
+            }
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@ unsafe extern "C" {
     #[link_name = "llvm.nvvm.ex2.approx.ftz.f"]
     fn ex2_approx_ftz(x: f32) -> f32;
     #[cfg(kvc_hopper)]
-    #[link_name = "llvm.nvvm.lg2.approx.f"]
+    #[link_name = "llvm.nvvm.lg2.approx.ftz.f"]
     fn lg2_approx(x: f32) -> f32;
 }
 
@@ -15,7 +15,7 @@ pub fn exp2(x: f32) -> f32 {
     unsafe { ex2_approx_ftz(x) }
 }
 
-/// `log2 x` by the SFU (`lg2.approx.f32`, absolute error about `2^-22`); `log2 0 = -inf`.
+/// `log2 x` by the SFU (`lg2.approx.ftz.f32`, absolute error about `2^-22`); `log2 0 = -inf`.
 #[cfg(kvc_hopper)]
 #[inline(always)]
 pub fn log2(x: f32) -> f32 {
