@@ -213,7 +213,8 @@ pub struct AggregateParams {
     pub record: u32,
     /// Half the max-pool width (`k / 2`; 0 = no pooling).
     pub pool_half: u32,
-    /// Keys each pass-2 CTA owns (a multiple of the key tile, at most `MAX_SCORE_KEYS`).
+    /// Keys each pass-2 CTA owns: whole key tiles less `2 SCORE_HALO` (its walk with the halo
+    /// is whole tiles), at most `MAX_SCORE_KEYS - 2 SCORE_HALO`.
     pub score_kvs: u32,
 }
 

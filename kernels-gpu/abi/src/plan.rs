@@ -756,12 +756,25 @@ mod tests {
         assert_eq!(p.row_chunks, 1);
         assert_eq!(p.split_kvs % 64, 0);
         assert!(p.key_splits * p.split_kvs >= 32768 && p.key_splits <= 33);
-        assert_eq!(p.score_kvs, MAX_SCORE_KEYS);
-        assert_eq!(p.scores.grid, [32768 / MAX_SCORE_KEYS, 8, 1]);
-        // A short prompt on many SMs: small ranges, never below one key tile.
+        // 16 tiles walked a CTA: 1008 keys owned, 33 CTAs a head, 264 in all.
+        assert_eq!(p.score_kvs, MAX_SCORE_KEYS - 2 * SCORE_HALO);
+        assert_eq!(p.scores.grid, [33, 8, 1]);
+        // A short prompt on many SMs: small ranges, never below one key tile walked.
         let p = plan_aggregate(&g, DType::F32, 24, 300, (264, 264), true);
-        assert_eq!(p.score_kvs, agg_tile_keys(128, 4));
+        assert_eq!(p.score_kvs, agg_tile_keys(128, 4) - 2 * SCORE_HALO);
         assert!(p.scores.grid[0] * p.score_kvs >= 300);
+        // Every range's walk, its halo included, is whole tiles within MAX_SCORE_KEYS.
+        for dtype in DType::ALL {
+            for head_dim in [64, 128, 256] {
+                let g = Geometry { head_dim, ..g };
+                for (len, resident) in [(32768, 264), (4096, 132), (100, 1000), (1 << 20, 8)] {
+                    let p = plan_aggregate(&g, dtype, 32, len, (264, resident), true);
+                    let walk = p.score_kvs + 2 * SCORE_HALO;
+                    assert_eq!(walk % agg_tile_keys(head_dim, dtype.elem_bytes()), 0);
+                    assert!(walk <= MAX_SCORE_KEYS && p.scores.grid[0] * p.score_kvs >= len);
+                }
+            }
+        }
     }
 
     #[test]
@@ -1154,7 +1167,8 @@ pub struct AggregatePlan {
     pub key_splits: u32,
     /// Keys per split of pass 1 (a multiple of the key tile).
     pub split_kvs: u32,
-    /// Keys each pass-2 CTA owns (a multiple of the key tile, at most `MAX_SCORE_KEYS`).
+    /// Keys each pass-2 CTA owns: whole key tiles less `2 SCORE_HALO` (its walk with the halo
+    /// is whole tiles), at most `MAX_SCORE_KEYS - 2 SCORE_HALO`.
     pub score_kvs: u32,
     /// Query row chunks of `agg_rows` per `(seq, kv_head)`.
     pub row_chunks: u32,
@@ -1202,10 +1216,17 @@ pub fn plan_aggregate(
         .min(by_memory);
     let split_kvs = key_tiles.div_ceil(key_splits) * tile_keys;
     let key_splits = max_context_len.div_ceil(split_kvs).max(1);
-    let score_kvs = (key_tiles * heads)
-        .div_ceil(scores_resident.max(1))
-        .clamp(1, MAX_SCORE_KEYS / tile_keys)
-        * tile_keys;
+    // A pass-2 CTA walks its keys and SCORE_HALO on each side in whole key tiles: owning `t`
+    // tiles less the halo, its walk is `t` tiles, not `t + 1` with the last one mostly halo.
+    // `t` is the fewest (at most MAX_SCORE_KEYS / tile_keys) whose CTAs fit the resident ones.
+    let owns = |tiles: u32| tiles * tile_keys - 2 * SCORE_HALO;
+    let mut score_tiles = 1;
+    while score_tiles < MAX_SCORE_KEYS / tile_keys
+        && max_context_len.div_ceil(owns(score_tiles)) * heads > scores_resident
+    {
+        score_tiles += 1;
+    }
+    let score_kvs = owns(score_tiles);
     let smem_bytes =
         |columns| aggregate_smem(head_dim, elem_bytes, geometry.group_size, columns, hopper).bytes;
     let stats = LaunchDims {
