@@ -1,11 +1,14 @@
 //! The PTX modules the host embeds (no GPU needed): each one's entry points are exactly the
 //! host's table, it calls nothing unresolved, no kernel uses local memory or can panic, and
 //! the committed fallback copies equal a fresh build. The portable module has no Hopper-only
-//! instruction; the Hopper one has the waits of the chained launches.
+//! instruction; the Hopper one has the waits of the chained launches, and its aggregation pass
+//! 2 multiplies in the order the plan sizes its shared memory for.
 
 use std::collections::BTreeSet;
 use std::io::Write;
 
+use kvcompress::abi::plan::agg_keys_major;
+use kvcompress::abi::DType;
 use kvcompress::gpu::{entry_points, PTX, PTX_SM90A, PTX_SOURCE};
 
 /// The committed copies `build.rs` falls back to without the pinned nightly.
@@ -84,6 +87,35 @@ fn each_module_has_its_targets_instructions() {
         PTX_SM90A.contains("wgmma.mma_async") && !PTX.contains("wgmma"),
         "the aggregation multiplies with wgmma in kvc_sm90a.ptx alone"
     );
+}
+
+/// The text of entry `name` in `ptx`: from its `.entry` line to the next one.
+fn entry_text<'a>(ptx: &'a str, name: &str) -> &'a str {
+    let start = ptx
+        .find(&format!(".visible .entry {name}("))
+        .unwrap_or_else(|| panic!("no entry {name}"));
+    let rest = &ptx[start + 1..];
+    &ptx[start..start + 1 + rest.find(".visible .entry ").unwrap_or(rest.len())]
+}
+
+/// The host sizes pass 2's shared memory by `agg_keys_major` (its parts map is 1 KiB
+/// keys-major, 8 KiB or more rows-major): the Hopper module's pass-2 kernels must take the
+/// order the plan assumes, which their `wgmma` shapes show (`m64n64k16` keys by rows,
+/// `m64n32k16` rows by keys).
+#[test]
+fn hopper_pass_two_multiplies_in_the_order_the_plan_sizes() {
+    for dtype in [DType::F16, DType::Bf16] {
+        for head_dim in [64, 128, 256] {
+            let name = format!("window_scores_{}_d{head_dim}", dtype.name());
+            let text = entry_text(PTX_SM90A, &name);
+            let keys_major = agg_keys_major(head_dim, dtype.elem_bytes(), true);
+            assert_eq!(
+                (text.contains("m64n64k16"), text.contains("m64n32k16")),
+                (keys_major, !keys_major),
+                "{name}: agg_keys_major is {keys_major}"
+            );
+        }
+    }
 }
 
 #[test]
