@@ -1416,7 +1416,7 @@ unsafe fn rows_major_chunk<T: CacheElem + QkTile, const D: usize>(s: &Scores, ro
     let tile_keys = smem.tiles.tile_keys;
     let (lane, warp, thread) = (lane_id(), warp_id(), thread_idx_x());
     let (gid, tig) = (lane / 4, lane % 4);
-    let l2 = s.power == 2.0;
+    let l2 = p.record == record::L2;
     let (power, mul) = (s.power, s.power * p.scale_log2);
     // Sums the warps' parts of tile `t` into the columns, in warp order.
     let reduce = |t: u32| {
