@@ -101,8 +101,8 @@ type GroupPositions = [[i32; 2]; GROUP_NTILES];
 // `pairwise` combines a lane's 8 columns of a group.
 const _: () = assert!(2 * GROUP_NTILES == 8);
 
-// `stream_keys` waits for all copies but the most recent group (one tile in flight behind the
-// one computed: three stages), or for all (two).
+// `KeyStream::land` waits for all copies but the most recent group (one tile in flight behind
+// the one computed: three stages), or for all (two).
 const _: () = assert!(AGG_STAGES == 3);
 
 /// `Q K^T` on one warp's row tiles and groups of 32 keys, over `D` dims, in the fragment
@@ -606,61 +606,118 @@ impl Layout {
     }
 }
 
-/// Streams keys `kstart..kend` (all below the head slot's length) of `head_slot` through the
-/// key tiles, `tiles.stages` deep, and calls `consume(t, rows, positions)` for each tile `t`
-/// once it has landed and the CTA has synchronised (so every warp is also done with tile
-/// `t - 1`). Keys of the last tile past `kend` are zero rows with position `NO_KEY`.
+/// Keys `kstart..kend` (all below the head slot's length) of a head slot streamed through the
+/// key tiles, `tiles.stages` deep: [`KeyStream::start`] copies the first tiles,
+/// [`KeyStream::land`] hands over tile `t` once it has landed and the CTA has synchronised (so
+/// every warp is also done with tile `t - 1`) and copies tile `t + stages - 1` into `t - 1`'s
+/// stage. Keys of the last tile past `kend` are zero rows with position `NO_KEY`.
 ///
 /// Nothing waits on a global load: the block ids of tile `j` are copied (`cp.async`, one
 /// thread per key, into slot `j % AGG_ID_SLOTS`) with tile `j - 2`'s rows, so they have
-/// landed, and a barrier has passed, when tile `j`'s rows are issued two iterations later;
-/// the slot is rewritten only after the barrier that follows that issue. The `THREADS / tile_keys` threads of
-/// a key copy interleaved 16-byte chunks of its row, so that a warp reads whole sectors.
+/// landed, and a barrier has passed, when tile `j`'s rows are issued two tiles later; the
+/// slot is rewritten only after the barrier that follows that issue. The `THREADS / tile_keys` threads of a key
+/// copy interleaved 16-byte chunks of its row, so that a warp reads whole sectors.
 ///
 /// Its first barrier comes before any copy into the tiles, so the query rows they overlay
-/// (16-bit types) may be read until the call.
-///
-/// # Safety
-/// Every thread calls it with the same range; `head_slot`'s first `kend` KVs are in validated
-/// pool blocks; the caller synchronises before it reuses the tiles.
-#[inline(always)]
-unsafe fn stream_keys<T: CacheElem>(
-    p: &AggregateParams,
+/// (16-bit types) may be read until [`KeyStream::start`].
+struct KeyStream<'a> {
+    p: &'a AggregateParams,
     tiles: KeyTiles,
-    head_slot: u64,
-    (kstart, kend): (u32, u32),
-    mut consume: impl FnMut(u32, *const u8, *const i32),
-) {
-    let geom = p.cache.geometry;
-    let table = p.cache.block_tables + geom.block_table_at(head_slot, 0) * 4;
-    let ntiles = (kend - kstart).div_ceil(tiles.tile_keys);
-    if ntiles == 0 {
-        return; // uniform over the CTA
+    /// Global address of the head slot's block table.
+    table: u64,
+    kstart: u32,
+    kend: u32,
+    ntiles: u32,
+    /// This thread's key of a tile, and its part of that key's chunks.
+    key_local: u32,
+    part: u32,
+}
+
+impl<'a> KeyStream<'a> {
+    /// Copies the block ids of tiles 0 and 1, then, after a barrier, the first `stages - 1`
+    /// tiles with the ids of the two after each.
+    ///
+    /// # Safety
+    /// Every thread calls it with the same range; `head_slot`'s first `kend` KVs are in
+    /// validated pool blocks; no warp reads the key tiles meanwhile.
+    #[inline(always)]
+    unsafe fn start(
+        p: &'a AggregateParams,
+        tiles: KeyTiles,
+        head_slot: u64,
+        (kstart, kend): (u32, u32),
+    ) -> Self {
+        let geom = p.cache.geometry;
+        let per_key = THREADS / tiles.tile_keys;
+        let thread = thread_idx_x();
+        let stream = Self {
+            p,
+            tiles,
+            table: p.cache.block_tables + geom.block_table_at(head_slot, 0) * 4,
+            kstart,
+            kend,
+            ntiles: (kend - kstart).div_ceil(tiles.tile_keys),
+            key_local: thread / per_key,
+            part: thread % per_key,
+        };
+        if stream.ntiles == 0 {
+            return stream; // uniform over the CTA
+        }
+        stream.fetch_ids(0);
+        stream.fetch_ids(1);
+        // SAFETY: all threads reach the barrier; the ids are visible after it.
+        unsafe {
+            commit_async_copies();
+            wait_async_copies();
+            sync_threads();
+        }
+        for j in 0..tiles.stages - 1 {
+            stream.issue(j);
+            stream.fetch_ids(j + 2);
+            // SAFETY: closes this thread's group.
+            unsafe { commit_async_copies() };
+        }
+        stream
     }
-    let thread = thread_idx_x();
-    let per_key = THREADS / tiles.tile_keys;
-    let (key_local, part) = (thread / per_key, thread % per_key);
-    let chunks = tiles.layout.data / VECTOR_BYTES / per_key;
-    let key_of = |t: u32, local: u32| kstart + t * tiles.tile_keys + local;
-    // Thread k < tile_keys copies the block id of key k of tile j (-1 past the range).
-    let fetch_ids = |j: u32| {
-        if thread < tiles.tile_keys {
-            let key = key_of(j, thread);
-            let id = tiles
+
+    /// Key `local` of tile `t`.
+    #[inline(always)]
+    fn key_of(&self, t: u32, local: u32) -> u32 {
+        self.kstart + t * self.tiles.tile_keys + local
+    }
+
+    /// Thread `k < tile_keys` copies the block id of key `k` of tile `j` (-1 past the range).
+    #[inline(always)]
+    fn fetch_ids(&self, j: u32) {
+        let thread = thread_idx_x();
+        if thread < self.tiles.tile_keys {
+            let key = self.key_of(j, thread);
+            let id = self
+                .tiles
                 .block_ids(j % AGG_ID_SLOTS)
                 .wrapping_add(thread as usize);
             // SAFETY: thread < tile_keys; key < kend is inside the head slot's table.
             unsafe {
-                if j < ntiles && key < kend {
-                    let entry = table + geom.logical_block(key) as u64 * 4;
+                if j < self.ntiles && key < self.kend {
+                    let entry = self.table + self.p.cache.geometry.logical_block(key) as u64 * 4;
                     copy_async_word(shared_addr(id), entry);
                 } else {
                     *id = -1;
                 }
             }
         }
-    };
-    let issue = |j: u32| {
+    }
+
+    /// Issues the copies of tile `j` (none past the last tile), its ids landed and visible.
+    #[inline(always)]
+    fn issue(&self, j: u32) {
+        if j >= self.ntiles {
+            return;
+        }
+        let (p, tiles, geom) = (self.p, self.tiles, self.p.cache.geometry);
+        let per_key = THREADS / tiles.tile_keys;
+        let (key_local, part) = (self.key_local, self.part);
+        let chunks = tiles.layout.data / VECTOR_BYTES / per_key;
         let stage = j % tiles.stages;
         // SAFETY: key_local < tile_keys; the id landed before the last barrier.
         let block = unsafe {
@@ -670,7 +727,7 @@ unsafe fn stream_keys<T: CacheElem>(
         };
         let tile = shared_addr(tiles.rows(stage));
         let slot = (block >= 0)
-            .then(|| geom.pool_slot(block as u32, geom.slot_in_block(key_of(j, key_local))));
+            .then(|| geom.pool_slot(block as u32, geom.slot_in_block(self.key_of(j, key_local))));
         let src = slot.map(|s| p.cache.k_pool + s * tiles.layout.data as u64);
         for c in 0..chunks {
             let chunk = c * per_key + part;
@@ -688,31 +745,20 @@ unsafe fn stream_keys<T: CacheElem>(
                 }
             }
         }
-    };
-    // The ids of tiles 0 and 1, then tiles 0 and 1 with the ids of tiles 2 and 3.
-    fetch_ids(0);
-    fetch_ids(1);
-    // SAFETY: all threads reach the barrier; the ids are visible after it.
-    unsafe {
-        commit_async_copies();
-        wait_async_copies();
-        sync_threads();
     }
-    for j in 0..tiles.stages - 1 {
-        if j < ntiles {
-            issue(j);
-        }
-        fetch_ids(j + 2);
-        // SAFETY: closes this thread's group.
-        unsafe { commit_async_copies() };
-    }
-    let mut t = 0;
-    while t < ntiles {
+
+    /// Tile `t`'s rows and positions, landed and visible to the CTA, after issuing the
+    /// copies of tile `t + stages - 1` into the stage of tile `t - 1`.
+    ///
+    /// # Safety
+    /// Every thread calls it for each `t < ntiles` in turn, done with tile `t - 1`.
+    #[inline(always)]
+    unsafe fn land(&self, t: u32) -> (*const u8, *const i32) {
         // SAFETY: all threads reach the barrier (same ntiles); after it, tile t and the ids
         // of tile t + 2 have landed for every thread, and no warp reads tile t - 1's stage or
         // the ids of tile t, which the next copies overwrite.
         unsafe {
-            if tiles.stages == AGG_STAGES {
+            if self.tiles.stages == AGG_STAGES {
                 wait_async_copies_but_last();
             } else {
                 wait_async_copies();
@@ -720,19 +766,47 @@ unsafe fn stream_keys<T: CacheElem>(
             publish_copies();
             sync_threads();
         }
-        let next = t + tiles.stages - 1;
-        if next < ntiles {
-            issue(next);
-            fetch_ids(next + 2);
+        let next = t + self.tiles.stages - 1;
+        if next < self.ntiles {
+            self.issue(next);
+            self.fetch_ids(next + 2);
         }
         // SAFETY: closes this thread's group (possibly empty).
         unsafe { commit_async_copies() };
-        let stage = t % tiles.stages;
-        consume(t, tiles.rows(stage), tiles.positions(stage));
-        t += 1;
+        let stage = t % self.tiles.stages;
+        (self.tiles.rows(stage), self.tiles.positions(stage))
     }
-    // SAFETY: only empty groups remain.
-    unsafe { wait_async_copies() };
+
+    /// Waits for the (empty) groups still open, after the last tile.
+    #[inline(always)]
+    fn finish(&self) {
+        // SAFETY: only empty groups remain.
+        unsafe { wait_async_copies() };
+    }
+}
+
+/// Streams keys `kstart..kend` of `head_slot` through the key tiles ([`KeyStream`]) and calls `consume(t, rows, positions)` for each tile `t` once
+/// it has landed and the CTA has synchronised (so every warp is also done with tile `t - 1`).
+///
+/// # Safety
+/// Every thread calls it with the same range; `head_slot`'s first `kend` KVs are in validated
+/// pool blocks; the caller synchronises before it reuses the tiles.
+#[inline(always)]
+unsafe fn stream_keys<T: CacheElem>(
+    p: &AggregateParams,
+    tiles: KeyTiles,
+    head_slot: u64,
+    range: (u32, u32),
+    mut consume: impl FnMut(u32, *const u8, *const i32),
+) {
+    // SAFETY: forwarded from the caller.
+    let stream = unsafe { KeyStream::start(p, tiles, head_slot, range) };
+    for t in 0..stream.ntiles {
+        // SAFETY: every thread, each tile in turn; the consumer is done with tile t - 1.
+        let (rows, positions) = unsafe { stream.land(t) };
+        consume(t, rows, positions);
+    }
+    stream.finish();
 }
 
 /// Positions of a lane's columns (`2 tig`, `2 tig + 1` of each n-tile) of the group at `key0`.
@@ -1290,7 +1364,9 @@ impl Scores<'_> {
 /// Launched with `plan_aggregate`'s scores dims after pass 1 (and its merge) wrote `stats`.
 #[inline(always)]
 pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &AggregateParams) {
-    wait_for_prior_grid();
+    // Only the row stats come from the launches before (pass 1 or its merge): each row
+    // chunk waits for them before it reads them (`wait_for_prior_grid`), so that the first
+    // chunk's copies run under the launch before.
     let geom = p.cache.geometry;
     let group = geom.group_size.max(1);
     let (range, kv_head, seq) = (block_idx_x(), block_idx_y(), block_idx_z());
@@ -1410,6 +1486,8 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
 /// Every thread calls it after a barrier that ended every read of the chunk's shared memory.
 #[inline(always)]
 unsafe fn rows_major_chunk<T: CacheElem + QkTile, const D: usize>(s: &Scores, row_base: u32) {
+    // The stats of the launch before, read below.
+    wait_for_prior_grid();
     let (p, smem, group, rows) = (s.p, s.smem, s.group, s.rows);
     let (kstart, kend) = s.keys;
     let row_tiles = agg_row_tiles(D as u32, T::BYTES);
@@ -1558,33 +1636,59 @@ unsafe fn keys_major_chunk<T: CacheElem + Wgmma16, const D: usize>(s: &Scores, r
     let (lane, warp, thread) = (lane_id(), warp_id(), thread_idx_x());
     let tig = lane % 4;
     let mul = s.power * p.scale_log2;
+    let (least, most) = s.chunk_bounds(row_base, chunk_rows);
     // The chunk rows' counted positions (for the masked folds) and `sub`, one row a thread,
-    // in the parts map.
+    // in the parts map, read after the next barrier.
     let counted = smem.parts as *mut i32;
     let subs = smem.parts.wrapping_add(chunk_rows as usize);
-    if thread < chunk_rows {
-        let row = row_base + thread;
-        let sub = if row < rows {
-            // SAFETY: row < rows.
-            let (max, inv_sum) = unsafe { s.stats(row) };
-            s.power * (max - log2(inv_sum))
-        } else {
-            f32::INFINITY
-        };
-        // SAFETY: the map holds 2 chunk_rows words (plan); read after the staging barrier.
-        unsafe {
-            *counted.add(thread as usize) = s.counted(row);
-            *subs.add(thread as usize) = sub;
+    let write_subs = || {
+        if thread < chunk_rows {
+            let row = row_base + thread;
+            let sub = if row < rows {
+                // SAFETY: row < rows; the caller waited for the stats.
+                let (max, inv_sum) = unsafe { s.stats(row) };
+                s.power * (max - log2(inv_sum))
+            } else {
+                f32::INFINITY
+            };
+            // SAFETY: the map holds 2 chunk_rows words (plan).
+            unsafe {
+                *counted.add(thread as usize) = s.counted(row);
+                *subs.add(thread as usize) = sub;
+            }
         }
-    }
-    let (least, most) = s.chunk_bounds(row_base, chunk_rows);
-    // SAFETY: all threads take part, after the caller's barrier.
-    let warp_rows =
-        unsafe { WarpRows::stage::<T, D>(p, &smem, (s.seq, s.kv_head), row_base, rows, most) };
+    };
+    let stage = || {
+        // SAFETY: all threads take part; nothing reads the query rows meanwhile.
+        unsafe { WarpRows::stage::<T, D>(p, &smem, (s.seq, s.kv_head), row_base, rows, most) }
+    };
+    let keys_from = || {
+        // SAFETY: all threads take part with the same range, after the caller's barrier; the
+        // key tiles lie apart from the query rows (`wgmma`).
+        unsafe { KeyStream::start(p, smem.tiles, s.head_slot, s.keys) }
+    };
+    let (stream, warp_rows) = if row_base == 0 && p.key_splits > 1 {
+        // After the merge of pass 1's splits (short and latency-bound), the first chunk
+        // copies its first key tiles and its query rows before it waits for the stats: the
+        // copies run under the merge. After pass 1 itself (one split: long prompts, full
+        // windows) they would compete with its last wave (measured slower).
+        let stream = keys_from();
+        let warp_rows = stage();
+        wait_for_prior_grid();
+        write_subs();
+        // SAFETY: all threads reach it.
+        unsafe { sync_threads() };
+        (stream, warp_rows)
+    } else {
+        // The stats are in (the first chunk waited); the staging barrier publishes the subs.
+        write_subs();
+        let warp_rows = stage();
+        (keys_from(), warp_rows)
+    };
     // `sub` of this lane's query columns `64 h + 8 j + 2 tig + e`, as `[h][j][e]`.
     let sub: [[[f32; 2]; 8]; 2] = core::array::from_fn(|h| {
         core::array::from_fn(|j| {
-            // SAFETY: written before the staging barrier.
+            // SAFETY: written before a barrier above.
             core::array::from_fn(|e| unsafe { *subs.add(64 * h + 8 * j + 2 * tig as usize + e) })
         })
     });
@@ -1699,8 +1803,12 @@ unsafe fn keys_major_chunk<T: CacheElem + Wgmma16, const D: usize>(s: &Scores, r
             }
         }
     };
-    // SAFETY: all threads take part with the same range.
-    unsafe { stream_keys::<T>(p, smem.tiles, s.head_slot, s.keys, consume) };
+    for t in 0..stream.ntiles {
+        // SAFETY: every thread, each tile in turn; every warp is done with tile t - 1.
+        let (tile, positions) = unsafe { stream.land(t) };
+        consume(t, tile, positions);
+    }
+    stream.finish();
 }
 
 /// A pass-2 thread's run of owned keys, for the metric update: the run's columns from
