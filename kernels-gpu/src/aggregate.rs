@@ -792,7 +792,7 @@ impl<'a> KeyStream<'a> {
 /// Every thread calls it with the same range; `head_slot`'s first `kend` KVs are in validated
 /// pool blocks; the caller synchronises before it reuses the tiles.
 #[inline(always)]
-unsafe fn stream_keys<T: CacheElem>(
+unsafe fn stream_keys(
     p: &AggregateParams,
     tiles: KeyTiles,
     head_slot: u64,
@@ -1219,7 +1219,7 @@ pub unsafe fn window_stats_body<T: CacheElem + QkTile, const D: usize>(p: &Aggre
         };
     };
     // SAFETY: all threads take part with the same range.
-    unsafe { stream_keys::<T>(p, smem.tiles, head_slot, (key_lo, key_hi), consume) };
+    unsafe { stream_keys(p, smem.tiles, head_slot, (key_lo, key_hi), consume) };
     for (m, half) in my_rows.iter().enumerate() {
         for (i, &row) in half.iter().enumerate() {
             // Over the row's four lanes (tig).
@@ -1607,7 +1607,7 @@ unsafe fn rows_major_chunk<T: CacheElem + QkTile, const D: usize>(s: &Scores, ro
     // SAFETY: all threads take part with the same range; the barrier after it ends every
     // warp's writes of the last tile's parts.
     unsafe {
-        stream_keys::<T>(p, smem.tiles, s.head_slot, (kstart, kend), consume);
+        stream_keys(p, smem.tiles, s.head_slot, (kstart, kend), consume);
         sync_threads();
     }
     if tiles > 0 {
