@@ -1,7 +1,8 @@
 //! Window aggregation on the GPU against the CPU reference (SPEC §4): every dtype, head
 //! dimension, block size and group size; ragged prompts and windows; L1 and L2; metric_skip
-//! 0 and > 0; max-pool widths 1 to 17; a full-range window; and a 32768-token prompt with
-//! `w = n`, checked by the exact L1 mass (every query's softmax sums to 1 per head).
+//! 0 and > 0; max-pool widths 1 to 17; a full-range window; heads of different lengths; and
+//! a 32768-token prompt with `w = n`, checked by the exact L1 mass (every query's softmax sums
+//! to 1 per head).
 
 mod common;
 
@@ -13,12 +14,14 @@ use kvcompress::gpu::{BLOCK_SIZES, GROUP_SIZES, HEAD_DIMS};
 use kvcompress::{AggregateArgs, Backend, CacheConfig, DType, Metric, PagedKvCache, Tensor};
 
 /// Runs one aggregation on both backends from the same snapshot and compares every metric.
+/// KV head `k` of a prompt holds `k * head_shrink` fewer KVs than the prompt (as after a
+/// compression that evicted at a different rate per head).
 #[allow(clippy::too_many_arguments)]
 fn check(
     gpu: &Backend,
     name: &str,
     config: CacheConfig,
-    prompts: &[u32],
+    (prompts, head_shrink): (&[u32], u32),
     window: usize,
     window_lens: &[u32],
     args: (Metric, &[i32], u32, f32),
@@ -30,7 +33,10 @@ fn check(
     let h = config.num_kv_heads as usize;
     let lens: Vec<u32> = prompts
         .iter()
-        .flat_map(|&p| std::iter::repeat_n(p, h * config.num_layers as usize))
+        .flat_map(|&p| {
+            (0..config.num_layers)
+                .flat_map(move |_| (0..h as u32).map(move |k| p - k * head_shrink))
+        })
         .collect();
     let mut snapshot = random_snapshot(&config, &lens, &mut rng);
     zero_live_metrics(&mut snapshot);
@@ -103,7 +109,7 @@ fn aggregation_matches_reference_for_every_dtype_head_dim_block_and_group_size()
                         &gpu,
                         &name,
                         config,
-                        &prompts,
+                        (&prompts, 0),
                         24,
                         &[24, 20, 1],
                         (metric, &skip, pool, sign),
@@ -121,17 +127,22 @@ fn aggregation_matches_reference_on_long_prompts_and_full_windows() {
     else {
         return;
     };
-    /// dtype, head dim, group size, prompts, window extent, window lengths.
-    type Case<'a> = (DType, u32, u32, &'a [u32], usize, &'a [u32]);
-    let cases: [Case; 3] = [
-        (DType::F16, 128, 4, &[4096], 32, &[32]),
-        (DType::Bf16, 64, 2, &[1536, 700], 1536, &[1536, 700]),
-        (DType::F32, 128, 1, &[1000], 1000, &[1000]),
+    /// dtype, head dim, group size, prompts, window extent, window lengths, KV heads, KVs
+    /// fewer per head.
+    type Case<'a> = (DType, u32, u32, &'a [u32], usize, &'a [u32], u32, u32);
+    let cases: [Case; 5] = [
+        (DType::F16, 128, 4, &[4096], 32, &[32], 2, 0),
+        (DType::Bf16, 64, 2, &[1536, 700], 1536, &[1536, 700], 2, 0),
+        (DType::F32, 128, 1, &[1000], 1000, &[1000], 2, 0),
+        // An odd number of heads of different lengths (as after a compression at a different
+        // rate per head): ranges past a head's keys, and neighbouring CTAs of unequal walks.
+        (DType::F16, 128, 4, &[3000], 48, &[40], 3, 700),
+        (DType::Bf16, 64, 2, &[2500, 900], 900, &[900, 900], 3, 200),
     ];
-    for (dtype, head_dim, group_size, prompts, window, window_lens) in cases {
+    for (dtype, head_dim, group_size, prompts, window, window_lens, heads, shrink) in cases {
         let lens: Vec<u32> = prompts
             .iter()
-            .flat_map(|&p| std::iter::repeat_n(p, 2))
+            .flat_map(|&p| std::iter::repeat_n(p, heads as usize))
             .collect();
         let config = config_for(
             dtype,
@@ -140,12 +151,12 @@ fn aggregation_matches_reference_on_long_prompts_and_full_windows() {
             group_size,
             prompts.len() as u32,
             1,
-            2,
+            heads,
             &lens,
             2,
         );
         let name = format!(
-            "{} d{head_dim} g{group_size} prompts {prompts:?} window {window}",
+            "{} d{head_dim} g{group_size} prompts {prompts:?} window {window} heads {heads} shrink {shrink}",
             dtype.name()
         );
         let skip = vec![1; prompts.len()];
@@ -153,7 +164,7 @@ fn aggregation_matches_reference_on_long_prompts_and_full_windows() {
             &gpu,
             &name,
             config,
-            prompts,
+            (prompts, shrink),
             window,
             window_lens,
             (Metric::L2, &skip, 7, 1.0),
