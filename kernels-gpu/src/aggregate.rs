@@ -610,7 +610,8 @@ impl Layout {
 /// key tiles, `tiles.stages` deep: [`KeyStream::start`] copies the first tiles,
 /// [`KeyStream::land`] hands over tile `t` once it has landed and the CTA has synchronised (so
 /// every warp is also done with tile `t - 1`) and copies tile `t + stages - 1` into `t - 1`'s
-/// stage. Keys of the last tile past `kend` are zero rows with position `NO_KEY`.
+/// stage; [`KeyStream::walk`] lands every tile in turn for a consumer. Keys of the last tile
+/// past `kend` are zero rows with position `NO_KEY`.
 ///
 /// Nothing waits on a global load: the block ids of tile `j` are copied (`cp.async`, one
 /// thread per key, into slot `j % AGG_ID_SLOTS`) with tile `j - 2`'s rows, so they have
@@ -777,9 +778,18 @@ impl<'a> KeyStream<'a> {
         (self.tiles.rows(stage), self.tiles.positions(stage))
     }
 
-    /// Waits for the (empty) groups still open, after the last tile.
+    /// Calls `consume(t, rows, positions)` for each tile `t` in turn as it lands
+    /// ([`KeyStream::land`]), then waits for the (empty) groups still open.
+    ///
+    /// # Safety
+    /// Every thread calls it; `consume` is done with tile `t - 1` when it returns.
     #[inline(always)]
-    fn finish(&self) {
+    unsafe fn walk(self, mut consume: impl FnMut(u32, *const u8, *const i32)) {
+        for t in 0..self.ntiles {
+            // SAFETY: every thread, each tile in turn; the consumer is done with tile t - 1.
+            let (rows, positions) = unsafe { self.land(t) };
+            consume(t, rows, positions);
+        }
         // SAFETY: only empty groups remain.
         unsafe { wait_async_copies() };
     }
@@ -797,16 +807,10 @@ unsafe fn stream_keys(
     tiles: KeyTiles,
     head_slot: u64,
     range: (u32, u32),
-    mut consume: impl FnMut(u32, *const u8, *const i32),
+    consume: impl FnMut(u32, *const u8, *const i32),
 ) {
     // SAFETY: forwarded from the caller.
-    let stream = unsafe { KeyStream::start(p, tiles, head_slot, range) };
-    for t in 0..stream.ntiles {
-        // SAFETY: every thread, each tile in turn; the consumer is done with tile t - 1.
-        let (rows, positions) = unsafe { stream.land(t) };
-        consume(t, rows, positions);
-    }
-    stream.finish();
+    unsafe { KeyStream::start(p, tiles, head_slot, range).walk(consume) };
 }
 
 /// Positions of a lane's columns (`2 tig`, `2 tig + 1` of each n-tile) of the group at `key0`.
@@ -1803,12 +1807,8 @@ unsafe fn keys_major_chunk<T: CacheElem + Wgmma16, const D: usize>(s: &Scores, r
             }
         }
     };
-    for t in 0..stream.ntiles {
-        // SAFETY: every thread, each tile in turn; every warp is done with tile t - 1.
-        let (tile, positions) = unsafe { stream.land(t) };
-        consume(t, tile, positions);
-    }
-    stream.finish();
+    // SAFETY: every thread; every warp is done with a tile when `consume` returns.
+    unsafe { stream.walk(consume) };
 }
 
 /// A pass-2 thread's run of owned keys, for the metric update: the run's columns from
