@@ -616,8 +616,9 @@ impl Layout {
 /// Nothing waits on a global load: the block ids of tile `j` are copied (`cp.async`, one
 /// thread per key, into slot `j % AGG_ID_SLOTS`) with tile `j - 2`'s rows, so they have
 /// landed, and a barrier has passed, when tile `j`'s rows are issued two tiles later; the
-/// slot is rewritten only after the barrier that follows that issue. The `THREADS / tile_keys` threads of a key
-/// copy interleaved 16-byte chunks of its row, so that a warp reads whole sectors.
+/// slot is rewritten only after the barrier that follows that issue. The `THREADS /
+/// tile_keys` threads of a key copy interleaved 16-byte chunks of its row, so that a warp
+/// reads whole sectors.
 ///
 /// Its first barrier comes before any copy into the tiles, so the query rows they overlay
 /// (16-bit types) may be read until [`KeyStream::start`].
@@ -793,24 +794,6 @@ impl<'a> KeyStream<'a> {
         // SAFETY: only empty groups remain.
         unsafe { wait_async_copies() };
     }
-}
-
-/// Streams keys `kstart..kend` of `head_slot` through the key tiles ([`KeyStream`]) and calls `consume(t, rows, positions)` for each tile `t` once
-/// it has landed and the CTA has synchronised (so every warp is also done with tile `t - 1`).
-///
-/// # Safety
-/// Every thread calls it with the same range; `head_slot`'s first `kend` KVs are in validated
-/// pool blocks; the caller synchronises before it reuses the tiles.
-#[inline(always)]
-unsafe fn stream_keys(
-    p: &AggregateParams,
-    tiles: KeyTiles,
-    head_slot: u64,
-    range: (u32, u32),
-    consume: impl FnMut(u32, *const u8, *const i32),
-) {
-    // SAFETY: forwarded from the caller.
-    unsafe { KeyStream::start(p, tiles, head_slot, range).walk(consume) };
 }
 
 /// Positions of a lane's columns (`2 tig`, `2 tig + 1` of each n-tile) of the group at `key0`.
@@ -1222,8 +1205,9 @@ pub unsafe fn window_stats_body<T: CacheElem + QkTile, const D: usize>(p: &Aggre
             )
         };
     };
-    // SAFETY: all threads take part with the same range.
-    unsafe { stream_keys(p, smem.tiles, head_slot, (key_lo, key_hi), consume) };
+    // SAFETY: all threads take part with the same range; every warp is done with a tile when
+    // `consume` returns.
+    unsafe { KeyStream::start(p, smem.tiles, head_slot, (key_lo, key_hi)).walk(consume) };
     for (m, half) in my_rows.iter().enumerate() {
         for (i, &row) in half.iter().enumerate() {
             // Over the row's four lanes (tig).
@@ -1611,7 +1595,7 @@ unsafe fn rows_major_chunk<T: CacheElem + QkTile, const D: usize>(s: &Scores, ro
     // SAFETY: all threads take part with the same range; the barrier after it ends every
     // warp's writes of the last tile's parts.
     unsafe {
-        stream_keys(p, smem.tiles, s.head_slot, (kstart, kend), consume);
+        KeyStream::start(p, smem.tiles, s.head_slot, (kstart, kend)).walk(consume);
         sync_threads();
     }
     if tiles > 0 {
