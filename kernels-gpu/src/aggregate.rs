@@ -1626,10 +1626,14 @@ unsafe fn keys_major_chunk<T: CacheElem + Wgmma16, const D: usize>(s: &Scores, r
     let mul = s.power * p.scale_log2;
     let (least, most) = s.chunk_bounds(row_base, chunk_rows);
     // The chunk rows' counted positions (for the masked folds) and `sub`, one row a thread,
-    // in the parts map, read after the next barrier.
+    // in the parts map, read after the next barrier; the stats come from the launch before
+    // (pass 1 or its merge), which the first chunk waits for before it reads them.
     let counted = smem.parts as *mut i32;
     let subs = smem.parts.wrapping_add(chunk_rows as usize);
     let write_subs = || {
+        if row_base == 0 {
+            wait_for_prior_grid();
+        }
         if thread < chunk_rows {
             let row = row_base + thread;
             let sub = if row < rows {
@@ -1662,13 +1666,13 @@ unsafe fn keys_major_chunk<T: CacheElem + Wgmma16, const D: usize>(s: &Scores, r
         // windows) they would compete with its last wave (measured slower).
         let stream = keys_from();
         let warp_rows = stage();
-        wait_for_prior_grid();
         write_subs();
         // SAFETY: all threads reach it.
         unsafe { sync_threads() };
         (stream, warp_rows)
     } else {
-        // The stats are in (the first chunk waited); the staging barrier publishes the subs.
+        // After pass 1 itself the wait comes first (the early copies would compete with its
+        // last wave); the staging barrier publishes the subs.
         write_subs();
         let warp_rows = stage();
         (keys_from(), warp_rows)
