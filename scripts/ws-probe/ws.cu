@@ -11,9 +11,12 @@
 // - scores_ws (pass 2, TILE 128 only): keys-major; consumer c takes keys 64 c.. of each tile
 //   (m64n128k16), sums a^2 per key and head into shared column sums, max-pools them at the end.
 // Knobs (-D): TILE 64 or 128, STAGES, CPS (CTAs an SM: launch bounds), OVERLAP (pass 1: tile
-// t + 1's product under tile t's fold), and the subtraction probes MMA=0 (no products) and
-// FOLD=0 (no exponentials). Both passes are checked against naive kernels in every run and
-// timed with events over back-to-back launches, against a device-to-device copy of K.
+// t + 1's product under tile t's fold), PINGPONG (tiles one at a time, the consumers taking
+// turns at the tensor cores), POLY (one exponential in four on the FMA pipe), and the subtraction probes MMA=0 (no products), FOLD=0
+// (no exponentials) and STREAM=0 (each stage loaded once, then reused: no K traffic). Both
+// passes are checked against naive kernels in every run (not meaningful under the subtraction
+// probes) and timed with events over back-to-back launches, against a device-to-device copy
+// of K.
 // Usage on the GPU machine: scripts/ws-probe/run.
 #include <cuda.h>
 #include <cuda_fp16.h>
@@ -56,6 +59,15 @@ constexpr int D = 128, BLK = 16, ROWS = 128, G = 4;
 #endif
 #ifndef MMA
 #define MMA 1
+#endif
+#ifndef POLY
+#define POLY 0
+#endif
+#ifndef PINGPONG
+#define PINGPONG 0
+#endif
+#ifndef STREAM
+#define STREAM 1
 #endif
 #ifndef CPS
 #define CPS 1
@@ -112,6 +124,20 @@ __device__ __forceinline__ float ex2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+}
+// 2^x on the FMA and integer pipes instead of the SFU (x >= -126): x = i + f with i the
+// nearest integer (the 1.5 * 2^23 shift), 2^f for |f| <= 0.5 by a degree-4 polynomial
+// (relative error < 5e-5), and i added to the exponent bits.
+__device__ __forceinline__ float ex2_fma(float x) {
+  x = fmaxf(x, -126.f);
+  float j = x + 12582912.f;
+  float f = x - (j - 12582912.f);
+  float p = fmaf(fmaf(fmaf(fmaf(0.00961813f, f, 0.0555041f), f, 0.240227f), f, 0.693147f), f, 1.f);
+  return __int_as_float(__float_as_int(p) + (__float_as_int(j) << 23));
+}
+// One in four exponentials of a fold on the FMA pipe under POLY (FlashAttention-4's balance).
+__device__ __forceinline__ float ex2_mix(float x, int j) {
+  return (POLY && j % 4 == 3) ? ex2_fma(x) : ex2(x);
 }
 __device__ __forceinline__ void consumers_sync() {
   asm volatile("bar.sync 1, 256;" ::: "memory");
@@ -179,6 +205,21 @@ __device__ __forceinline__ void wait_all(float (&a)[N]) {
   pin(a);
 }
 
+// Named barrier 2 + c: consumer c's turn at the tensor cores (consumer c syncs, the other
+// arrives).
+__device__ __forceinline__ void my_turn(int ci) {
+  if (ci == 0)
+    asm volatile("bar.sync 2, 256;" ::: "memory");
+  else
+    asm volatile("bar.sync 3, 256;" ::: "memory");
+}
+__device__ __forceinline__ void your_turn(int ci) {
+  if (ci == 0)
+    asm volatile("bar.arrive 3, 256;" ::: "memory");
+  else
+    asm volatile("bar.arrive 2, 256;" ::: "memory");
+}
+
 // Shared memory: the head's query rows, the key ring and its mbarriers (full: a tile's bytes
 // landed, one arrival with its byte count; empty: the 8 consumer warps are done with it).
 struct Ring {
@@ -225,6 +266,11 @@ __device__ void produce(const Ring& r, const CUtensorMap* kmap, const CUtensorMa
     int s = t % STAGES;
     int next = (lane < NB && t + 1 < n) ? __ldg(ids + ((t + 1) % tiles) * NB + lane) : 0;
     if (t >= STAGES) bar_wait(r.empty(s), ((t / STAGES) - 1) & 1);
+    if (!STREAM && t >= STAGES) {  // the stage keeps its tile: hand it over again
+      if (lane == 0) bar_arrive(r.full(s));
+      id = next;
+      continue;
+    }
     if (lane == 0) bar_expect(r.full(s), TILE_BYTES);
     __syncwarp();
     if (lane < NB) {
@@ -233,6 +279,24 @@ __device__ void produce(const Ring& r, const CUtensorMap* kmap, const CUtensorMa
       tma_2d(dst + PANEL_TILE, kmap, 64, id * BLK, r.full(s));
     }
     id = next;
+  }
+}
+
+// Tiles one at a time, the two consumers taking turns at the tensor cores: consumer c issues
+// tile t's product once the other issued its own (named barrier 2 + c), so that one folds while
+// the other's product runs (FlashAttention-3's ping-pong).
+template <int N, typename Issue, typename Fold>
+__device__ __forceinline__ void walk_pingpong(const Ring& r, int n, int ci, float (&a)[N],
+                                              Issue issue_t, Fold fold_t) {
+  if (ci == 1) your_turn(ci);
+  for (int t = 0; t < n; t++) {
+    r.land(t);
+    my_turn(ci);
+    issue_t(a, t);
+    if (!(ci == 1 && t == n - 1)) your_turn(ci);
+    wait_all(a);
+    r.done(t);
+    fold_t(a, t);
   }
 }
 
@@ -269,8 +333,8 @@ __device__ __forceinline__ void fold(const float (&a)[NACC], float c, float (&m)
     float acc[4] = {l[r] * ex2(fmaf(m[r], c, -mc)), 0.f, 0.f, 0.f};
 #pragma unroll
     for (int j = 0; j < NACC / 4; j++) {
-      acc[(2 * j) % 4] += ex2(fmaf(a[4 * j + 2 * r], c, -mc));
-      acc[(2 * j + 1) % 4] += ex2(fmaf(a[4 * j + 2 * r + 1], c, -mc));
+      acc[(2 * j) % 4] += ex2_mix(fmaf(a[4 * j + 2 * r], c, -mc), 2 * j);
+      acc[(2 * j + 1) % 4] += ex2_mix(fmaf(a[4 * j + 2 * r + 1], c, -mc), 2 * j + 1);
     }
     l[r] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     m[r] = t;
@@ -294,7 +358,12 @@ __global__ void __launch_bounds__(THREADS, CPS)
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   float a0[NACC], a1[NACC];
   bar_wait(r.qbar(), 0);
-#if OVERLAP
+#if PINGPONG
+  walk_pingpong(
+      r, n, ci, a0, [&](auto& x, int t) { issue<TILE>(x, q, PANEL_Q, r.stage(t), PANEL_TILE); },
+      [&](auto& x, int) { fold(x, c, m, l); });
+  (void)a1;
+#elif OVERLAP
   // n even, >= 2: a0 takes even tiles, a1 odd. A tile's product runs under the fold of the
   // tile before; nothing is in flight across an iteration (ptxas serializes otherwise).
   r.land(0);
@@ -360,7 +429,7 @@ __device__ __forceinline__ void column_sums(const float (&a)[64], const float (&
 #pragma unroll
     for (int j = 0; j < 16; j++)
 #pragma unroll
-      for (int e = 0; e < 2; e++) s[j % 2][e] += ex2(fmaf(a[4 * j + 2 * kh + e], c2, -bias[2 * j + e]));
+      for (int e = 0; e < 2; e++) s[j % 2][e] += ex2_mix(fmaf(a[4 * j + 2 * kh + e], c2, -bias[2 * j + e]), 2 * j + e);
 #else
     s[0][0] = a[2 * kh];
     (void)bias;
@@ -400,6 +469,12 @@ __global__ void __launch_bounds__(THREADS, CPS)
   int key_in = 64 * ci + 16 * warp + lane / 4;
   float a0[64], a1[64];
   bar_wait(r.qbar(), 0);
+#if PINGPONG
+  walk_pingpong(
+      r, n, ci, a0, [&](auto& x, int t) { issue<128>(x, r.stage(t) + kofs, PANEL_TILE, r.qs, PANEL_Q); },
+      [&](auto& x, int t) { column_sums(x, bias, c2, cols, (t % tiles) * TILE + key_in); });
+  (void)a1;
+#else
   r.land(0);
   issue<128>(a0, r.stage(0) + kofs, PANEL_TILE, r.qs, PANEL_Q);
   wait_all(a0);
@@ -422,6 +497,7 @@ __global__ void __launch_bounds__(THREADS, CPS)
   wait_all(a1);
   r.done(n - 1);
   column_sums(a1, bias, c2, cols, ((n - 1) % tiles) * TILE + key_in);
+#endif
   consumers_sync();
   int keys = tiles * TILE;
   for (int k = threadIdx.x; k < keys; k += 256) {
@@ -580,9 +656,9 @@ int main(int argc, char** argv) {
   float us_copy = time_us(reps, [&] { CK(cudaMemcpyAsync(dcopy, dk, kbytes, cudaMemcpyDeviceToDevice)); });
   double copy_gbs = 2.0 * kbytes / (us_copy * 1e-6) / 1e9;
   printf("check pass 1: %zu of %zu rows off, worst |lse2 diff| %.3g\n", bad, nout, worst);
-  printf("CPS %d MMA %d FOLD %d TILE %d STAGES %d OVERLAP %d heads %d keys %d splits %d repeat %d:"
+  printf("POLY %d PINGPONG %d STREAM %d CPS %d MMA %d FOLD %d TILE %d STAGES %d OVERLAP %d heads %d keys %d splits %d repeat %d:"
          " pass1 %.2f us, %.0f GB/s of K walked, copy %.0f GB/s (read+write): %.2f of copy\n",
-         CPS, MMA, FOLD, TILE, STAGES, OVERLAP, heads, keys, splits, repeat, us1,
+         POLY, PINGPONG, STREAM, CPS, MMA, FOLD, TILE, STAGES, OVERLAP, heads, keys, splits, repeat, us1,
          kbytes * repeat / (us1 * 1e-6) / 1e9, copy_gbs, kbytes * repeat / (us1 * 1e-6) / 1e9 / copy_gbs);
 #if TILE == 128
   // Pass 2 with the naive pass 1's stats of whole heads.
@@ -623,9 +699,9 @@ int main(int argc, char** argv) {
     scores_ws<<<dim3(splits, heads), THREADS, smem2>>>(kmap, qmap, dt, bph, tiles, repeat, c, dbias, dmetric);
   });
   printf("check pass 2: %zu of %d keys off, worst relative %.3g; %d CTAs an SM\n", bad, heads * keys, worst, occ);
-  printf("CPS %d MMA %d FOLD %d TILE %d STAGES %d heads %d keys %d splits %d repeat %d:"
+  printf("POLY %d PINGPONG %d STREAM %d CPS %d MMA %d FOLD %d TILE %d STAGES %d heads %d keys %d splits %d repeat %d:"
          " pass2 %.2f us, %.0f GB/s of K walked: %.2f of copy; pass1 + pass2 %.2f us\n",
-         CPS, MMA, FOLD, TILE, STAGES, heads, keys, splits, repeat, us2,
+         POLY, PINGPONG, STREAM, CPS, MMA, FOLD, TILE, STAGES, heads, keys, splits, repeat, us2,
          kbytes * repeat / (us2 * 1e-6) / 1e9, kbytes * repeat / (us2 * 1e-6) / 1e9 / copy_gbs, us1 + us2);
 #endif
   return 0;
