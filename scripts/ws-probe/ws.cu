@@ -10,6 +10,8 @@
 //   every tile (wgmma m64nTILEk16) and folds it into per-lane online (max, sum).
 // - scores_ws (pass 2, TILE 128 only): keys-major; consumer c takes keys 64 c.. of each tile
 //   (m64n128k16), sums a^2 per key and head into shared column sums, max-pools them at the end.
+// - both_ws (TILE 128 only): both passes in one persistent launch, items in list order with heads
+//   in turn, the last pass-1 item of a head merging its partials for the head's pass-2 items.
 // Knobs (-D): TILE 64 or 128, STAGES, CPS (CTAs an SM: launch bounds), OVERLAP (pass 1: tile
 // t + 1's product under tile t's fold), PINGPONG (tiles one at a time, the consumers taking
 // turns at the tensor cores), POLY (one exponential in four on the FMA pipe), and the subtraction probes MMA=0 (no products), FOLD=0
@@ -28,6 +30,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #define CK(x)                                                                    \
@@ -249,6 +253,20 @@ __device__ Ring ring_setup(unsigned char* raw) {
   return r;
 }
 
+// Ring tile t into its stage: the warp waits for the stage to be free, lane 0 announces the
+// bytes, lane b < NB issues block `id`'s two boxes.
+__device__ __forceinline__ void load_tile(const Ring& r, const CUtensorMap* kmap, int t, int id) {
+  int s = t % STAGES, lane = threadIdx.x % 32;
+  if (t >= STAGES) bar_wait(r.empty(s), ((t / STAGES) - 1) & 1);
+  if (lane == 0) bar_expect(r.full(s), TILE_BYTES);
+  __syncwarp();
+  if (lane < NB) {
+    uint32_t dst = r.ks + s * TILE_BYTES + lane * BLK * 128;
+    tma_2d(dst, kmap, 0, id * BLK, r.full(s));
+    tma_2d(dst + PANEL_TILE, kmap, 64, id * BLK, r.full(s));
+  }
+}
+
 // Warp 8: the head's query rows, then `n` tiles (tile t is tile t % tiles of the range: a
 // repeat walks the range again). Lane b < NB issues block b's two boxes; its block id is loaded
 // one tile ahead, so the table's latency runs under the wait for a free stage.
@@ -263,23 +281,46 @@ __device__ void produce(const Ring& r, const CUtensorMap* kmap, const CUtensorMa
   }
   int id = lane < NB ? __ldg(ids + lane) : 0;
   for (int t = 0; t < n; t++) {
-    int s = t % STAGES;
     int next = (lane < NB && t + 1 < n) ? __ldg(ids + ((t + 1) % tiles) * NB + lane) : 0;
-    if (t >= STAGES) bar_wait(r.empty(s), ((t / STAGES) - 1) & 1);
     if (!STREAM && t >= STAGES) {  // the stage keeps its tile: hand it over again
-      if (lane == 0) bar_arrive(r.full(s));
-      id = next;
-      continue;
-    }
-    if (lane == 0) bar_expect(r.full(s), TILE_BYTES);
-    __syncwarp();
-    if (lane < NB) {
-      uint32_t dst = r.ks + s * TILE_BYTES + lane * BLK * 128;
-      tma_2d(dst, kmap, 0, id * BLK, r.full(s));
-      tma_2d(dst + PANEL_TILE, kmap, 64, id * BLK, r.full(s));
+      bar_wait(r.empty(t % STAGES), ((t / STAGES) - 1) & 1);
+      if (lane == 0) bar_arrive(r.full(t % STAGES));
+    } else {
+      load_tile(r, kmap, t, id);
     }
     id = next;
   }
+}
+
+// Ring tiles t0 .. t0 + n (n even, >= 2), a0 taking even ones and a1 odd: a tile's product runs
+// under the fold of the tile before; nothing is in flight across an iteration (ptxas
+// serializes every wgmma otherwise).
+template <int N, typename Issue, typename Fold>
+__device__ __forceinline__ void walk_overlapped(const Ring& r, int t0, int n, float (&a0)[N],
+                                                float (&a1)[N], Issue issue_t, Fold fold_t) {
+  r.land(t0);
+  issue_t(a0, t0);
+  wait_all(a0);
+  for (int t = t0; t < t0 + n - 2; t += 2) {
+    r.land(t + 1);
+    issue_t(a1, t + 1);
+    r.done(t);
+    fold_t(a0, t);
+    wait_all(a1);
+    r.land(t + 2);
+    issue_t(a0, t + 2);
+    r.done(t + 1);
+    fold_t(a1, t + 1);
+    wait_all(a0);
+  }
+  int t = t0 + n - 1;
+  r.land(t);
+  issue_t(a1, t);
+  r.done(t - 1);
+  fold_t(a0, t - 1);
+  wait_all(a1);
+  r.done(t);
+  fold_t(a1, t);
 }
 
 // Tiles one at a time, the two consumers taking turns at the tensor cores: consumer c issues
@@ -364,30 +405,9 @@ __global__ void __launch_bounds__(THREADS, CPS)
       [&](auto& x, int) { fold(x, c, m, l); });
   (void)a1;
 #elif OVERLAP
-  // n even, >= 2: a0 takes even tiles, a1 odd. A tile's product runs under the fold of the
-  // tile before; nothing is in flight across an iteration (ptxas serializes otherwise).
-  r.land(0);
-  issue<TILE>(a0, q, PANEL_Q, r.stage(0), PANEL_TILE);
-  wait_all(a0);
-  for (int t = 0; t < n - 2; t += 2) {
-    r.land(t + 1);
-    issue<TILE>(a1, q, PANEL_Q, r.stage(t + 1), PANEL_TILE);
-    r.done(t);
-    fold(a0, c, m, l);
-    wait_all(a1);
-    r.land(t + 2);
-    issue<TILE>(a0, q, PANEL_Q, r.stage(t + 2), PANEL_TILE);
-    r.done(t + 1);
-    fold(a1, c, m, l);
-    wait_all(a0);
-  }
-  r.land(n - 1);
-  issue<TILE>(a1, q, PANEL_Q, r.stage(n - 1), PANEL_TILE);
-  r.done(n - 2);
-  fold(a0, c, m, l);
-  wait_all(a1);
-  r.done(n - 1);
-  fold(a1, c, m, l);
+  walk_overlapped(
+      r, 0, n, a0, a1, [&](auto& x, int t) { issue<TILE>(x, q, PANEL_Q, r.stage(t), PANEL_TILE); },
+      [&](auto& x, int) { fold(x, c, m, l); });
 #else
   for (int t = 0; t < n; t++) {
     r.land(t);
@@ -444,6 +464,23 @@ __device__ __forceinline__ void column_sums(const float (&a)[64], const float (&
   }
 }
 
+// Pass 2's end: each of the range's keys gets the sum over heads of the max of its column sums
+// over its 7 neighbours in the range (zero outside), written to out[key].
+__device__ void pool_range(const float* cols, int keys, float* out) {
+  for (int k = threadIdx.x; k < keys; k += 256) {
+    float total = 0.f;
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+      float v = 0.f;
+#pragma unroll
+      for (int d = -3; d <= 3; d++)
+        if (k + d >= 0 && k + d < keys) v = fmaxf(v, cols[(k + d) * G + g]);
+      total += v;
+    }
+    out[k] = total;
+  }
+}
+
 // Pass 2. grid (splits, heads): consumer c takes keys 64 c.. of every 128-key tile (keys as A,
 // the 128 query rows as B: m64n128k16). bias[h][row] = 2 c max + 2 log2(sum), so that a^2 =
 // ex2(2 c s - bias). Column sums of the CTA's keys in shared memory; at the end each key's
@@ -475,42 +512,149 @@ __global__ void __launch_bounds__(THREADS, CPS)
       [&](auto& x, int t) { column_sums(x, bias, c2, cols, (t % tiles) * TILE + key_in); });
   (void)a1;
 #else
-  r.land(0);
-  issue<128>(a0, r.stage(0) + kofs, PANEL_TILE, r.qs, PANEL_Q);
-  wait_all(a0);
-  for (int t = 0; t < n - 2; t += 2) {
-    r.land(t + 1);
-    issue<128>(a1, r.stage(t + 1) + kofs, PANEL_TILE, r.qs, PANEL_Q);
-    r.done(t);
-    column_sums(a0, bias, c2, cols, (t % tiles) * TILE + key_in);
-    wait_all(a1);
-    r.land(t + 2);
-    issue<128>(a0, r.stage(t + 2) + kofs, PANEL_TILE, r.qs, PANEL_Q);
-    r.done(t + 1);
-    column_sums(a1, bias, c2, cols, ((t + 1) % tiles) * TILE + key_in);
-    wait_all(a0);
-  }
-  r.land(n - 1);
-  issue<128>(a1, r.stage(n - 1) + kofs, PANEL_TILE, r.qs, PANEL_Q);
-  r.done(n - 2);
-  column_sums(a0, bias, c2, cols, ((n - 2) % tiles) * TILE + key_in);
-  wait_all(a1);
-  r.done(n - 1);
-  column_sums(a1, bias, c2, cols, ((n - 1) % tiles) * TILE + key_in);
+  walk_overlapped(
+      r, 0, n, a0, a1, [&](auto& x, int t) { issue<128>(x, r.stage(t) + kofs, PANEL_TILE, r.qs, PANEL_Q); },
+      [&](auto& x, int t) { column_sums(x, bias, c2, cols, (t % tiles) * TILE + key_in); });
 #endif
   consumers_sync();
   int keys = tiles * TILE;
-  for (int k = threadIdx.x; k < keys; k += 256) {
-    float total = 0.f;
-#pragma unroll
-    for (int g = 0; g < G; g++) {
-      float v = 0.f;
-#pragma unroll
-      for (int d = -3; d <= 3; d++)
-        if (k + d >= 0 && k + d < keys) v = fmaxf(v, cols[(k + d) * G + g]);
-      total += v;
+  pool_range(cols, keys, metric + ((size_t)h * gridDim.x + split) * keys);
+}
+
+// Both passes in one persistent launch (one CTA an SM, all resident), heads in turn: the CTA
+// takes items b, b + gridDim.x, .. of `items` ({pass, head, split}: pass 1 of head h + 1 is
+// listed before pass 2 of head h, so that pass 2 finds K in L2). The key ring runs on across
+// items; the query rows are double-buffered (qfull / qempty per buffer). A pass-1 item writes
+// its rows' partials and counts itself in count[h]; the last one of a head merges the head's
+// partials into bias[h] and publishes ready[h] = epoch (the launch's number, so that repeated
+// launches need no reset). A pass-2 item waits for ready[h] first. Every item waits only on
+// items listed before it, whose CTAs are resident: no deadlock.
+constexpr int BOTH_EXTRA = 64;  // qfull[2], qempty[2], the "last" flag
+__global__ void __launch_bounds__(THREADS, 1)
+    both_ws(const __grid_constant__ CUtensorMap kmap, const __grid_constant__ CUtensorMap qmap,
+            const int* __restrict__ table, int blocks_per_head, int tiles, int splits, float c,
+            const int4* __restrict__ items, int nitems, int epoch, float2* partials, float* bias_rows,
+            int* count, int* ready, float* __restrict__ metric) {
+  extern __shared__ unsigned char raw[];
+  Ring r = ring_setup(raw);
+  uint32_t extra = r.bars + 16 * STAGES + 16;
+  auto qfull = [&](int b) { return extra + 8 * b; };
+  auto qempty = [&](int b) { return extra + 16 + 8 * b; };
+  volatile int* last = (volatile int*)(raw + (extra + 32 - smem_u32(raw)));
+  uint32_t q1 = (extra + BOTH_EXTRA + 1023) & ~1023u;
+  float* cols = (float*)(raw + (q1 + Q_BYTES - smem_u32(raw)));
+  auto qbuf = [&](int k) { return k % 2 ? q1 : r.qs; };
+  if (threadIdx.x == 0) {
+    for (int b = 0; b < 2; b++) {
+      bar_init(qfull(b), 1);
+      bar_init(qempty(b), 8);
     }
-    metric[(size_t)h * gridDim.x * keys + (size_t)split * keys + k] = total;
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  if (threadIdx.x >= 256) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;");
+    if (threadIdx.x >= 288) return;
+    int lane = threadIdx.x % 32, tg = 0, k = 0;
+    for (int i = blockIdx.x; i < nitems; i += gridDim.x, k++) {
+      int4 it = items[i];
+      if (k >= 2) bar_wait(qempty(k % 2), ((k / 2) - 1) & 1);
+      if (lane == 0) {
+        bar_expect(qfull(k % 2), Q_BYTES);
+        for (int p = 0; p < 2; p++)
+          for (int j = 0; j < 2; j++)
+            tma_2d(qbuf(k) + p * PANEL_Q + j * 64 * 128, &qmap, 64 * p, it.y * ROWS + 64 * j, qfull(k % 2));
+      }
+      const int* ids = table + (size_t)it.y * blocks_per_head + (size_t)it.z * tiles * NB;
+      int id = lane < NB ? __ldg(ids + lane) : 0;
+      for (int t = 0; t < tiles; t++, tg++) {
+        int next = (lane < NB && t + 1 < tiles) ? __ldg(ids + (t + 1) * NB + lane) : 0;
+        load_tile(r, &kmap, tg, id);
+        id = next;
+      }
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;");
+  int ci = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+  float c2 = 2.f * c;
+  int tg = 0, k = 0, keys = tiles * TILE;
+  float a0[64], a1[64];
+  for (int i = blockIdx.x; i < nitems; i += gridDim.x, k++, tg += tiles) {
+    int4 it = items[i];
+    int h = it.y, split = it.z;
+    bar_wait(qfull(k % 2), (k / 2) & 1);
+    uint32_t qs = qbuf(k);
+    if (it.x == 1) {
+      float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+      uint32_t q = qs + ci * 64 * 128;
+      walk_overlapped(
+          r, tg, tiles, a0, a1, [&](auto& x, int t) { issue<128>(x, q, PANEL_Q, r.stage(t), PANEL_TILE); },
+          [&](auto& x, int) { fold(x, c, m, l); });
+      if (lane == 0) bar_arrive(qempty(k % 2));
+#pragma unroll
+      for (int j = 0; j < 2; j++) {
+#pragma unroll
+        for (int x = 1; x < 4; x <<= 1) {
+          float mo = __shfl_xor_sync(~0u, m[j], x), lo = __shfl_xor_sync(~0u, l[j], x);
+          float mn = fmaxf(m[j], mo);
+          l[j] = l[j] * ex2((m[j] - mn) * c) + lo * ex2((mo - mn) * c);
+          m[j] = mn;
+        }
+        if (lane % 4 == 0)
+          partials[((size_t)h * splits + split) * ROWS + ci * 64 + warp * 16 + lane / 4 + 8 * j] = make_float2(m[j], l[j]);
+      }
+      __threadfence();
+      consumers_sync();
+      if (threadIdx.x == 0) {
+        *last = atomicAdd(count + h, 1) == splits * epoch - 1;
+        __threadfence();
+      }
+      consumers_sync();
+      if (*last) {
+        if (threadIdx.x < ROWS) {
+          float mm = -INFINITY, ll = 0.f;
+          for (int sp = 0; sp < splits; sp += 8) {  // splits a multiple of 8: loads 8 at a time
+            float2 v[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) v[u] = __ldcg(partials + ((size_t)h * splits + sp + u) * ROWS + threadIdx.x);
+#pragma unroll
+            for (int u = 0; u < 8; u++) {
+              float mn = fmaxf(mm, v[u].x);
+              ll = ll * ex2((mm - mn) * c) + v[u].y * ex2((v[u].x - mn) * c);
+              mm = mn;
+            }
+          }
+          bias_rows[h * ROWS + threadIdx.x] = 2.f * c * mm + 2.f * log2f(ll);
+        }
+        consumers_sync();
+        if (threadIdx.x == 0) {
+          __threadfence();
+          asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(ready + h), "r"(epoch) : "memory");
+        }
+      }
+    } else {
+      if (lane == 0) {
+        int v;
+        do {
+          asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(ready + h) : "memory");
+        } while (v < epoch);
+      }
+      __syncwarp();
+      float bias[32];
+#pragma unroll
+      for (int j = 0; j < 16; j++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) bias[2 * j + e] = __ldcg(bias_rows + h * ROWS + 8 * j + 2 * (lane % 4) + e);
+      int kofs = ci * 64 * 128, key_in = 64 * ci + 16 * warp + lane / 4;
+      walk_overlapped(
+          r, tg, tiles, a0, a1, [&](auto& x, int t) { issue<128>(x, r.stage(t) + kofs, PANEL_TILE, qs, PANEL_Q); },
+          [&](auto& x, int t) { column_sums(x, bias, c2, cols, (t - tg) * TILE + key_in); });
+      if (lane == 0) bar_arrive(qempty(k % 2));
+      consumers_sync();
+      pool_range(cols, keys, metric + ((size_t)h * splits + split) * keys);
+      consumers_sync();
+    }
   }
 }
 #endif
@@ -570,6 +714,31 @@ static CUtensorMap make_map(void* base, uint64_t rows, uint32_t box_rows) {
   return m;
 }
 
+#if TILE == 128
+// The kernels' metric against the naive column sums, pooled within ranges of `range` keys as
+// the kernels do: (keys off by more than 1e-3 relative, the worst relative error).
+static std::pair<size_t, double> check_metric(const std::vector<float>& cols, const std::vector<float>& met,
+                                              int heads, int keys, int range) {
+  size_t bad = 0;
+  double worst = 0;
+  for (int h = 0; h < heads; h++)
+    for (int k = 0; k < keys; k++) {
+      int lo = k / range * range, hi = lo + range;
+      double want = 0;
+      for (int g = 0; g < G; g++) {
+        double v = 0;
+        for (int d = -3; d <= 3; d++)
+          if (k + d >= lo && k + d < hi) v = std::max(v, (double)cols[((size_t)h * keys + k + d) * G + g]);
+        want += v;
+      }
+      double got = met[(size_t)h * keys + k], e = fabs(got - want) / std::max(want, 1e-30);
+      if (!(e <= 1e-3)) bad++;
+      if (!(e <= worst)) worst = e;
+    }
+  return {bad, worst};
+}
+#endif
+
 template <typename F>
 static float time_us(int reps, F launch) {
   cudaEvent_t e0, e1;
@@ -586,14 +755,17 @@ static float time_us(int reps, F launch) {
   return ms / reps * 1e3f;
 }
 
-// Usage: ws HEADS KEYS SPLITS REPS [REPEAT]: KEYS a head, SPLITS CTAs a head, each walking its
-// range REPEAT times (REPEAT > 1: K from L2, the compute's own rate).
+// Usage: ws HEADS KEYS SPLITS REPS [REPEAT [BOTH_SPLITS [BOTH_LEAD]]]: KEYS a head, SPLITS CTAs
+// a head, each walking its range REPEAT times (REPEAT > 1: K from L2, the compute's own rate);
+// BOTH_SPLITS > 0 also runs both passes in one persistent launch (both_ws).
 int main(int argc, char** argv) {
   int heads = argc > 1 ? atoi(argv[1]) : 8;
   int keys = argc > 2 ? atoi(argv[2]) : 32768;
   int splits = argc > 3 ? atoi(argv[3]) : 16;
   int reps = argc > 4 ? atoi(argv[4]) : 20;
   int repeat = argc > 5 ? atoi(argv[5]) : 1;
+  int both_splits = argc > 6 ? atoi(argv[6]) : 0;
+  int both_lead = argc > 7 ? atoi(argv[7]) : 2;
   int tiles = keys / TILE / splits;
   if (tiles * TILE * splits != keys || (tiles * repeat) % 2 || tiles * repeat < 2) {
     printf("KEYS must split into an even number of %d-key tiles a CTA\n", TILE);
@@ -679,22 +851,7 @@ int main(int argc, char** argv) {
   std::vector<float> cols((size_t)heads * keys * G), met((size_t)heads * keys);
   CK(cudaMemcpy(cols.data(), dcols, cols.size() * 4, cudaMemcpyDeviceToHost));
   CK(cudaMemcpy(met.data(), dmetric, met.size() * 4, cudaMemcpyDeviceToHost));
-  bad = 0;
-  worst = 0;
-  for (int h = 0; h < heads; h++)
-    for (int k = 0; k < keys; k++) {  // pooled within each CTA's range, as the kernel does
-      int lo = k / keys_cta * keys_cta, hi = lo + keys_cta;
-      double want = 0;
-      for (int g = 0; g < G; g++) {
-        double v = 0;
-        for (int d = -3; d <= 3; d++)
-          if (k + d >= lo && k + d < hi) v = std::max(v, (double)cols[((size_t)h * keys + k + d) * G + g]);
-        want += v;
-      }
-      double got = met[(size_t)h * keys + k], e = fabs(got - want) / std::max(want, 1e-30);
-      if (!(e <= 1e-3)) bad++;
-      if (!(e <= worst)) worst = e;
-    }
+  std::tie(bad, worst) = check_metric(cols, met, heads, keys, keys_cta);
   float us2 = time_us(reps, [&] {
     scores_ws<<<dim3(splits, heads), THREADS, smem2>>>(kmap, qmap, dt, bph, tiles, repeat, c, dbias, dmetric);
   });
@@ -703,6 +860,60 @@ int main(int argc, char** argv) {
          " pass2 %.2f us, %.0f GB/s of K walked: %.2f of copy; pass1 + pass2 %.2f us\n",
          POLY, PINGPONG, STREAM, CPS, MMA, FOLD, TILE, STAGES, heads, keys, splits, repeat, us2,
          kbytes * repeat / (us2 * 1e-6) / 1e9, kbytes * repeat / (us2 * 1e-6) / 1e9 / copy_gbs, us1 + us2);
+
+  // Both passes in one persistent launch: BOTH_SPLITS items a head and pass, pass 1 of head
+  // h + BOTH_LEAD listed before pass 2 of head h.
+  if (both_splits > 0) {
+    int bs = both_splits, btiles = keys / TILE / bs, bkeys = btiles * TILE;
+    if (btiles * TILE * bs != keys || btiles % 2 || bs % 8) {
+      printf("both: KEYS must split into %d ranges of an even number of tiles, splits a multiple of 8\n", bs);
+      return 2;
+    }
+    std::vector<int4> items;
+    for (int step = 0; step < heads + both_lead; step++) {
+      if (step < heads)
+        for (int sp = 0; sp < bs; sp++) items.push_back(make_int4(1, step, sp, 0));
+      if (step >= both_lead)
+        for (int sp = 0; sp < bs; sp++) items.push_back(make_int4(2, step - both_lead, sp, 0));
+    }
+    int4* ditems;
+    float2* dpart;
+    float* dbias2;
+    int *dcount, *dready;
+    CK(cudaMalloc(&ditems, items.size() * sizeof(int4)));
+    CK(cudaMalloc(&dpart, (size_t)heads * bs * ROWS * 8));
+    CK(cudaMalloc(&dbias2, heads * ROWS * 4));
+    CK(cudaMalloc(&dcount, heads * 4));
+    CK(cudaMalloc(&dready, heads * 4));
+    CK(cudaMemset(dcount, 0, heads * 4));
+    CK(cudaMemset(dready, 0, heads * 4));
+    CK(cudaMemcpy(ditems, items.data(), items.size() * sizeof(int4), cudaMemcpyHostToDevice));
+    int sms = 0;
+    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    int smem3 = RING_SMEM + BOTH_EXTRA + 1024 + Q_BYTES + bkeys * G * 4;
+    CK(cudaFuncSetAttribute(both_ws, cudaFuncAttributeMaxDynamicSharedMemorySize, smem3));
+    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, both_ws, THREADS, smem3));
+    if (occ < 1) {
+      printf("both: does not fit (%d bytes of shared memory)\n", smem3);
+      return 2;
+    }
+    int epoch = 0;
+    auto launch = [&] {
+      epoch++;
+      both_ws<<<sms, THREADS, smem3>>>(kmap, qmap, dt, bph, btiles, bs, c, ditems, (int)items.size(), epoch,
+                                       dpart, dbias2, dcount, dready, dmetric);
+    };
+    poison<<<(heads * keys + 255) / 256, 256>>>(dmetric, (size_t)heads * keys);
+    launch();
+    CK(cudaDeviceSynchronize());
+    CK(cudaMemcpy(met.data(), dmetric, met.size() * 4, cudaMemcpyDeviceToHost));
+    std::tie(bad, worst) = check_metric(cols, met, heads, keys, bkeys);
+    float us3 = time_us(reps, launch);
+    printf("check both: %zu of %d keys off, worst relative %.3g\n", bad, heads * keys, worst);
+    printf("both passes, one launch of %d CTAs, %d items a head and pass, lead %d heads, %d stages: %.2f us,"
+           " %.2f of copy (K counted once)\n",
+           sms, bs, both_lead, STAGES, us3, kbytes / (us3 * 1e-6) / 1e9 / copy_gbs);
+  }
 #endif
   return 0;
 }
