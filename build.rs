@@ -10,6 +10,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use kvc_abi::plan::WS_THREADS;
+
 /// The nightly that compiles the device crate (also in `kernels-gpu/rust-toolchain.toml`).
 const NIGHTLY: &str = "nightly-2026-05-20";
 
@@ -26,10 +28,12 @@ const OUTER_VARS: [&str; 9] = [
     "CARGO_MAKEFLAGS",
 ];
 
-/// One PTX module: its file name (in `OUT_DIR` and `kernels-gpu/ptx/`) and its codegen flags.
+/// One PTX module: its file name (in `OUT_DIR` and `kernels-gpu/ptx/`), its codegen flags and
+/// the launch bounds its entries get in the PTX (rustc emits none).
 struct Module {
     file: &'static str,
     flags: &'static [&'static str],
+    max_threads: &'static [(&'static str, u32)],
 }
 
 const MODULES: [Module; 2] = [
@@ -43,11 +47,27 @@ const MODULES: [Module; 2] = [
             "-C",
             "target-feature=+ptx74",
         ],
+        max_threads: &[],
     },
     Module {
         file: "kvc_sm90a.ptx",
-        // PTX ISA 8.0, the target's default.
-        flags: &["-C", "target-cpu=sm_90a", "--cfg", "kvc_hopper"],
+        flags: &[
+            "-C",
+            "target-cpu=sm_90a",
+            // PTX ISA 8.3 (the target's default is 8.0): the warp-specialized pass 1 acquires
+            // its tensor map, written by a host copy, with `fence.proxy.tensormap`
+            // (`gpu/tma.rs`).
+            "-C",
+            "target-feature=+ptx83",
+            "--cfg",
+            "kvc_hopper",
+        ],
+        // The warp-specialized pass 1 (`aggregate_ws.rs`): ptxas must know its 384 threads
+        // to budget the registers that `setmaxnreg` moves between its warpgroups.
+        max_threads: &[
+            ("window_stats_f16_d128", WS_THREADS),
+            ("window_stats_bf16_d128", WS_THREADS),
+        ],
     },
 ];
 
@@ -130,5 +150,30 @@ fn build_ptx(root: &Path, out_dir: &Path, module: &Module) -> Result<String, Str
         ));
     }
     let ptx_path = target_dir.join("nvptx64-nvidia-cuda/release/deps/kvc_kernels.s");
-    fs::read_to_string(&ptx_path).map_err(|e| format!("no PTX at {}: {e}", ptx_path.display()))
+    let ptx = fs::read_to_string(&ptx_path)
+        .map_err(|e| format!("no PTX at {}: {e}", ptx_path.display()))?;
+    module
+        .max_threads
+        .iter()
+        .try_fold(ptx, |ptx, &(entry, threads)| {
+            bound_threads(ptx, entry, threads)
+        })
+}
+
+/// Gives `entry` the launch bounds `.maxntid threads, 1, 1` and `.minnctapersm 1` (without
+/// the latter ptxas ignores `setmaxnreg`: C7508), between its parameter list and its body.
+fn bound_threads(ptx: String, entry: &str, threads: u32) -> Result<String, String> {
+    let head = format!(".entry {entry}(");
+    let start = ptx
+        .find(&head)
+        .ok_or_else(|| format!("no entry {entry} in the PTX"))?;
+    let body = start
+        + ptx[start..]
+            .find("\n{")
+            .ok_or_else(|| format!("no body after entry {entry}"))?;
+    Ok(format!(
+        "{}\n.maxntid {threads}, 1, 1\n.minnctapersm 1{}",
+        &ptx[..body],
+        &ptx[body..]
+    ))
 }

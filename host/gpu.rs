@@ -499,6 +499,47 @@ impl Gpu {
             .map_err(Error::driver("copying to the device"))
     }
 
+    /// The TMA tensor map (`CUtensorMap`'s 128 bytes) over `rows` rows of `row_bytes` bytes of
+    /// 16-bit elements from device address `base`, a 2-D tensor `[rows, row_bytes / 2]`, whose
+    /// boxes are 64 elements (one 128-byte panel) by `box_rows` rows, copied into shared
+    /// memory with the 128-byte swizzle that `wgmma` reads. Encoding is host work only.
+    pub(crate) fn tensor_map(
+        &self,
+        base: u64,
+        rows: u64,
+        row_bytes: u32,
+        box_rows: u32,
+    ) -> Result<[u8; 128]> {
+        let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+        let dims: [u64; 2] = [row_bytes as u64 / 2, rows];
+        let strides: [u64; 1] = [row_bytes as u64];
+        let boxes: [u32; 2] = [64, box_rows];
+        let element_strides: [u32; 2] = [1, 1];
+        // SAFETY: every pointer is to a live array of the rank's length; `map` is written, not
+        // read; the driver checks the values (alignment, extents) and fails otherwise.
+        unsafe {
+            sys::cuTensorMapEncodeTiled(
+                map.as_mut_ptr(),
+                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+                2,
+                base as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                element_strides.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        }
+        .result()
+        .map_err(Error::driver("encoding a tensor map"))?;
+        // SAFETY: the driver wrote the whole map.
+        let map = unsafe { map.assume_init() };
+        Ok(bytemuck::cast(map.opaque))
+    }
+
     /// Overwrites `bytes.len()` bytes of `dst` from byte `offset` (stream-ordered).
     pub(crate) fn write_at(
         &self,

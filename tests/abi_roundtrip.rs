@@ -80,6 +80,7 @@ fn params_arrive_byte_for_byte() {
         stats: 0,
         partials: 0x7777_0000_0000_0003,
         seq_info: 0x7777_0000_0000_0004,
+        k_map: 0x7777_0000_0000_0005,
         layer_idx: 0x8888_0001,
         window: 0x8888_0002,
         key_splits: 0x8888_0003,

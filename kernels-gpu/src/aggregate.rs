@@ -475,7 +475,7 @@ unsafe fn stage_rows(
 
 /// Per-sequence inputs: (window length, last position, metric_skip).
 #[inline(always)]
-unsafe fn seq_info(p: &AggregateParams, seq: u32) -> (u32, i32, i32) {
+pub(crate) unsafe fn seq_info(p: &AggregateParams, seq: u32) -> (u32, i32, i32) {
     // SAFETY: seq_info holds [num_seqs, 3] i32.
     unsafe {
         (
@@ -512,7 +512,13 @@ unsafe fn stage_queries<T: CacheElem>(
 /// Position threshold of row `row` given `(window length, last position)`: the position of
 /// its query, or `i32::MIN` for rows past the window (they see nothing).
 #[inline(always)]
-fn row_position(row: u32, rows: u32, geom: &Geometry, window_len: u32, last: i32) -> i32 {
+pub(crate) fn row_position(
+    row: u32,
+    rows: u32,
+    geom: &Geometry,
+    window_len: u32,
+    last: i32,
+) -> i32 {
     if row < rows {
         last - (window_len - 1 - geom.window_row(row).0) as i32
     } else {
@@ -1114,7 +1120,6 @@ pub unsafe fn window_stats_body<T: CacheElem + QkTile, const D: usize>(p: &Aggre
 
     // SAFETY: the launch reserved the stats map.
     let smem = unsafe { Layout::new::<T, D>(group, false) };
-    let tig = lane_id() % 4;
     let my_rows = lane_rows::<T>(row_base, row_tiles);
     let seen = my_rows.map(|half| half.map(|r| row_position(r, rows, &geom, window_len, last)));
     // The least and the most position this lane's rows see.
@@ -1210,26 +1215,49 @@ pub unsafe fn window_stats_body<T: CacheElem + QkTile, const D: usize>(p: &Aggre
     unsafe { KeyStream::start(p, smem.tiles, head_slot, (key_lo, key_hi)).walk(consume) };
     for (m, half) in my_rows.iter().enumerate() {
         for (i, &row) in half.iter().enumerate() {
-            // Over the row's four lanes (tig).
-            let mut s = stats[m][i];
-            let mut mask = 1;
-            while mask < 4 {
-                // SAFETY: the whole warp runs these shuffles.
-                let other = unsafe { (shfl_xor(s.0, mask), shfl_xor(s.1, mask)) };
-                s = merge_stats(s, other);
-                mask *= 2;
-            }
-            if tig == 0 && (m as u32) < row_tiles && row < rows {
-                // SAFETY: the workspace holds stats and partials for every row (plan).
-                unsafe {
-                    if splits == 1 {
-                        write_stats(p, p.stats_row(seq, kv_head, row), s);
-                    } else {
-                        let at = p.partial_row(seq, kv_head, row, split) * 2;
-                        store::<f32>(p.partials, at, s.0);
-                        store::<f32>(p.partials, at + 1, s.1);
-                    }
-                }
+            // SAFETY: the whole warp; the workspace holds every row (plan).
+            unsafe {
+                write_row(
+                    p,
+                    (seq, kv_head, row),
+                    (split, splits),
+                    stats[m][i],
+                    (m as u32) < row_tiles && row < rows,
+                )
+            };
+        }
+    }
+}
+
+/// Merges a row's (max, sum) over its four lanes (`tig`) and, where `valid`, lane `tig == 0`
+/// writes it: as the row's final stats with one key split, else as split `split`'s partial.
+///
+/// # Safety
+/// The whole warp calls it; the workspace holds stats and partials for the row (plan).
+#[inline(always)]
+pub(crate) unsafe fn write_row(
+    p: &AggregateParams,
+    (seq, kv_head, row): (u32, u32, u32),
+    (split, splits): (u32, u32),
+    mut s: (f32, f32),
+    valid: bool,
+) {
+    let mut mask = 1;
+    while mask < 4 {
+        // SAFETY: the whole warp runs these shuffles.
+        let other = unsafe { (shfl_xor(s.0, mask), shfl_xor(s.1, mask)) };
+        s = merge_stats(s, other);
+        mask *= 2;
+    }
+    if lane_id().is_multiple_of(4) && valid {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            if splits == 1 {
+                write_stats(p, p.stats_row(seq, kv_head, row), s);
+            } else {
+                let at = p.partial_row(seq, kv_head, row, split) * 2;
+                store::<f32>(p.partials, at, s.0);
+                store::<f32>(p.partials, at + 1, s.1);
             }
         }
     }

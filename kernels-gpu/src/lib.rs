@@ -12,6 +12,8 @@
 #![allow(clippy::needless_range_loop)]
 
 mod aggregate;
+#[cfg(kvc_hopper)]
+mod aggregate_ws;
 mod append;
 mod compact;
 mod decode;
@@ -131,12 +133,27 @@ entries! { AppendParams =>
     abi_echo_append = echo::echo_body::<AppendParams>;
 }
 
+/// Pass 1 at `D = 128` for 16-bit type `$t`: warp-specialized in the Hopper module
+/// (`agg_ws_stats`), else the common body.
+#[cfg(kvc_hopper)]
+macro_rules! stats_d128 {
+    ($t:ty) => {
+        aggregate_ws::window_stats_ws_body::<$t>
+    };
+}
+#[cfg(not(kvc_hopper))]
+macro_rules! stats_d128 {
+    ($t:ty) => {
+        aggregate::window_stats_body::<$t, 128>
+    };
+}
+
 entries! { AggregateParams =>
     window_stats_f16_d64 = aggregate::window_stats_body::<F16, 64>;
-    window_stats_f16_d128 = aggregate::window_stats_body::<F16, 128>;
+    window_stats_f16_d128 = stats_d128!(F16);
     window_stats_f16_d256 = aggregate::window_stats_body::<F16, 256>;
     window_stats_bf16_d64 = aggregate::window_stats_body::<Bf16, 64>;
-    window_stats_bf16_d128 = aggregate::window_stats_body::<Bf16, 128>;
+    window_stats_bf16_d128 = stats_d128!(Bf16);
     window_stats_bf16_d256 = aggregate::window_stats_body::<Bf16, 256>;
     window_stats_f32_d64 = aggregate::window_stats_body::<F32, 64>;
     window_stats_f32_d128 = aggregate::window_stats_body::<F32, 128>;

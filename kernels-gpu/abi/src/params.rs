@@ -199,6 +199,11 @@ pub struct AggregateParams {
     pub partials: u64,
     /// `[num_seqs, 3]` i32: window length, last position, metric_skip.
     pub seq_info: u64,
+    /// A tensor map (`CUtensorMap`, 128 bytes, 64-byte aligned) over the K pool as a 2-D
+    /// tensor `[slots, D]` of 16-bit elements, boxes of 64 elements by `B` rows, 128-byte
+    /// swizzle: the warp-specialized pass 1 (`agg_ws_stats`) reads its key tiles through it;
+    /// 0 elsewhere.
+    pub k_map: u64,
     /// Layer whose head slots are read and recorded.
     pub layer_idx: u32,
     /// `w`, the second extent of `q`.

@@ -1083,6 +1083,58 @@ pub const fn agg_wgmma(elem_bytes: u32, hopper: bool) -> bool {
     hopper && elem_bytes == 2
 }
 
+/// Whether pass 1 is the warp-specialized kernel (docs/PERF.md, "v6 probe" and "Plan for
+/// v6"): the Hopper module's 16-bit types at `D = 128`. A CTA is two consumer warpgroups,
+/// each owning 64 of the chunk's [`WS_ROWS`] query rows, and a producer warpgroup whose lanes
+/// bring the key tiles by TMA into a ring of [`WS_STAGES`] tiles of [`WS_TILE_KEYS`] keys.
+pub const fn agg_ws_stats(head_dim: u32, elem_bytes: u32, hopper: bool) -> bool {
+    agg_wgmma(elem_bytes, hopper) && head_dim == 128
+}
+/// Threads of the warp-specialized pass 1: warps 0-7 consume, warpgroup 2 produces.
+pub const WS_THREADS: u32 = 384;
+/// Query rows of a warp-specialized pass-1 CTA (`agg_rows` at `D = 128`, 16-bit).
+pub const WS_ROWS: u32 = 128;
+/// Keys of one key tile of the warp-specialized pass 1.
+pub const WS_TILE_KEYS: u32 = 128;
+/// Key tiles in the warp-specialized pass 1's ring.
+pub const WS_STAGES: u32 = 4;
+/// Bytes of a `CUtensorMap`, which lives 64-byte aligned.
+pub const TENSOR_MAP_BYTES: u64 = 128;
+
+/// The shared-memory map of the warp-specialized pass 1, in bytes from a 1024-byte-aligned
+/// base (the kernel aligns the dynamic base up; [`WsSmem::bytes`] counts the slack).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WsSmem {
+    /// The query rows: 128 rows of `D = 128` 16-bit elements in two swizzled panels.
+    pub q_tile: u32,
+    /// `[WS_STAGES]` key tiles of 128 rows in two swizzled panels.
+    pub k_tiles: u32,
+    /// `[WS_STAGES, WS_TILE_KEYS]` i32 positions of the key tiles' keys.
+    pub positions: u32,
+    /// `[WS_STAGES]` `full` mbarriers (a tile's bytes landed), then `[WS_STAGES]` `empty` ones
+    /// (the 8 consumer warps are done with it).
+    pub barriers: u32,
+    /// Bytes to reserve.
+    pub bytes: u32,
+}
+
+/// Bytes of one key tile of the warp-specialized pass 1.
+pub const WS_TILE_BYTES: u32 = WS_TILE_KEYS * 128 * 2;
+
+/// The warp-specialized pass 1's shared memory ([`WsSmem`]).
+pub const fn ws_smem() -> WsSmem {
+    let k_tiles = WS_ROWS * 128 * 2;
+    let positions = k_tiles + WS_STAGES * WS_TILE_BYTES;
+    let barriers = positions + WS_STAGES * WS_TILE_KEYS * 4;
+    WsSmem {
+        q_tile: 0,
+        k_tiles,
+        positions,
+        barriers,
+        bytes: 1024 + barriers + 2 * WS_STAGES * 8,
+    }
+}
+
 /// Whether pass 2 multiplies keys by query rows (`K Q^T`: a 64-key tile as `wgmma`'s 64 rows,
 /// the chunk's 128 query rows as two halves of 64 columns): the Hopper module's 16-bit types
 /// where a key tile is 64 keys (a row at most 256 bytes). Each key's column sums are then
@@ -1182,9 +1234,16 @@ impl AggregatePlan {
         self.stats_words * 4
     }
 
-    /// Bytes of workspace: the stats and the partials.
+    /// Byte offset in the workspace of the tensor map over the K pool that the warp-specialized
+    /// pass 1 reads its key tiles through (after the partials, 64-byte aligned).
+    pub const fn k_map_offset(&self) -> u64 {
+        (self.partials_offset() + self.stats_words * self.key_splits as u64 * 4)
+            .next_multiple_of(64)
+    }
+
+    /// Bytes of workspace: the stats, the partials and the tensor map.
     pub const fn workspace_bytes(&self) -> u64 {
-        self.partials_offset() + self.stats_words * self.key_splits as u64 * 4
+        self.k_map_offset() + TENSOR_MAP_BYTES
     }
 }
 
@@ -1202,19 +1261,26 @@ pub fn plan_aggregate(
     hopper: bool,
 ) -> AggregatePlan {
     let (head_dim, elem_bytes) = (geometry.head_dim, dtype.elem_bytes());
-    let tile_keys = agg_tile_keys(head_dim, elem_bytes);
+    let ws = agg_ws_stats(head_dim, elem_bytes, hopper);
     let threads = [AGG_WARPS * WARP_SIZE, 1, 1];
     let rows = window * geometry.group_size;
     let row_chunks = rows.div_ceil(agg_rows(head_dim, elem_bytes)).max(1);
     let heads = geometry.num_kv_heads * geometry.num_seqs;
-    let key_tiles = max_context_len.div_ceil(tile_keys).max(1);
+    // Pass 1's key tiles (its splits are whole tiles); pass 2's are `agg_tile_keys`.
+    let stats_tile_keys = if ws {
+        WS_TILE_KEYS
+    } else {
+        agg_tile_keys(head_dim, elem_bytes)
+    };
+    let tile_keys = agg_tile_keys(head_dim, elem_bytes);
+    let key_tiles = max_context_len.div_ceil(stats_tile_keys).max(1);
     let stats_words = heads as u64 * rows as u64 * 2;
     let by_memory = (MAX_PARTIAL_WORDS / stats_words.max(1)).max(1) as u32;
     let key_splits = stats_resident
         .div_ceil(row_chunks * heads)
         .clamp(1, key_tiles)
         .min(by_memory);
-    let split_kvs = key_tiles.div_ceil(key_splits) * tile_keys;
+    let split_kvs = key_tiles.div_ceil(key_splits) * stats_tile_keys;
     let key_splits = max_context_len.div_ceil(split_kvs).max(1);
     // A pass-2 CTA walks its keys and SCORE_HALO on each side in whole key tiles: owning `t`
     // tiles less the halo, its walk is `t` tiles, not `t + 1` with the last one mostly halo.
@@ -1235,8 +1301,12 @@ pub fn plan_aggregate(
             geometry.num_kv_heads,
             geometry.num_seqs,
         ],
-        block: threads,
-        smem_bytes: smem_bytes(false),
+        block: if ws { [WS_THREADS, 1, 1] } else { threads },
+        smem_bytes: if ws {
+            ws_smem().bytes
+        } else {
+            smem_bytes(false)
+        },
     };
     let merge = (key_splits > 1).then_some(LaunchDims {
         grid: [

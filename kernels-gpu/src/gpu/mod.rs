@@ -7,6 +7,8 @@ pub mod mma;
 pub mod smem;
 pub mod sync;
 pub mod thread;
+#[cfg(kvc_hopper)]
+pub mod tma;
 pub mod warp;
 #[cfg(kvc_hopper)]
 pub mod wgmma;

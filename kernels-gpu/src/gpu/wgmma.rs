@@ -66,6 +66,20 @@ pub trait Wgmma16 {
     /// # Safety
     /// As [`Wgmma16::panel`].
     unsafe fn first_panel_n64(acc: &mut [[f32; 16]; 2], a: u64, b: u64);
+
+    /// As [`Wgmma16::panel`] for `m64n128k16`: 128 rows of B, the accumulators in two halves
+    /// as [`wait_pending`] and [`wait_all`] hand them back (registers `0..32` of the
+    /// instruction in `lo`, the first 64 rows of B; `32..64` in `hi`).
+    ///
+    /// # Safety
+    /// As [`Wgmma16::panel`].
+    unsafe fn panel_n128(lo: &mut [[f32; 16]; 2], hi: &mut [[f32; 16]; 2], a: u64, b: u64);
+
+    /// As [`Wgmma16::first_panel`] for `m64n128k16` (see [`Wgmma16::panel_n128`]).
+    ///
+    /// # Safety
+    /// As [`Wgmma16::panel`].
+    unsafe fn first_panel_n128(lo: &mut [[f32; 16]; 2], hi: &mut [[f32; 16]; 2], a: u64, b: u64);
 }
 
 /// `wgmma.fence`: before a group's first MMA, once its accumulators were last written.
@@ -143,6 +157,22 @@ macro_rules! mma {
             " ",
             "{{{c0}, {c1}, {c2}, {c3}, {c4}, {c5}, {c6}, {c7}, ",
             "{c8}, {c9}, {c10}, {c11}, {c12}, {c13}, {c14}, {c15}}}, ",
+            "da, db, ",
+            $scale,
+            ", 1, 1, 0, 0;\n"
+        )
+    };
+    (n128, $ptx:literal, $scale:literal) => {
+        concat!(
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.",
+            $ptx,
+            ".",
+            $ptx,
+            " ",
+            "{{{c0}, {c1}, {c2}, {c3}, {c4}, {c5}, {c6}, {c7}, {c8}, {c9}, {c10}, {c11}, {c12}, {c13}, {c14}, {c15}, ",
+            "{c16}, {c17}, {c18}, {c19}, {c20}, {c21}, {c22}, {c23}, {c24}, {c25}, {c26}, {c27}, {c28}, {c29}, {c30}, {c31}, ",
+            "{c32}, {c33}, {c34}, {c35}, {c36}, {c37}, {c38}, {c39}, {c40}, {c41}, {c42}, {c43}, {c44}, {c45}, {c46}, {c47}, ",
+            "{c48}, {c49}, {c50}, {c51}, {c52}, {c53}, {c54}, {c55}, {c56}, {c57}, {c58}, {c59}, {c60}, {c61}, {c62}, {c63}}}, ",
             "da, db, ",
             $scale,
             ", 1, 1, 0, 0;\n"
@@ -246,12 +276,100 @@ macro_rules! panel_fns {
     };
 }
 
+/// Defines `$name` (`m64n128k16`) of [`Wgmma16`] for `$ptx` inputs with the first k-step's
+/// predicate `$first` and operands `$dir`, the accumulators in two halves.
+macro_rules! panel_fn_n128 {
+    ($name:ident, $ptx:literal, $first:literal, $dir:ident) => {
+        #[inline(always)]
+        unsafe fn $name(lo: &mut [[f32; 16]; 2], hi: &mut [[f32; 16]; 2], a: u64, b: u64) {
+            let [[c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15], [c16, c17, c18, c19, c20, c21, c22, c23, c24, c25, c26, c27, c28, c29, c30, c31]] = lo;
+            let [[c32, c33, c34, c35, c36, c37, c38, c39, c40, c41, c42, c43, c44, c45, c46, c47], [c48, c49, c50, c51, c52, c53, c54, c55, c56, c57, c58, c59, c60, c61, c62, c63]] = hi;
+            // SAFETY: forwarded from the caller; the block's registers are its own.
+            unsafe {
+                asm!(
+                    panel_asm!(n128, $ptx, $first),
+                    one = in(reg32) 1u32,
+                    a = in(reg64) a,
+                    b = in(reg64) b,
+                    c0 = $dir(reg32) *c0,
+                    c1 = $dir(reg32) *c1,
+                    c2 = $dir(reg32) *c2,
+                    c3 = $dir(reg32) *c3,
+                    c4 = $dir(reg32) *c4,
+                    c5 = $dir(reg32) *c5,
+                    c6 = $dir(reg32) *c6,
+                    c7 = $dir(reg32) *c7,
+                    c8 = $dir(reg32) *c8,
+                    c9 = $dir(reg32) *c9,
+                    c10 = $dir(reg32) *c10,
+                    c11 = $dir(reg32) *c11,
+                    c12 = $dir(reg32) *c12,
+                    c13 = $dir(reg32) *c13,
+                    c14 = $dir(reg32) *c14,
+                    c15 = $dir(reg32) *c15,
+                    c16 = $dir(reg32) *c16,
+                    c17 = $dir(reg32) *c17,
+                    c18 = $dir(reg32) *c18,
+                    c19 = $dir(reg32) *c19,
+                    c20 = $dir(reg32) *c20,
+                    c21 = $dir(reg32) *c21,
+                    c22 = $dir(reg32) *c22,
+                    c23 = $dir(reg32) *c23,
+                    c24 = $dir(reg32) *c24,
+                    c25 = $dir(reg32) *c25,
+                    c26 = $dir(reg32) *c26,
+                    c27 = $dir(reg32) *c27,
+                    c28 = $dir(reg32) *c28,
+                    c29 = $dir(reg32) *c29,
+                    c30 = $dir(reg32) *c30,
+                    c31 = $dir(reg32) *c31,
+                    c32 = $dir(reg32) *c32,
+                    c33 = $dir(reg32) *c33,
+                    c34 = $dir(reg32) *c34,
+                    c35 = $dir(reg32) *c35,
+                    c36 = $dir(reg32) *c36,
+                    c37 = $dir(reg32) *c37,
+                    c38 = $dir(reg32) *c38,
+                    c39 = $dir(reg32) *c39,
+                    c40 = $dir(reg32) *c40,
+                    c41 = $dir(reg32) *c41,
+                    c42 = $dir(reg32) *c42,
+                    c43 = $dir(reg32) *c43,
+                    c44 = $dir(reg32) *c44,
+                    c45 = $dir(reg32) *c45,
+                    c46 = $dir(reg32) *c46,
+                    c47 = $dir(reg32) *c47,
+                    c48 = $dir(reg32) *c48,
+                    c49 = $dir(reg32) *c49,
+                    c50 = $dir(reg32) *c50,
+                    c51 = $dir(reg32) *c51,
+                    c52 = $dir(reg32) *c52,
+                    c53 = $dir(reg32) *c53,
+                    c54 = $dir(reg32) *c54,
+                    c55 = $dir(reg32) *c55,
+                    c56 = $dir(reg32) *c56,
+                    c57 = $dir(reg32) *c57,
+                    c58 = $dir(reg32) *c58,
+                    c59 = $dir(reg32) *c59,
+                    c60 = $dir(reg32) *c60,
+                    c61 = $dir(reg32) *c61,
+                    c62 = $dir(reg32) *c62,
+                    c63 = $dir(reg32) *c63,
+                    options(nostack),
+                );
+            }
+        }
+    };
+}
+
 /// Implements [`Wgmma16`] for `$elem` with the PTX input type `$ptx`.
 macro_rules! wgmma16 {
     ($elem:ty, $ptx:literal) => {
         impl Wgmma16 for $elem {
             panel_fns!(panel, panel_n64, $ptx, "p", inout);
             panel_fns!(first_panel, first_panel_n64, $ptx, "z", out);
+            panel_fn_n128!(panel_n128, $ptx, "p", inout);
+            panel_fn_n128!(first_panel_n128, $ptx, "z", out);
         }
     };
 }
