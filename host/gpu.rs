@@ -40,6 +40,16 @@ pub const HEAD_DIMS: [u32; 3] = [64, 128, 256];
 pub const GROUP_SIZES: [u32; 4] = [1, 2, 4, 8];
 /// Block sizes the cache accepts (powers of two of at least `MIN_BLOCK_SIZE`; these are tested).
 pub const BLOCK_SIZES: [u32; 3] = [8, 16, 32];
+// The warp-specialized pass 1 brings whole blocks into its key tiles
+// (`kvc_abi::plan::WS_TILE_KEYS`), one lane a block, and `B` positions by one bulk copy.
+const _: () = {
+    let mut i = 0;
+    while i < BLOCK_SIZES.len() {
+        let b = BLOCK_SIZES[i];
+        assert!(kvc_abi::plan::WS_TILE_KEYS.is_multiple_of(b) && (b * 4).is_multiple_of(16));
+        i += 1;
+    }
+};
 // The decode kernel sizes its block-id table by the smallest block size.
 const _: () = assert!(BLOCK_SIZES[0] >= kvc_abi::plan::MIN_BLOCK_SIZE);
 
