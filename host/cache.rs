@@ -98,6 +98,10 @@ pub(crate) struct DeviceArrays {
     /// position, metric_skip), copied once per prefill, not once per layer: a copy before
     /// the first kernel cost each call a few microseconds of the stream.
     pub(crate) windows: HeldArray,
+    /// The TMA tensor map over `k_pool` that the warp-specialized pass 1 reads its key tiles
+    /// through (`kvc_abi::plan::agg_ws_stats`), encoded and copied on first use: it depends on
+    /// the pool alone.
+    k_map: Option<CudaSlice<u8>>,
 }
 
 /// What decode recording keeps on the device between calls.
@@ -140,6 +144,30 @@ impl HeldArray {
 }
 
 impl DeviceArrays {
+    /// Device address of the tensor map over `k_pool` as a 2-D tensor `[slots, D]` of 16-bit
+    /// elements, boxes of 64 elements by one block's rows (`AggregateParams::k_map`).
+    pub(crate) fn k_map(&mut self, g: Geometry) -> Result<u64> {
+        if let Some(map) = &self.k_map {
+            return Ok(self.gpu.addr(map));
+        }
+        // TMA coordinates are signed 32-bit: no GPU today holds a K pool this large.
+        if g.pool_slots() > i32::MAX as u64 {
+            return Err(Error::Unsupported {
+                what: "pool slots for the TMA aggregation",
+                value: format!("{} (at most {})", g.pool_slots(), i32::MAX),
+            });
+        }
+        let gpu = &self.gpu;
+        let map = gpu.tensor_map(
+            gpu.addr(&self.k_pool),
+            g.pool_slots(),
+            g.head_dim * 2,
+            g.block_size,
+        )?;
+        let map = self.k_map.insert(gpu.upload(&map)?);
+        Ok(self.gpu.addr(map))
+    }
+
     /// The cache as a kernel sees it.
     pub(crate) fn view(&self, geometry: Geometry) -> CacheView {
         let gpu = &self.gpu;
@@ -306,6 +334,7 @@ impl PagedKvCache {
                     thresholds: HeldArray::new(gpu, g.num_seqs as usize)?,
                 },
                 windows: HeldArray::new(gpu, g.num_seqs as usize * 3)?,
+                k_map: None,
             })),
         };
         Ok(Self {

@@ -3,13 +3,11 @@
 
 use cudarc::driver::CudaSlice;
 use kvc_abi::params::AggregateParams;
-use kvc_abi::plan::{
-    agg_ws_stats, aggregate_smem, plan_aggregate, ws_smem, AGG_WARPS, WARP_SIZE, WS_THREADS,
-};
+use kvc_abi::plan::{agg_cta, agg_ws_stats, plan_aggregate};
 use kvc_abi::{DType, Geometry};
 
 use crate::cache::{AggregateArgs, DeviceArrays};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::gpu::{window_scores_entry, window_stats_entry, WINDOW_STATS_MERGE_ENTRY};
 
 /// One validated aggregation call.
@@ -31,25 +29,25 @@ pub(crate) fn aggregate(
     dtype: DType,
     job: AggregateJob,
 ) -> Result<()> {
+    // The warp-specialized pass 1 reads its key tiles through a tensor map held with the cache.
+    let k_map = if agg_ws_stats(g.head_dim, dtype.elem_bytes(), d.gpu.hopper_module()) {
+        d.k_map(g)?
+    } else {
+        0
+    };
     let gpu = &d.gpu;
     let (stats_entry, scores_entry) = (
         window_stats_entry(dtype, g.head_dim),
         window_scores_entry(dtype, g.head_dim),
     );
-    let ws = agg_ws_stats(g.head_dim, dtype.elem_bytes(), gpu.hopper_module());
     let resident = |entry: &str, columns: bool| -> Result<u32> {
-        let (threads, smem) = if ws && !columns {
-            (WS_THREADS, ws_smem().bytes)
-        } else {
-            let smem = aggregate_smem(
-                g.head_dim,
-                dtype.elem_bytes(),
-                g.group_size,
-                columns,
-                gpu.hopper_module(),
-            );
-            (AGG_WARPS * WARP_SIZE, smem.bytes)
-        };
+        let (threads, smem) = agg_cta(
+            g.head_dim,
+            dtype.elem_bytes(),
+            g.group_size,
+            columns,
+            gpu.hopper_module(),
+        );
         let kernel = gpu.kernel_props(entry, threads, smem)?;
         Ok(gpu.props().num_sms * kernel.ctas_per_sm.max(1))
     };
@@ -65,27 +63,10 @@ pub(crate) fn aggregate(
         gpu.hopper_module(),
     );
     d.windows.update(gpu, &job.seq_info)?;
-    let mut workspace = gpu.workspace(plan.workspace_bytes())?;
+    let workspace = gpu.workspace(plan.workspace_bytes())?;
     let base = gpu.addr(&workspace);
-    let cache = d.view(g);
-    // The warp-specialized pass 1 reads its key tiles by TMA through a map over the K pool,
-    // boxes of one block's rows (encoded each call: host work only).
-    let k_map = if ws {
-        // TMA coordinates are signed 32-bit: no GPU today holds a K pool this large.
-        if g.pool_slots() > i32::MAX as u64 {
-            return Err(Error::Unsupported {
-                what: "pool slots for the TMA aggregation",
-                value: format!("{} (at most {})", g.pool_slots(), i32::MAX),
-            });
-        }
-        let map = gpu.tensor_map(cache.k_pool, g.pool_slots(), g.head_dim * 2, g.block_size)?;
-        gpu.write_at(&map, &mut workspace, plan.k_map_offset())?;
-        base + plan.k_map_offset()
-    } else {
-        0
-    };
     let params = AggregateParams {
-        cache,
+        cache: d.view(g),
         q: gpu.addr(job.q),
         stats: base,
         partials: base + plan.partials_offset(),

@@ -415,11 +415,11 @@ impl QkGroup for F32 {
 /// (padded, for `ldmatrix` and the f32 path), or, `swizzled`, the 128-byte-swizzled panels of
 /// a `rows`-row tile that `wgmma` reads (`gpu::wgmma`).
 #[derive(Clone, Copy)]
-struct RowLayout {
-    stride: u32,
-    data: u32,
-    rows: u32,
-    swizzled: bool,
+pub(crate) struct RowLayout {
+    pub(crate) stride: u32,
+    pub(crate) data: u32,
+    pub(crate) rows: u32,
+    pub(crate) swizzled: bool,
 }
 
 impl RowLayout {
@@ -443,19 +443,20 @@ fn publish_copies() {
     fence_async_proxy();
 }
 
-/// Stages `rows` rows (`layout`) into shared memory at `tile`, the whole CTA issuing
-/// asynchronous 16-byte copies (none waits on another), then waiting for its own; `src(row)`
+/// Stages `rows` rows (`layout`) into shared memory at `tile`, threads `0..threads` issuing
+/// asynchronous 16-byte copies (none waits on another), then waiting for their own; `src(row)`
 /// is the global address of a row, or `None` for a zero row. The caller's barrier makes the
-/// tile visible to the CTA.
+/// tile visible to those threads.
 ///
 /// # Safety
-/// Every thread calls it; each `Some` address holds a readable row no thread writes; the tile
-/// holds `rows` rows; `src` reads nothing the copies write.
+/// Threads `0..threads` call it; each `Some` address holds a readable row no thread writes; the
+/// tile holds `rows` rows; `src` reads nothing the copies write.
 #[inline(always)]
 unsafe fn stage_rows(
     tile: *mut u8,
     layout: RowLayout,
     rows: u32,
+    threads: u32,
     src: impl Fn(u32) -> Option<u64>,
 ) {
     let chunks_per_row = layout.data / VECTOR_BYTES;
@@ -466,7 +467,7 @@ unsafe fn stage_rows(
         let offset = col * VECTOR_BYTES;
         // SAFETY: row < rows, col < chunks_per_row; the source as the caller promised.
         unsafe { copy_async_chunk(layout.chunk(base, row, col), src(row), offset as u64) };
-        chunk += THREADS;
+        chunk += threads;
     }
     // SAFETY: this thread's copies.
     unsafe { wait_async_copies() };
@@ -486,20 +487,22 @@ pub(crate) unsafe fn seq_info(p: &AggregateParams, seq: u32) -> (u32, i32, i32) 
     }
 }
 
-/// Stages query rows `row_base..row_base + count` of `(seq, kv_head)` (zero past `rows`).
+/// Stages query rows `row_base..row_base + count` of `(seq, kv_head)` (zero past `rows`), by
+/// threads `0..threads` ([`stage_rows`]).
 #[inline(always)]
-unsafe fn stage_queries<T: CacheElem>(
+pub(crate) unsafe fn stage_queries<T: CacheElem>(
     p: &AggregateParams,
     q_tile: *mut u8,
     layout: RowLayout,
     (seq, kv_head): (u32, u32),
     (row_base, count): (u32, u32),
     rows: u32,
+    threads: u32,
 ) {
     let geom = p.cache.geometry;
     // SAFETY: valid rows address [num_seqs, window, Hq, D] of T (host-validated shape).
     unsafe {
-        stage_rows(q_tile, layout, count, |r| {
+        stage_rows(q_tile, layout, count, threads, |r| {
             let row = row_base + r;
             (row < rows).then(|| {
                 let (i, g) = geom.window_row(row);
@@ -932,6 +935,7 @@ impl WarpRows {
                 (seq, kv_head),
                 (row_base, chunk_rows),
                 rows,
+                THREADS,
             );
             sync_threads();
         }
@@ -1100,23 +1104,22 @@ pub unsafe fn window_stats_body<T: CacheElem + QkTile, const D: usize>(p: &Aggre
     allow_dependent_grid();
     let geom = p.cache.geometry;
     let group = geom.group_size.max(1);
-    let (kv_head, seq) = (block_idx_y(), block_idx_z());
-    let splits = p.key_splits.max(1);
-    let (chunk, split) = (block_idx_x() / splits, block_idx_x() % splits);
-    // SAFETY: seq < num_seqs (grid).
-    let (window_len, last, _) = unsafe { seq_info(p, seq) };
-    let rows = window_len * group;
-    let chunk_rows = agg_rows(D as u32, T::BYTES);
-    let row_tiles = agg_row_tiles(D as u32, T::BYTES);
-    let row_base = chunk * chunk_rows;
-    if row_base >= rows {
+    // SAFETY: forwarded from the caller.
+    let Some(cta) = (unsafe { StatsCta::new(p, agg_rows(D as u32, T::BYTES)) }) else {
         return; // uniform over the CTA: no barrier is skipped by part of it
-    }
-    let head_slot = geom.head_slot(seq, p.layer_idx, kv_head);
-    // SAFETY: head_slot is in range (grid and validated layer).
-    let len = unsafe { load::<i32>(p.cache.context_lens, head_slot) } as u32;
-    let key_lo = (split * p.split_kvs).min(len);
-    let key_hi = len.min(key_lo + p.split_kvs);
+    };
+    let StatsCta {
+        seq,
+        kv_head,
+        window_len,
+        last,
+        rows,
+        row_base,
+        head_slot,
+        keys: (key_lo, key_hi),
+        ..
+    } = cta;
+    let row_tiles = agg_row_tiles(D as u32, T::BYTES);
 
     // SAFETY: the launch reserved the stats map.
     let smem = unsafe { Layout::new::<T, D>(group, false) };
@@ -1216,48 +1219,97 @@ pub unsafe fn window_stats_body<T: CacheElem + QkTile, const D: usize>(p: &Aggre
     for (m, half) in my_rows.iter().enumerate() {
         for (i, &row) in half.iter().enumerate() {
             // SAFETY: the whole warp; the workspace holds every row (plan).
-            unsafe {
-                write_row(
-                    p,
-                    (seq, kv_head, row),
-                    (split, splits),
-                    stats[m][i],
-                    (m as u32) < row_tiles && row < rows,
-                )
-            };
+            unsafe { cta.write_row(p, row, stats[m][i], (m as u32) < row_tiles && row < rows) };
         }
     }
 }
 
-/// Merges a row's (max, sum) over its four lanes (`tig`) and, where `valid`, lane `tig == 0`
-/// writes it: as the row's final stats with one key split, else as split `split`'s partial.
-///
-/// # Safety
-/// The whole warp calls it; the workspace holds stats and partials for the row (plan).
-#[inline(always)]
-pub(crate) unsafe fn write_row(
-    p: &AggregateParams,
-    (seq, kv_head, row): (u32, u32, u32),
-    (split, splits): (u32, u32),
-    mut s: (f32, f32),
-    valid: bool,
-) {
-    let mut mask = 1;
-    while mask < 4 {
-        // SAFETY: the whole warp runs these shuffles.
-        let other = unsafe { (shfl_xor(s.0, mask), shfl_xor(s.1, mask)) };
-        s = merge_stats(s, other);
-        mask *= 2;
+/// What a pass-1 CTA works on (grid `(row_chunk * key_splits + split, kv_head, seq)`): its
+/// chunk's window rows from `row_base` of `(seq, kv_head)`, against the keys of its split.
+pub(crate) struct StatsCta {
+    pub(crate) seq: u32,
+    pub(crate) kv_head: u32,
+    split: u32,
+    splits: u32,
+    pub(crate) window_len: u32,
+    pub(crate) last: i32,
+    /// Window rows of `(seq, kv_head)`.
+    pub(crate) rows: u32,
+    pub(crate) row_base: u32,
+    pub(crate) head_slot: u64,
+    /// The split's keys `lo..hi` of the head slot.
+    pub(crate) keys: (u32, u32),
+}
+
+impl StatsCta {
+    /// This CTA's work with chunks of `chunk_rows` rows, or `None` when its chunk lies past
+    /// the window (the same answer for every thread of the CTA).
+    ///
+    /// # Safety
+    /// Launched with `plan_aggregate`'s stats grid and host-validated params.
+    #[inline(always)]
+    pub(crate) unsafe fn new(p: &AggregateParams, chunk_rows: u32) -> Option<Self> {
+        let geom = p.cache.geometry;
+        let (kv_head, seq) = (block_idx_y(), block_idx_z());
+        let splits = p.key_splits.max(1);
+        let (chunk, split) = (block_idx_x() / splits, block_idx_x() % splits);
+        // SAFETY: seq < num_seqs (grid).
+        let (window_len, last, _) = unsafe { seq_info(p, seq) };
+        let rows = window_len * geom.group_size.max(1);
+        let row_base = chunk * chunk_rows;
+        if row_base >= rows {
+            return None;
+        }
+        let head_slot = geom.head_slot(seq, p.layer_idx, kv_head);
+        // SAFETY: head_slot is in range (grid and validated layer).
+        let len = unsafe { load::<i32>(p.cache.context_lens, head_slot) } as u32;
+        let key_lo = (split * p.split_kvs).min(len);
+        Some(Self {
+            seq,
+            kv_head,
+            split,
+            splits,
+            window_len,
+            last,
+            rows,
+            row_base,
+            head_slot,
+            keys: (key_lo, len.min(key_lo + p.split_kvs)),
+        })
     }
-    if lane_id().is_multiple_of(4) && valid {
-        // SAFETY: forwarded from the caller.
-        unsafe {
-            if splits == 1 {
-                write_stats(p, p.stats_row(seq, kv_head, row), s);
-            } else {
-                let at = p.partial_row(seq, kv_head, row, split) * 2;
-                store::<f32>(p.partials, at, s.0);
-                store::<f32>(p.partials, at + 1, s.1);
+
+    /// Merges row `row`'s (max, sum) over its four lanes (`tig`) and, where `valid`, lane
+    /// `tig == 0` writes it: as the row's final stats with one key split, else as this split's
+    /// partial.
+    ///
+    /// # Safety
+    /// The whole warp calls it; the workspace holds stats and partials for the row (plan).
+    #[inline(always)]
+    pub(crate) unsafe fn write_row(
+        &self,
+        p: &AggregateParams,
+        row: u32,
+        mut s: (f32, f32),
+        valid: bool,
+    ) {
+        let (seq, kv_head) = (self.seq, self.kv_head);
+        let mut mask = 1;
+        while mask < 4 {
+            // SAFETY: the whole warp runs these shuffles.
+            let other = unsafe { (shfl_xor(s.0, mask), shfl_xor(s.1, mask)) };
+            s = merge_stats(s, other);
+            mask *= 2;
+        }
+        if lane_id().is_multiple_of(4) && valid {
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                if self.splits == 1 {
+                    write_stats(p, p.stats_row(seq, kv_head, row), s);
+                } else {
+                    let at = p.partial_row(seq, kv_head, row, self.split) * 2;
+                    store::<f32>(p.partials, at, s.0);
+                    store::<f32>(p.partials, at + 1, s.1);
+                }
             }
         }
     }

@@ -18,26 +18,21 @@
 //! comes from build.rs).
 
 use kvc_abi::params::AggregateParams;
-use kvc_abi::plan::{
-    swizzled_chunk, ws_smem, PANEL_ROW_BYTES, VECTOR_BYTES, WS_ROWS, WS_STAGES, WS_TILE_BYTES,
-    WS_TILE_KEYS,
-};
+use kvc_abi::plan::{ws_smem, PANEL_ROW_BYTES, WS_ROWS, WS_STAGES, WS_TILE_BYTES, WS_TILE_KEYS};
 
-use crate::aggregate::{row_position, seq_info, write_row};
+use crate::aggregate::{row_position, stage_queries, RowLayout, StatsCta};
 use crate::gpu::math::{exp2, fma, fmax, CacheElem};
 use crate::gpu::mem::load;
-use crate::gpu::mma::{copy_async_chunk, shared_addr, wait_async_copies};
+use crate::gpu::mma::shared_addr;
 use crate::gpu::smem::dynamic_f32;
 use crate::gpu::sync::allow_dependent_grid;
-use crate::gpu::thread::{
-    block_idx_x, block_idx_y, block_idx_z, lane_id, sync_threads, thread_idx_x, warp_id,
-};
+use crate::gpu::thread::{lane_id, sync_threads, thread_idx_x, warp_id};
 use crate::gpu::tma::{
     acquire_tensor_map, arrive, arrive_expect_bytes, copy_bulk, copy_tile, init_barrier,
     registers_to_consumer, registers_to_producer, sync_consumers, wait_barrier,
 };
 use crate::gpu::warp::{max_i32, sync_warp};
-use crate::gpu::wgmma::{commit, descriptor, fence, fence_async_proxy, wait_all, Wgmma16};
+use crate::gpu::wgmma::{commit, descriptor, fence, wait_all, Wgmma16};
 
 /// Consumer threads: warpgroups 0 and 1.
 const CONSUMERS: u32 = 256;
@@ -118,21 +113,21 @@ impl Ring {
 pub unsafe fn window_stats_ws_body<T: CacheElem + Wgmma16>(p: &AggregateParams) {
     allow_dependent_grid();
     let geom = p.cache.geometry;
-    let (kv_head, seq) = (block_idx_y(), block_idx_z());
-    let splits = p.key_splits.max(1);
-    let (chunk, split) = (block_idx_x() / splits, block_idx_x() % splits);
-    // SAFETY: seq < num_seqs (grid).
-    let (window_len, last, _) = unsafe { seq_info(p, seq) };
-    let rows = window_len * geom.group_size.max(1);
-    let row_base = chunk * WS_ROWS;
-    if row_base >= rows {
+    // SAFETY: forwarded from the caller.
+    let Some(cta) = (unsafe { StatsCta::new(p, WS_ROWS) }) else {
         return; // uniform over the CTA, before any barrier
-    }
-    let head_slot = geom.head_slot(seq, p.layer_idx, kv_head);
-    // SAFETY: head_slot is in range (grid and validated layer).
-    let len = unsafe { load::<i32>(p.cache.context_lens, head_slot) } as u32;
-    let key_lo = (split * p.split_kvs).min(len);
-    let key_hi = len.min(key_lo + p.split_kvs);
+    };
+    let StatsCta {
+        seq,
+        kv_head,
+        window_len,
+        last,
+        rows,
+        row_base,
+        head_slot,
+        keys: (key_lo, key_hi),
+        ..
+    } = cta;
     let ntiles = (key_hi - key_lo).div_ceil(WS_TILE_KEYS);
 
     let map = ws_smem();
@@ -169,8 +164,26 @@ pub unsafe fn window_stats_ws_body<T: CacheElem + Wgmma16>(p: &AggregateParams) 
     // SAFETY: both consumer warpgroups.
     unsafe { registers_to_consumer() };
     let q_tile = base + map.q_tile;
-    // SAFETY: the consumers only, from here on.
-    unsafe { stage_queries::<T>(p, q_tile, (seq, kv_head), row_base, rows) };
+    let layout = RowLayout {
+        stride: PANEL_ROW_BYTES,
+        data: 128 * 2,
+        rows: WS_ROWS,
+        swizzled: true,
+    };
+    // SAFETY: the consumers only, from here on; the query tile holds WS_ROWS rows; then the
+    // copies are fenced for `wgmma` and every consumer meets.
+    unsafe {
+        stage_queries::<T>(
+            p,
+            base_ptr.wrapping_add(map.q_tile as usize),
+            layout,
+            (seq, kv_head),
+            (row_base, WS_ROWS),
+            rows,
+            CONSUMERS,
+        );
+        sync_consumers();
+    }
 
     let (consumer, warp, lane) = (thread_idx_x() / 128, warp_id() % 4, lane_id());
     let my_rows = [0, 8].map(|d| row_base + 64 * consumer + 16 * warp + lane / 4 + d);
@@ -228,15 +241,7 @@ pub unsafe fn window_stats_ws_body<T: CacheElem + Wgmma16>(p: &AggregateParams) 
     }
     for (i, &row) in my_rows.iter().enumerate() {
         // SAFETY: the whole warp; the workspace holds every row (plan).
-        unsafe {
-            write_row(
-                p,
-                (seq, kv_head, row),
-                (split, splits),
-                stats[i],
-                row < rows,
-            )
-        };
+        unsafe { cta.write_row(p, row, stats[i], row < rows) };
     }
 }
 
@@ -385,47 +390,6 @@ impl Consumer<'_> {
                 stats[i] = (new_max, total);
             }
         }
-    }
-}
-
-/// Stages the chunk's query rows (zero past `rows`) into the swizzled panels at `q_tile`, the
-/// consumers issuing 16-byte copies, then fences them for `wgmma` and meets.
-///
-/// # Safety
-/// The 256 consumer threads call it; `q`'s rows are host-validated.
-#[inline(always)]
-unsafe fn stage_queries<T: CacheElem>(
-    p: &AggregateParams,
-    q_tile: u32,
-    (seq, kv_head): (u32, u32),
-    row_base: u32,
-    rows: u32,
-) {
-    let geom = p.cache.geometry;
-    let chunks_per_row = 128 * 2 / VECTOR_BYTES;
-    let mut chunk = thread_idx_x();
-    while chunk < WS_ROWS * chunks_per_row {
-        let (r, c) = (chunk / chunks_per_row, chunk % chunks_per_row);
-        let row = row_base + r;
-        let src = (row < rows).then(|| {
-            let (i, g) = geom.window_row(row);
-            p.q + p.query_elem(seq, i, kv_head * geom.group_size + g) * T::BYTES as u64
-        });
-        // SAFETY: inside the query tile; the source is a row of q or none (zeros).
-        unsafe {
-            copy_async_chunk(
-                swizzled_chunk(q_tile, WS_ROWS, r, c),
-                src,
-                (c * VECTOR_BYTES) as u64,
-            )
-        };
-        chunk += CONSUMERS;
-    }
-    // SAFETY: this thread's copies; then every consumer meets.
-    unsafe {
-        wait_async_copies();
-        fence_async_proxy();
-        sync_consumers();
     }
 }
 

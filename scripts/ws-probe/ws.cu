@@ -383,6 +383,20 @@ __device__ __forceinline__ void fold(const float (&a)[NACC], float c, float (&m)
 #endif
 }
 
+// A thread's two rows' (max, sum) merged over the row's four lanes.
+__device__ __forceinline__ void quad_merge(float (&m)[2], float (&l)[2], float c) {
+#pragma unroll
+  for (int i = 0; i < 2; i++) {
+#pragma unroll
+    for (int x = 1; x < 4; x <<= 1) {
+      float mo = __shfl_xor_sync(~0u, m[i], x), lo = __shfl_xor_sync(~0u, l[i], x);
+      float mn = fmaxf(m[i], mo);
+      l[i] = l[i] * ex2((m[i] - mn) * c) + lo * ex2((mo - mn) * c);
+      m[i] = mn;
+    }
+  }
+}
+
 // Pass 1. grid (splits, heads): consumer c owns rows 64 c.., multiplies every tile (query rows
 // as A, keys as B: m64nTILEk16). out[h][split][row] = (max, sum) of raw scores.
 __global__ void __launch_bounds__(THREADS, CPS)
@@ -418,15 +432,9 @@ __global__ void __launch_bounds__(THREADS, CPS)
   }
   (void)a1;
 #endif
+  quad_merge(m, l, c);
 #pragma unroll
   for (int i = 0; i < 2; i++) {
-#pragma unroll
-    for (int x = 1; x < 4; x <<= 1) {
-      float mo = __shfl_xor_sync(~0u, m[i], x), lo = __shfl_xor_sync(~0u, l[i], x);
-      float mn = fmaxf(m[i], mo);
-      l[i] = l[i] * ex2((m[i] - mn) * c) + lo * ex2((mo - mn) * c);
-      m[i] = mn;
-    }
     if (lane % 4 == 0) {
       int row = ci * 64 + warp * 16 + lane / 4 + 8 * i;
       out[((size_t)h * gridDim.x + split) * ROWS + row] = make_float2(m[i], l[i]);
@@ -592,15 +600,9 @@ __global__ void __launch_bounds__(THREADS, 1)
           r, tg, tiles, a0, a1, [&](auto& x, int t) { issue<128>(x, q, PANEL_Q, r.stage(t), PANEL_TILE); },
           [&](auto& x, int) { fold(x, c, m, l); });
       if (lane == 0) bar_arrive(qempty(k % 2));
+      quad_merge(m, l, c);
 #pragma unroll
       for (int j = 0; j < 2; j++) {
-#pragma unroll
-        for (int x = 1; x < 4; x <<= 1) {
-          float mo = __shfl_xor_sync(~0u, m[j], x), lo = __shfl_xor_sync(~0u, l[j], x);
-          float mn = fmaxf(m[j], mo);
-          l[j] = l[j] * ex2((m[j] - mn) * c) + lo * ex2((mo - mn) * c);
-          m[j] = mn;
-        }
         if (lane % 4 == 0)
           partials[((size_t)h * splits + split) * ROWS + ci * 64 + warp * 16 + lane / 4 + 8 * j] = make_float2(m[j], l[j]);
       }

@@ -1098,8 +1098,6 @@ pub const WS_ROWS: u32 = 128;
 pub const WS_TILE_KEYS: u32 = 128;
 /// Key tiles in the warp-specialized pass 1's ring.
 pub const WS_STAGES: u32 = 4;
-/// Bytes of a `CUtensorMap`, which lives 64-byte aligned.
-pub const TENSOR_MAP_BYTES: u64 = 128;
 
 /// The shared-memory map of the warp-specialized pass 1, in bytes from a 1024-byte-aligned
 /// base (the kernel aligns the dynamic base up; [`WsSmem::bytes`] counts the slack).
@@ -1132,6 +1130,25 @@ pub const fn ws_smem() -> WsSmem {
         positions,
         barriers,
         bytes: 1024 + barriers + 2 * WS_STAGES * 8,
+    }
+}
+
+/// Threads and shared-memory bytes of a CTA of pass 1 (`columns` false) or pass 2
+/// (`columns` true), as [`plan_aggregate`] launches them.
+pub const fn agg_cta(
+    head_dim: u32,
+    elem_bytes: u32,
+    group_size: u32,
+    columns: bool,
+    hopper: bool,
+) -> (u32, u32) {
+    if !columns && agg_ws_stats(head_dim, elem_bytes, hopper) {
+        (WS_THREADS, ws_smem().bytes)
+    } else {
+        (
+            AGG_WARPS * WARP_SIZE,
+            aggregate_smem(head_dim, elem_bytes, group_size, columns, hopper).bytes,
+        )
     }
 }
 
@@ -1234,16 +1251,9 @@ impl AggregatePlan {
         self.stats_words * 4
     }
 
-    /// Byte offset in the workspace of the tensor map over the K pool that the warp-specialized
-    /// pass 1 reads its key tiles through (after the partials, 64-byte aligned).
-    pub const fn k_map_offset(&self) -> u64 {
-        (self.partials_offset() + self.stats_words * self.key_splits as u64 * 4)
-            .next_multiple_of(64)
-    }
-
-    /// Bytes of workspace: the stats, the partials and the tensor map.
+    /// Bytes of workspace: the stats and the partials.
     pub const fn workspace_bytes(&self) -> u64 {
-        self.k_map_offset() + TENSOR_MAP_BYTES
+        self.partials_offset() + self.stats_words * self.key_splits as u64 * 4
     }
 }
 
@@ -1261,13 +1271,12 @@ pub fn plan_aggregate(
     hopper: bool,
 ) -> AggregatePlan {
     let (head_dim, elem_bytes) = (geometry.head_dim, dtype.elem_bytes());
-    let ws = agg_ws_stats(head_dim, elem_bytes, hopper);
     let threads = [AGG_WARPS * WARP_SIZE, 1, 1];
     let rows = window * geometry.group_size;
     let row_chunks = rows.div_ceil(agg_rows(head_dim, elem_bytes)).max(1);
     let heads = geometry.num_kv_heads * geometry.num_seqs;
     // Pass 1's key tiles (its splits are whole tiles); pass 2's are `agg_tile_keys`.
-    let stats_tile_keys = if ws {
+    let stats_tile_keys = if agg_ws_stats(head_dim, elem_bytes, hopper) {
         WS_TILE_KEYS
     } else {
         agg_tile_keys(head_dim, elem_bytes)
@@ -1293,20 +1302,16 @@ pub fn plan_aggregate(
         score_tiles += 1;
     }
     let score_kvs = owns(score_tiles);
-    let smem_bytes =
-        |columns| aggregate_smem(head_dim, elem_bytes, geometry.group_size, columns, hopper).bytes;
+    let cta = |columns| agg_cta(head_dim, elem_bytes, geometry.group_size, columns, hopper);
+    let (stats_threads, stats_smem) = cta(false);
     let stats = LaunchDims {
         grid: [
             row_chunks * key_splits,
             geometry.num_kv_heads,
             geometry.num_seqs,
         ],
-        block: if ws { [WS_THREADS, 1, 1] } else { threads },
-        smem_bytes: if ws {
-            ws_smem().bytes
-        } else {
-            smem_bytes(false)
-        },
+        block: [stats_threads, 1, 1],
+        smem_bytes: stats_smem,
     };
     let merge = (key_splits > 1).then_some(LaunchDims {
         grid: [
@@ -1324,7 +1329,7 @@ pub fn plan_aggregate(
             geometry.num_seqs,
         ],
         block: threads,
-        smem_bytes: smem_bytes(true),
+        smem_bytes: cta(true).1,
     };
     AggregatePlan {
         stats,
