@@ -595,18 +595,50 @@ impl PagedKvCache {
     /// queries `q` `[num_seqs, w, Hq, D]` of each sequence row score every key of its head
     /// slots, causally by position, and each key's metric grows by the group sum of its
     /// (max-pooled) squared attention (or attention). Works in memory linear in the window
-    /// and the prompt, also for `w` equal to the prompt length.
+    /// and the prompt, also for `w` equal to the prompt length. It reads the keys twice: once
+    /// for each query's softmax max and sum, once for the probabilities.
     pub fn aggregate(&mut self, layer: u32, q: &Tensor, args: &AggregateArgs) -> Result<()> {
-        validate::aggregate(self, layer, q, args)?;
+        self.aggregate_from(layer, q, None, args)
+    }
+
+    /// [`PagedKvCache::aggregate`] given each window query's log-sum-exp `lse` `[num_seqs, w,
+    /// Hq]` f32, the natural log of `sum exp(scale * q . k)` over the keys the query sees, as
+    /// the prefill's attention computed it (FlashAttention's `softmax_lse`): the probabilities
+    /// are `exp(scale * q . k - lse)`, and the keys are read once. Entries of queries past a
+    /// sequence's window length are not read. A wrong `lse` scales that query's probabilities
+    /// (a NaN one gives NaN metrics, which are never evicted first).
+    pub fn aggregate_with_lse(
+        &mut self,
+        layer: u32,
+        q: &Tensor,
+        lse: &Tensor,
+        args: &AggregateArgs,
+    ) -> Result<()> {
+        self.aggregate_from(layer, q, Some(lse), args)
+    }
+
+    fn aggregate_from(
+        &mut self,
+        layer: u32,
+        q: &Tensor,
+        lse: Option<&Tensor>,
+        args: &AggregateArgs,
+    ) -> Result<()> {
+        validate::aggregate(self, layer, q, lse, args)?;
         let g = self.geometry();
         let max_context_len = self.max_context_len(layer);
         let window = q.shape()[1] as u32;
-        match (&mut self.arrays, &q.storage) {
-            (Arrays::Host(host), Storage::Host(q)) => {
+        let lse = lse.map(|t| &t.storage);
+        match (&mut self.arrays, &q.storage, lse) {
+            (Arrays::Host(host), Storage::Host(q), None | Some(Storage::Host(_))) => {
                 let (cache, metric) =
                     host.view(g, self.config.dtype, &self.block_tables, &self.context_lens);
                 let reference_args = AggregateRef {
                     q,
+                    lse: match lse {
+                        Some(Storage::Host(lse)) => Some(lse),
+                        _ => None,
+                    },
                     window,
                     window_lens: args.window_lens,
                     scale: args.scale,
@@ -618,7 +650,7 @@ impl PagedKvCache {
                 reference::aggregate(&cache, layer, &reference_args, metric);
                 Ok(())
             }
-            (Arrays::Cuda(d), Storage::Cuda { buf: q, .. }) => {
+            (Arrays::Cuda(d), Storage::Cuda { buf: q, .. }, None | Some(Storage::Cuda { .. })) => {
                 let seq_info = (0..g.num_seqs as usize)
                     .flat_map(|s| {
                         [
@@ -632,6 +664,10 @@ impl PagedKvCache {
                     layer,
                     max_context_len,
                     q,
+                    lse: match lse {
+                        Some(Storage::Cuda { buf, .. }) => Some(buf),
+                        _ => None,
+                    },
                     window,
                     args,
                     seq_info,

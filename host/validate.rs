@@ -316,6 +316,7 @@ pub(crate) fn aggregate(
     cache: &PagedKvCache,
     layer_idx: u32,
     q: &Tensor,
+    lse: Option<&Tensor>,
     args: &AggregateArgs,
 ) -> Result<()> {
     let g = cache.geometry();
@@ -337,6 +338,16 @@ pub(crate) fn aggregate(
         g.head_dim as usize,
     ];
     tensor("q", q, cache.dtype(), &shape, &cache.backend())?;
+    if let Some(lse) = lse {
+        if lse.dtype() != DType::F32 {
+            return Err(Error::invalid(
+                "lse",
+                format!("dtype {}", lse.dtype().name()),
+                "f32",
+            ));
+        }
+        tensor("lse", lse, DType::F32, &shape[..3], &cache.backend())?;
+    }
     one_per_seq(&g, "window_lens", args.window_lens.len())?;
     for (seq, &w) in args.window_lens.iter().enumerate() {
         let written = cache.last_position(seq as u32) as i64 + 1;

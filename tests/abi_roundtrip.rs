@@ -81,6 +81,7 @@ fn params_arrive_byte_for_byte() {
         partials: 0x7777_0000_0000_0003,
         seq_info: 0x7777_0000_0000_0004,
         k_map: 0x7777_0000_0000_0005,
+        lse: 0x7777_0000_0000_0006,
         layer_idx: 0x8888_0001,
         window: 0x8888_0002,
         key_splits: 0x8888_0003,

@@ -1,17 +1,19 @@
 //! Window aggregation on the GPU against the CPU reference (SPEC §4): every dtype, head
 //! dimension, block size and group size; ragged prompts and windows; L1 and L2; metric_skip
-//! 0 and > 0; max-pool widths 1 to 17; a full-range window; heads of different lengths; and
-//! a 32768-token prompt with `w = n`, checked by the exact L1 mass (every query's softmax sums
-//! to 1 per head).
+//! 0 and > 0; max-pool widths 1 to 17; a full-range window; heads of different lengths, each
+//! with the softmax stats computed and with a given log-sum-exp (pass 2 alone); and a
+//! 32768-token prompt with `w = n`, checked by the exact L1 mass (every query's softmax sums to
+//! 1 per head).
 
 mod common;
 
 use common::{
     assert_metric_close, config_for, fresh_seed, gpu_or_skip, random_snapshot, random_values, rng,
-    zero_live_metrics,
+    window_lse, zero_live_metrics,
 };
 use kvcompress::gpu::{BLOCK_SIZES, GROUP_SIZES, HEAD_DIMS};
 use kvcompress::{AggregateArgs, Backend, CacheConfig, DType, Metric, PagedKvCache, Tensor};
+use rand::Rng;
 
 /// Runs one aggregation on both backends from the same snapshot and compares every metric.
 /// KV head `k` of a prompt holds `k * head_shrink` fewer KVs than the prompt (as after a
@@ -57,20 +59,45 @@ fn check(
         pool_kernel: pool,
     };
     let layer = config.num_layers - 1;
-    let mut metrics = Vec::new();
-    for backend in [gpu, &Backend::Cpu] {
-        let mut cache = PagedKvCache::from_snapshot(backend, config, &snapshot).unwrap();
-        let q = Tensor::from_f32(backend, config.dtype, &shape, &q_values).unwrap();
-        cache
-            .aggregate(layer, &q, &args)
-            .unwrap_or_else(|e| panic!("{name} on {}: {e}", backend.describe()));
-        metrics.push(cache.snapshot().unwrap().metric);
+    // The log-sum-exp a prefill would give, off by up to 0.5 either way (so that a kernel
+    // that computed its own would not match).
+    let lse: Vec<f32> = window_lse(
+        &config,
+        &snapshot,
+        layer as usize,
+        &q_values,
+        window,
+        window_lens,
+        args.scale as f64,
+    )
+    .iter()
+    .map(|&x| (x + rng.random_range(-0.5..0.5)) as f32)
+    .collect();
+    for with_lse in [false, true] {
+        let name = if with_lse {
+            format!("{name}, given lse")
+        } else {
+            name.to_string()
+        };
+        let mut metrics = Vec::new();
+        for backend in [gpu, &Backend::Cpu] {
+            let mut cache = PagedKvCache::from_snapshot(backend, config, &snapshot).unwrap();
+            let q = Tensor::from_f32(backend, config.dtype, &shape, &q_values).unwrap();
+            let done = if with_lse {
+                let lse = Tensor::from_f32(backend, DType::F32, &shape[..3], &lse).unwrap();
+                cache.aggregate_with_lse(layer, &q, &lse, &args)
+            } else {
+                cache.aggregate(layer, &q, &args)
+            };
+            done.unwrap_or_else(|e| panic!("{name} on {}: {e}", backend.describe()));
+            metrics.push(cache.snapshot().unwrap().metric);
+        }
+        assert_metric_close(&metrics[0], &metrics[1], &format!("{name} (seed {seed})"));
+        assert!(
+            metrics[1].iter().zip(&snapshot.metric).any(|(a, b)| a != b),
+            "{name}: nothing recorded (seed {seed})"
+        );
     }
-    assert_metric_close(&metrics[0], &metrics[1], &format!("{name} (seed {seed})"));
-    assert!(
-        metrics[1].iter().zip(&snapshot.metric).any(|(a, b)| a != b),
-        "{name}: nothing recorded (seed {seed})"
-    );
 }
 
 #[test]

@@ -4,18 +4,20 @@
 
 mod common;
 
-use common::{config_for, fresh_seed, random_snapshot, random_values, rng};
+use common::{config_for, extents, fresh_seed, random_snapshot, random_values, rng, window_lse};
 use kvcompress::{
     AggregateArgs, Backend, CacheConfig, CacheSnapshot, DType, Metric, PagedKvCache, Tensor,
 };
+use rand::Rng;
 
-/// The metric each pool slot gains, by hand.
+/// The metric each pool slot gains, by hand, given each query's log-sum-exp (`lse`, as from
+/// [`window_lse`]): `a = exp(score - lse)`.
 #[allow(clippy::too_many_arguments)]
 fn naive_aggregate(
     c: &CacheConfig,
     s: &CacheSnapshot,
     layer: usize,
-    q: &[f32],
+    (q, lse): (&[f32], &[f64]),
     window: usize,
     window_lens: &[u32],
     skip: &[i32],
@@ -23,14 +25,7 @@ fn naive_aggregate(
     pool: usize,
     scale: f64,
 ) -> Vec<f64> {
-    let (l, h, g, d, b, mb) = (
-        c.num_layers as usize,
-        c.num_kv_heads as usize,
-        c.group_size as usize,
-        c.head_dim as usize,
-        c.block_size as usize,
-        c.max_blocks_per_head as usize,
-    );
+    let (l, h, g, d, b, mb) = extents(c);
     let k: Vec<f32> = kvcompress::dtype::decode(c.dtype, &s.k_pool);
     let mut gained = vec![0.0f64; s.metric.len()];
     for seq in 0..c.num_seqs as usize {
@@ -45,25 +40,17 @@ fn naive_aggregate(
                 let mut m = vec![0.0f64; len];
                 for i in 0..w {
                     let p = s.last_position[seq] as i64 - (w - 1 - i) as i64;
-                    let qrow = &q[((seq * window + i) * h * g + qh) * d..][..d];
+                    let row = (seq * window + i) * h * g + qh;
+                    let qrow = &q[row * d..][..d];
                     let score = |j: usize| {
                         scale
                             * (0..d)
                                 .map(|x| qrow[x] as f64 * k[slot(j) * d + x] as f64)
                                 .sum::<f64>()
                     };
-                    let sees = |j: usize| s.position[slot(j)] as i64 <= p;
-                    let mx = (0..len)
-                        .filter(|&j| sees(j))
-                        .map(score)
-                        .fold(f64::NEG_INFINITY, f64::max);
-                    let z: f64 = (0..len)
-                        .filter(|&j| sees(j))
-                        .map(|j| (score(j) - mx).exp())
-                        .sum();
                     for (j, mj) in m.iter_mut().enumerate() {
-                        if sees(j) && s.position[slot(j)] as i64 <= p - skip[seq] as i64 {
-                            let a = (score(j) - mx).exp() / z;
+                        if s.position[slot(j)] as i64 <= p - skip[seq] as i64 {
+                            let a = (score(j) - lse[row]).exp();
                             *mj += if metric == Metric::L2 { a * a } else { a };
                         }
                     }
@@ -88,6 +75,25 @@ fn naive_aggregate(
         }
     }
     gained
+}
+
+/// Checks that every live slot of `after` holds its metric in `before` plus `gained`, and that
+/// enough slots gained.
+fn assert_gained(after: &CacheSnapshot, before: &CacheSnapshot, gained: &[f64], context: &str) {
+    let mut nonzero = 0;
+    for (slot, (&now, &was)) in after.metric.iter().zip(&before.metric).enumerate() {
+        if was.is_nan() {
+            assert!(now.is_nan(), "{context}: dead slot {slot} changed");
+            continue;
+        }
+        let expected = was as f64 + gained[slot];
+        assert!(
+            (now as f64 - expected).abs() <= 1e-6 * expected.abs() + 1e-12,
+            "{context}: slot {slot} metric {now}, expected {expected}"
+        );
+        nonzero += (gained[slot] > 0.0) as usize;
+    }
+    assert!(nonzero > 200, "{context}: only {nonzero} slots gained");
 }
 
 #[test]
@@ -153,7 +159,6 @@ fn reference_aggregation_matches_naive_formulation() {
             &q_values,
         )
         .unwrap();
-        let mut cache = PagedKvCache::from_snapshot(&Backend::Cpu, config, &snapshot).unwrap();
         let args = AggregateArgs {
             scale: 1.0 / (head_dim as f32).sqrt(),
             metric,
@@ -161,39 +166,54 @@ fn reference_aggregation_matches_naive_formulation() {
             window_lens: &window_lens,
             pool_kernel: pool,
         };
-        cache.aggregate(0, &q, &args).unwrap();
-        let after = cache.snapshot().unwrap();
-        let gained = naive_aggregate(
+        let scale = args.scale as f64;
+        let lse = window_lse(
             &config,
             &snapshot,
             0,
             &q_values,
             window,
             &window_lens,
-            &skip,
-            metric,
-            pool as usize,
-            args.scale as f64,
+            scale,
         );
-        let mut nonzero = 0;
-        for (slot, (&now, &before)) in after.metric.iter().zip(&snapshot.metric).enumerate() {
-            if before.is_nan() {
-                assert!(
-                    now.is_nan(),
-                    "{name}: dead slot {slot} changed (seed {seed})"
-                );
-                continue;
-            }
-            let expected = before as f64 + gained[slot];
-            assert!(
-                (now as f64 - expected).abs() <= 1e-6 * expected.abs() + 1e-12,
-                "{name}: slot {slot} metric {now}, expected {expected} (seed {seed})"
-            );
-            nonzero += (gained[slot] > 0.0) as usize;
-        }
-        assert!(
-            nonzero > 200,
-            "{name}: only {nonzero} slots gained (seed {seed})"
+        let naive = |lse: &[f64]| {
+            naive_aggregate(
+                &config,
+                &snapshot,
+                0,
+                (&q_values, lse),
+                window,
+                &window_lens,
+                &skip,
+                metric,
+                pool as usize,
+                scale,
+            )
+        };
+        let mut cache = PagedKvCache::from_snapshot(&Backend::Cpu, config, &snapshot).unwrap();
+        cache.aggregate(0, &q, &args).unwrap();
+        assert_gained(
+            &cache.snapshot().unwrap(),
+            &snapshot,
+            &naive(&lse),
+            &format!("{name} (seed {seed})"),
+        );
+        // A caller's log-sum-exp, off from the softmax's own by up to 1 either way, is what
+        // the probabilities are divided by.
+        let given: Vec<f32> = lse
+            .iter()
+            .map(|&x| (x + rng.random_range(-1.0..1.0)) as f32)
+            .collect();
+        let given_t =
+            Tensor::from_f32(&Backend::Cpu, DType::F32, &[2, window, hq], &given).unwrap();
+        let mut cache = PagedKvCache::from_snapshot(&Backend::Cpu, config, &snapshot).unwrap();
+        cache.aggregate_with_lse(0, &q, &given_t, &args).unwrap();
+        let given: Vec<f64> = given.iter().map(|&x| x as f64).collect();
+        assert_gained(
+            &cache.snapshot().unwrap(),
+            &snapshot,
+            &naive(&given),
+            &format!("{name}, given lse (seed {seed})"),
         );
     }
 }

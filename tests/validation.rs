@@ -257,9 +257,24 @@ fn aggregate_inputs_are_checked(backend: &Backend) {
     assert_invalid(cache.aggregate(0, &bad_q, &good), "q");
     let bad_q = Tensor::full(backend, DType::F16, &[2, 4, 64], 0.5).unwrap();
     assert_invalid(cache.aggregate(0, &bad_q, &good), "q");
+    // The log-sum-exp is f32 `[num_seqs, w, Hq]`; the other arguments are checked as without.
+    let lse = Tensor::full(backend, DType::F32, &[2, 8, 4], 3.0).unwrap();
+    for bad_lse in [
+        Tensor::full(backend, DType::F16, &[2, 8, 4], 3.0).unwrap(),
+        Tensor::full(backend, DType::F32, &[2, 8, 2], 3.0).unwrap(),
+        Tensor::full(backend, DType::F32, &[2, 8, 4, 1], 3.0).unwrap(),
+    ] {
+        assert_invalid(cache.aggregate_with_lse(0, &q, &bad_lse, &good), "lse");
+    }
+    assert_invalid(cache.aggregate_with_lse(0, &bad_q, &lse, &good), "q");
+    assert_invalid(
+        cache.aggregate_with_lse(0, &q, &lse, &with(&|a| a.window_lens = &[8, 6])),
+        "window_lens",
+    );
     assert_unchanged(&cache, &before, free);
-    // The valid call goes through.
+    // The valid calls go through.
     cache.aggregate(0, &q, &good).unwrap();
+    cache.aggregate_with_lse(0, &q, &lse, &good).unwrap();
 }
 
 fn append_inputs_are_checked(backend: &Backend) {

@@ -15,6 +15,8 @@ pub(crate) struct AggregateJob<'a> {
     pub(crate) layer: u32,
     pub(crate) max_context_len: u32,
     pub(crate) q: &'a CudaSlice<u8>,
+    /// `[num_seqs, w, Hq]` f32, the window's log-sum-exp from the caller: pass 2 runs alone.
+    pub(crate) lse: Option<&'a CudaSlice<u8>>,
     /// `w`, the second extent of `q`.
     pub(crate) window: u32,
     pub(crate) args: &'a AggregateArgs<'a>,
@@ -22,7 +24,7 @@ pub(crate) struct AggregateJob<'a> {
     pub(crate) seq_info: Vec<i32>,
 }
 
-/// Runs both passes for one layer.
+/// Runs both passes for one layer, or pass 2 alone given the log-sum-exp.
 pub(crate) fn aggregate(
     d: &mut DeviceArrays,
     g: Geometry,
@@ -30,7 +32,9 @@ pub(crate) fn aggregate(
     job: AggregateJob,
 ) -> Result<()> {
     // The warp-specialized pass 1 reads its key tiles through a tensor map held with the cache.
-    let k_map = if agg_ws_stats(g.head_dim, dtype.elem_bytes(), d.gpu.hopper_module()) {
+    let k_map = if job.lse.is_none()
+        && agg_ws_stats(g.head_dim, dtype.elem_bytes(), d.gpu.hopper_module())
+    {
         d.k_map(g)?
     } else {
         0
@@ -72,6 +76,7 @@ pub(crate) fn aggregate(
         partials: base + plan.partials_offset(),
         seq_info: gpu.addr(&d.windows.buf),
         k_map,
+        lse: job.lse.map_or(0, |lse| gpu.addr(lse)),
         layer_idx: job.layer,
         window: job.window,
         key_splits: plan.key_splits,
@@ -83,9 +88,12 @@ pub(crate) fn aggregate(
     };
     // SAFETY: validate::aggregate checked q, the window lengths (within q and the prompt),
     // metric_skip, the pool width (within the kernels' halo) and the scale; the cache's tables
-    // are valid by construction; the workspace holds the plan's stats and partials, and
-    // `seq_info` this call's windows.
+    // are valid by construction; the workspace holds the plan's stats and partials, `seq_info`
+    // this call's windows, and `lse` (validated) the window's log-sum-exp.
     unsafe {
+        if job.lse.is_some() {
+            return gpu.launch(&scores_entry, plan.scores, &params);
+        }
         gpu.launch(&stats_entry, plan.stats, &params)?;
         // Both wait for the launch before them before they read (`wait_for_prior_grid`).
         if let Some(merge) = plan.merge {

@@ -1,5 +1,7 @@
 //! Reference observation-window score aggregation (SPEC §4).
 
+use kvc_abi::DType;
+
 use super::HostCache;
 use crate::cache::Metric;
 use crate::dtype::read_elem;
@@ -8,6 +10,9 @@ use crate::dtype::read_elem;
 pub struct AggregateRef<'a> {
     /// `[num_seqs, w, Hq, D]` window queries, bytes of the cache dtype.
     pub q: &'a [u8],
+    /// `[num_seqs, w, Hq]` f32 bytes: each query's log-sum-exp, given by the caller in place of
+    /// the softmax's own max and sum; `None` computes them.
+    pub lse: Option<&'a [u8]>,
     /// `w`, the second extent of `q`.
     pub window: u32,
     /// `[num_seqs]`: the first `window_lens[seq]` queries of a row are its last prompt tokens.
@@ -29,6 +34,7 @@ pub struct AggregateRef<'a> {
 /// ```text
 /// query i of the window has position p_i = last_position - (w_s - 1 - i)
 /// a_{i,j} = softmax over keys with position <= p_i of scale * dot(q_i, K_j)
+///         = exp(scale * dot(q_i, K_j) - lse_i) with the caller's lse_i
 /// m_qh[j] = sum_i a_{i,j}^2 (L2) or a_{i,j} (L1), counted where position(j) <= p_i - skip
 /// m_qh    = max-pool of m_qh over logical keys j - k/2 ..= j + k/2 (zero padding)
 /// metric[slot(j)] += sum over the G query heads of m_qh[j]
@@ -65,11 +71,12 @@ pub fn aggregate(cache: &HostCache, layer: u32, args: &AggregateRef, metric: &mu
                 let mut m = vec![0.0f64; len];
                 for i in 0..w_s {
                     let p_i = last - (w_s - 1 - i);
-                    let first =
-                        ((seq as usize * args.window as usize + i as usize) * hq + qh as usize) * d;
+                    let query =
+                        (seq as usize * args.window as usize + i as usize) * hq + qh as usize;
                     let q: Vec<f64> = (0..d)
-                        .map(|x| read_elem(cache.dtype, args.q, first + x))
+                        .map(|x| read_elem(cache.dtype, args.q, query * d + x))
                         .collect();
+                    let lse = args.lse.map(|lse| read_elem(DType::F32, lse, query));
                     let visible: Vec<usize> = (0..len).filter(|&j| positions[j] <= p_i).collect();
                     if visible.is_empty() {
                         continue;
@@ -81,11 +88,17 @@ pub fn aggregate(cache: &HostCache, layer: u32, args: &AggregateRef, metric: &mu
                                 * q.iter().zip(&keys[j]).map(|(a, b)| a * b).sum::<f64>()
                         })
                         .collect();
-                    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    let sum: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                    // a = exp(s - shift) / sum: the max and the sum, or the lse and 1.
+                    let (shift, sum) = match lse {
+                        Some(lse) => (lse, 1.0),
+                        None => {
+                            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                            (max, scores.iter().map(|s| (s - max).exp()).sum())
+                        }
+                    };
                     for (&j, s) in visible.iter().zip(&scores) {
                         if positions[j] <= p_i - skip {
-                            let a = (s - max).exp() / sum;
+                            let a = (s - shift).exp() / sum;
                             m[j] += match args.metric {
                                 Metric::L2 => a * a,
                                 Metric::L1 => a,

@@ -29,7 +29,9 @@
 //!   CTA's column sums. The Hopper module's 16-bit types with 64-key tiles multiply the other
 //!   way round (`keys_major_chunk`: keys are the product's rows, so a key's sums per head are
 //!   whole in one warp and go straight into the column sums). At the end each thread adds to
-//!   the metric of a run of 8 owned keys the group sum of their max-pooled columns.
+//!   the metric of a run of 8 owned keys the group sum of their max-pooled columns. Given the
+//!   window's log-sum-exp from the caller's prefill attention (`lse`), pass 2 runs alone: a
+//!   row's stats are then (`lse * log2(e)`, 1), and `a = 2^(log2(e) (scale q.k - lse))`.
 //!
 //! Masks: a row sees keys with position `<= p_i` (pass 1) and counts those with position
 //! `<= p_i - metric_skip` (pass 2). Keys past the head slot have the position `NO_KEY` and zero
@@ -1403,20 +1405,23 @@ impl Scores<'_> {
         (self.counted(row_base), self.counted(end - 1))
     }
 
-    /// Row `row`'s (max, 1/sum) from pass 1.
+    /// Row `row`'s (max, 1/sum) in the log2 domain: from pass 1, or (log2 of the sum, 1) from
+    /// the caller's log-sum-exp.
     ///
     /// # Safety
-    /// `row < rows`; pass 1 wrote stats for every row of the window.
+    /// `row < rows`; pass 1 wrote stats for every row of the window, or `lse` holds the window.
     #[inline(always)]
     unsafe fn stats(&self, row: u32) -> (f32, f32) {
-        let at = self.p.stats_row(self.seq, self.kv_head, row) * 2;
-        // SAFETY: as the caller promised.
-        unsafe {
-            (
-                load::<f32>(self.p.stats, at),
-                load::<f32>(self.p.stats, at + 1),
-            )
+        let p = self.p;
+        if p.lse != 0 {
+            let (i, g) = p.cache.geometry.window_row(row);
+            let at = p.lse_elem(self.seq, i, self.kv_head * self.group + g);
+            // SAFETY: as the caller promised.
+            return (unsafe { load::<f32>(p.lse, at) } * core::f32::consts::LOG2_E, 1.0);
         }
+        let at = p.stats_row(self.seq, self.kv_head, row) * 2;
+        // SAFETY: as the caller promised.
+        unsafe { (load::<f32>(p.stats, at), load::<f32>(p.stats, at + 1)) }
     }
 
     /// The column of key `key` of tile `t` for query head `g`.
@@ -1429,7 +1434,8 @@ impl Scores<'_> {
 /// Pass 2 body for cache type `T` and head dimension `D`.
 ///
 /// # Safety
-/// Launched with `plan_aggregate`'s scores dims after pass 1 (and its merge) wrote `stats`.
+/// Launched with `plan_aggregate`'s scores dims after pass 1 (and its merge) wrote `stats`, or
+/// alone with the window's log-sum-exp in `lse`.
 #[inline(always)]
 pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &AggregateParams) {
     // Only the row stats come from the launches before (pass 1 or its merge): each row

@@ -220,3 +220,62 @@ pub fn assert_metric_close(actual: &[f32], expected: &[f32], context: &str) {
         panic!("{context}: slot {slot}: {what}");
     }
 }
+
+/// Each window query's natural log-sum-exp of `scale * q . k` over the keys of `layer` it sees
+/// (position at most its own, SPEC §4), by hand in f64: `[num_seqs, window, Hq]`, 0 past a
+/// sequence's window length.
+#[allow(clippy::too_many_arguments)]
+pub fn window_lse(
+    c: &CacheConfig,
+    s: &CacheSnapshot,
+    layer: usize,
+    q: &[f32],
+    window: usize,
+    window_lens: &[u32],
+    scale: f64,
+) -> Vec<f64> {
+    let (l, h, g, d, b, mb) = extents(c);
+    let k = kvcompress::dtype::decode(c.dtype, &s.k_pool);
+    let mut lse = vec![0.0f64; c.num_seqs as usize * window * h * g];
+    for (seq, &w) in window_lens.iter().enumerate() {
+        let w = w as usize;
+        for head in 0..h {
+            let hs = (seq * l + layer) * h + head;
+            let slots: Vec<usize> = (0..s.context_lens[hs] as usize)
+                .map(|j| s.block_tables[hs * mb + j / b] as usize * b + j % b)
+                .collect();
+            for qh in head * g..(head + 1) * g {
+                for i in 0..w {
+                    let p = s.last_position[seq] as i64 - (w - 1 - i) as i64;
+                    let row = (seq * window + i) * h * g + qh;
+                    let scores: Vec<f64> = slots
+                        .iter()
+                        .filter(|&&slot| s.position[slot] as i64 <= p)
+                        .map(|&slot| {
+                            scale
+                                * (0..d)
+                                    .map(|x| q[row * d + x] as f64 * k[slot * d + x] as f64)
+                                    .sum::<f64>()
+                        })
+                        .collect();
+                    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    lse[row] = max + scores.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+                }
+            }
+        }
+    }
+    lse
+}
+
+/// A config's extents as `usize`: (layers, KV heads, group size, head dim, block size, blocks
+/// per head).
+pub fn extents(c: &CacheConfig) -> (usize, usize, usize, usize, usize, usize) {
+    (
+        c.num_layers as usize,
+        c.num_kv_heads as usize,
+        c.group_size as usize,
+        c.head_dim as usize,
+        c.block_size as usize,
+        c.max_blocks_per_head as usize,
+    )
+}

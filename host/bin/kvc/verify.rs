@@ -114,6 +114,26 @@ pub fn verify(model: Preset, batch: u32, context: u32, layers: u32, seed: u64) -
                 .map(|()| "metrics within 1e-4".to_string())
                 .map_err(|(i, e)| format!("slot {i}: {e}")),
         });
+        // The same window given its log-sum-exp (as a prefill's attention returns it), on the
+        // last layer: a uniform softmax's ln(context) plus up to 4.
+        let lse: Vec<f32> = (0..batch as usize * window as usize * hq)
+            .map(|_| (context as f32).ln() + rng.random_range(0.0..4.0))
+            .collect();
+        for cache in caches.iter_mut() {
+            let b = cache.backend();
+            let qt = Tensor::from_f32(&b, dtype, &[batch as usize, window as usize, hq, d], &wq)?;
+            let lse =
+                Tensor::from_f32(&b, DType::F32, &[batch as usize, window as usize, hq], &lse)?;
+            cache.aggregate_with_lse(layers - 1, &qt, &lse, &agg)?;
+        }
+        let metrics = [caches[0].snapshot()?.metric, caches[1].snapshot()?.metric];
+        rows.push(Row {
+            kernel: "window aggregation, given lse",
+            dtype,
+            result: check_metrics(&metrics[0], &metrics[1])
+                .map(|()| "metrics within 1e-4".to_string())
+                .map_err(|(i, e)| format!("slot {i}: {e}")),
+        });
         // Compression acts on both from the same metrics (the GPU's differ in the last bits).
         let mut snapshot = caches[0].snapshot()?;
         snapshot.metric = metrics[1].clone();

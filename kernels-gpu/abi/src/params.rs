@@ -184,7 +184,8 @@ impl AppendParams {
 /// (`i < window_len`, `g < G`), query `i` being prompt position `last_position -
 /// (window_len - 1 - i)`. Pass 1 (`window_stats`) finds each row's softmax max and sum over the
 /// keys it may see; pass 2 (`window_scores`) sums each key's probabilities per query head,
-/// max-pools them over neighbouring logical keys and adds the group sum to `metric`.
+/// max-pools them over neighbouring logical keys and adds the group sum to `metric`. Given the
+/// rows' log-sum-exp from the prefill's attention (`lse`), pass 2 runs alone and reads it instead.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Pod, Zeroable)]
 pub struct AggregateParams {
@@ -204,6 +205,10 @@ pub struct AggregateParams {
     /// swizzle: the warp-specialized pass 1 (`agg_ws_stats`) reads its key tiles through it;
     /// 0 elsewhere.
     pub k_map: u64,
+    /// `[num_seqs, window, Hq]` f32: each window query's natural log-sum-exp of `scale * q . k`
+    /// over the keys it sees, supplied by the caller (pass 2 reads it in place of `stats`); 0
+    /// when pass 1 computes the stats.
+    pub lse: u64,
     /// Layer whose head slots are read and recorded.
     pub layer_idx: u32,
     /// `w`, the second extent of `q`.
@@ -243,12 +248,17 @@ impl AggregateParams {
         self.stats_row(seq, kv_head, row) * self.key_splits as u64 + split as u64
     }
 
+    /// Element index of window query `i`, query head `q_head` of `seq` in `lse`.
+    #[inline(always)]
+    pub const fn lse_elem(&self, seq: u32, i: u32, q_head: u32) -> u64 {
+        (seq as u64 * self.window as u64 + i as u64) * self.cache.geometry.num_q_heads() as u64
+            + q_head as u64
+    }
+
     /// Element index of window query `i`, query head `q_head` of `seq` in `q`.
     #[inline(always)]
     pub const fn query_elem(&self, seq: u32, i: u32, q_head: u32) -> u64 {
-        ((seq as u64 * self.window as u64 + i as u64) * self.cache.geometry.num_q_heads() as u64
-            + q_head as u64)
-            * self.cache.geometry.head_dim as u64
+        self.lse_elem(seq, i, q_head) * self.cache.geometry.head_dim as u64
     }
 
     /// Word of `seq_info` holding field `field` (0 window length, 1 last position, 2 skip).
