@@ -62,11 +62,13 @@ const MODULES: [Module; 2] = [
             "--cfg",
             "kvc_hopper",
         ],
-        // The warp-specialized pass 1 (`aggregate_ws.rs`): ptxas must know its 384 threads
-        // to budget the registers that `setmaxnreg` moves between its warpgroups.
+        // The warp-specialized passes (`aggregate_ws.rs`): ptxas must know their 384 threads
+        // to budget the registers that `setmaxnreg` moves between their warpgroups.
         max_threads: &[
             ("window_stats_f16_d128", WS_THREADS),
             ("window_stats_bf16_d128", WS_THREADS),
+            ("window_scores_ws_f16_d128", WS_THREADS),
+            ("window_scores_ws_bf16_d128", WS_THREADS),
         ],
     },
 ];

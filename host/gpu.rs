@@ -79,6 +79,12 @@ pub fn window_scores_entry(dtype: DType, head_dim: u32) -> String {
     format!("window_scores_{}_d{head_dim}", dtype.name())
 }
 
+/// Entry point of the warp-specialized pass 2 for 16-bit `dtype` at `D = 128` (the Hopper
+/// module, `agg_ws_scores`).
+pub fn window_scores_ws_entry(dtype: DType) -> String {
+    format!("window_scores_ws_{}_d128", dtype.name())
+}
+
 /// Entry point of the merge of pass 1's key splits (dtype-agnostic).
 pub const WINDOW_STATS_MERGE_ENTRY: &str = "window_stats_merge";
 
@@ -148,8 +154,9 @@ pub const ECHO_ENTRIES: [&str; 4] = [
     CompressParams::ECHO_ENTRY,
 ];
 
-/// Every entry point the host may launch: the PTX must define exactly these.
-pub fn entry_points() -> Vec<String> {
+/// Every entry point the host may launch from the portable module, or the Hopper module
+/// (`hopper`, which adds the warp-specialized pass 2): the PTX must define exactly these.
+pub fn entry_points(hopper: bool) -> Vec<String> {
     let mut names = Vec::new();
     for dtype in DType::ALL {
         for d in HEAD_DIMS {
@@ -162,6 +169,9 @@ pub fn entry_points() -> Vec<String> {
         for d in HEAD_DIMS {
             names.push(window_stats_entry(dtype, d));
             names.push(window_scores_entry(dtype, d));
+        }
+        if hopper && dtype.elem_bytes() == 2 {
+            names.push(window_scores_ws_entry(dtype));
         }
     }
     names.push(WINDOW_STATS_MERGE_ENTRY.to_string());

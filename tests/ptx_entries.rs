@@ -15,10 +15,10 @@ use kvcompress::gpu::{entry_points, PTX, PTX_SM90A, PTX_SOURCE};
 const COMMITTED: &str = include_str!("../kernels-gpu/ptx/kvc.ptx");
 const COMMITTED_SM90A: &str = include_str!("../kernels-gpu/ptx/kvc_sm90a.ptx");
 
-/// Each module: its name, its text, and its committed copy.
-const MODULES: [(&str, &str, &str); 2] = [
-    ("kvc.ptx", PTX, COMMITTED),
-    ("kvc_sm90a.ptx", PTX_SM90A, COMMITTED_SM90A),
+/// Each module: its name, its text, its committed copy, and whether it is the Hopper one.
+const MODULES: [(&str, &str, &str, bool); 2] = [
+    ("kvc.ptx", PTX, COMMITTED, false),
+    ("kvc_sm90a.ptx", PTX_SM90A, COMMITTED_SM90A, true),
 ];
 
 fn entries(ptx: &str) -> BTreeSet<String> {
@@ -30,8 +30,8 @@ fn entries(ptx: &str) -> BTreeSet<String> {
 
 #[test]
 fn ptx_entries_equal_the_host_table() {
-    let in_host: BTreeSet<String> = entry_points().into_iter().collect();
-    for (name, ptx, _) in MODULES {
+    for (name, ptx, _, hopper) in MODULES {
+        let in_host: BTreeSet<String> = entry_points(hopper).into_iter().collect();
         let in_ptx = entries(ptx);
         let missing: Vec<_> = in_host.difference(&in_ptx).collect();
         let extra: Vec<_> = in_ptx.difference(&in_host).collect();
@@ -61,7 +61,7 @@ const FORBIDDEN: [(&str, &str); 3] = [
 
 #[test]
 fn no_kernel_calls_unresolved_functions_panics_or_uses_local_memory() {
-    for (name, ptx, _) in MODULES {
+    for (name, ptx, _, _) in MODULES {
         for (text, meaning) in FORBIDDEN {
             assert!(!ptx.contains(text), "{name} {meaning}");
         }
@@ -128,7 +128,7 @@ fn committed_ptx_equals_a_fresh_build() {
         );
         return;
     }
-    for (name, ptx, committed) in MODULES {
+    for (name, ptx, committed, _) in MODULES {
         assert!(
             ptx == committed,
             "kernels-gpu/ptx/{name} is stale: copy the fresh build over it (scripts/update-ptx)"

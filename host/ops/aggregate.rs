@@ -3,12 +3,14 @@
 
 use cudarc::driver::CudaSlice;
 use kvc_abi::params::AggregateParams;
-use kvc_abi::plan::{agg_cta, agg_ws_stats, plan_aggregate};
+use kvc_abi::plan::{agg_cta, agg_ws_scores, agg_ws_stats, plan_aggregate};
 use kvc_abi::{DType, Geometry};
 
 use crate::cache::{AggregateArgs, DeviceArrays};
 use crate::error::Result;
-use crate::gpu::{window_scores_entry, window_stats_entry, WINDOW_STATS_MERGE_ENTRY};
+use crate::gpu::{
+    window_scores_entry, window_scores_ws_entry, window_stats_entry, WINDOW_STATS_MERGE_ENTRY,
+};
 
 /// One validated aggregation call.
 pub(crate) struct AggregateJob<'a> {
@@ -31,26 +33,29 @@ pub(crate) fn aggregate(
     dtype: DType,
     job: AggregateJob,
 ) -> Result<()> {
-    // The warp-specialized pass 1 reads its key tiles through a tensor map held with the cache.
-    let k_map = if job.lse.is_none()
-        && agg_ws_stats(g.head_dim, dtype.elem_bytes(), d.gpu.hopper_module())
-    {
+    let (hopper, elem_bytes) = (d.gpu.hopper_module(), dtype.elem_bytes());
+    let ws_stats = job.lse.is_none() && agg_ws_stats(g.head_dim, elem_bytes, hopper);
+    let ws_scores = agg_ws_scores(g.head_dim, elem_bytes, g.group_size, job.window, hopper);
+    // The warp-specialized passes read their key tiles through a tensor map held with the cache.
+    let k_map = if ws_stats || ws_scores {
         d.k_map(g)?
     } else {
         0
     };
     let gpu = &d.gpu;
-    let (stats_entry, scores_entry) = (
-        window_stats_entry(dtype, g.head_dim),
-        window_scores_entry(dtype, g.head_dim),
-    );
+    let stats_entry = window_stats_entry(dtype, g.head_dim);
+    let scores_entry = if ws_scores {
+        window_scores_ws_entry(dtype)
+    } else {
+        window_scores_entry(dtype, g.head_dim)
+    };
     let resident = |entry: &str, columns: bool| -> Result<u32> {
         let (threads, smem) = agg_cta(
             g.head_dim,
-            dtype.elem_bytes(),
-            g.group_size,
+            elem_bytes,
+            (g.group_size, job.window),
             columns,
-            gpu.hopper_module(),
+            hopper,
         );
         let kernel = gpu.kernel_props(entry, threads, smem)?;
         Ok(gpu.props().num_sms * kernel.ctas_per_sm.max(1))
@@ -64,7 +69,7 @@ pub(crate) fn aggregate(
             resident(&stats_entry, false)?,
             resident(&scores_entry, true)?,
         ),
-        gpu.hopper_module(),
+        hopper,
     );
     d.windows.update(gpu, &job.seq_info)?;
     let workspace = gpu.workspace(plan.workspace_bytes())?;

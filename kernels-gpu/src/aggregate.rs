@@ -87,7 +87,7 @@ const NO_KEY: i32 = i32::MAX;
 /// 8-key MMA tiles in a group.
 const GROUP_NTILES: usize = (AGG_GROUP_KEYS / 8) as usize;
 /// Owned keys of a pass-2 CTA per thread, at most: a run of consecutive keys.
-const OWNED_PER_THREAD: usize = (MAX_SCORE_KEYS / THREADS) as usize;
+pub(crate) const OWNED_PER_THREAD: usize = (MAX_SCORE_KEYS / THREADS) as usize;
 const _: () = assert!(MAX_SCORE_KEYS.is_multiple_of(THREADS));
 /// Columns the pooling windows of a thread's run read: the run and `SCORE_HALO` on each side.
 const POOL_SPAN: usize = OWNED_PER_THREAD + 2 * SCORE_HALO as usize;
@@ -1080,7 +1080,7 @@ impl WarpRows {
 /// `f(0) op f(1) op ... op f(7)` (a lane's 8 columns of a group) combined by pairs, so that
 /// the dependency chain is 3 deep rather than 7.
 #[inline(always)]
-fn pairwise(f: impl Fn(usize) -> f32, op: impl Fn(f32, f32) -> f32) -> f32 {
+pub(crate) fn pairwise(f: impl Fn(usize) -> f32, op: impl Fn(f32, f32) -> f32) -> f32 {
     let quad = |k: usize| op(op(f(k), f(k + 1)), op(f(k + 2), f(k + 3)));
     op(quad(0), quad(4))
 }
@@ -1412,22 +1412,83 @@ impl Scores<'_> {
     /// `row < rows`; pass 1 wrote stats for every row of the window, or `lse` holds the window.
     #[inline(always)]
     unsafe fn stats(&self, row: u32) -> (f32, f32) {
-        let p = self.p;
-        if p.lse != 0 {
-            let (i, g) = p.cache.geometry.window_row(row);
-            let at = p.lse_elem(self.seq, i, self.kv_head * self.group + g);
-            // SAFETY: as the caller promised.
-            return (unsafe { load::<f32>(p.lse, at) } * core::f32::consts::LOG2_E, 1.0);
-        }
-        let at = p.stats_row(self.seq, self.kv_head, row) * 2;
         // SAFETY: as the caller promised.
-        unsafe { (load::<f32>(p.stats, at), load::<f32>(p.stats, at + 1)) }
+        unsafe { row_stats(self.p, (self.seq, self.kv_head), row) }
     }
 
     /// The column of key `key` of tile `t` for query head `g`.
     #[inline(always)]
     fn column(&self, g: u32, t: u32, key: u32) -> usize {
         (g * SCORE_COLUMNS + self.first_column + t * self.smem.tiles.tile_keys + key) as usize
+    }
+}
+
+/// Row `row` of `(seq, kv_head)`'s (max, 1/sum) in the log2 domain: from pass 1, or (log2 of
+/// the sum, 1) from the caller's log-sum-exp.
+///
+/// # Safety
+/// `row` is a row of the sequence's window; pass 1 wrote stats for every row of the window, or
+/// `lse` holds the window.
+#[inline(always)]
+pub(crate) unsafe fn row_stats(
+    p: &AggregateParams,
+    (seq, kv_head): (u32, u32),
+    row: u32,
+) -> (f32, f32) {
+    if p.lse != 0 {
+        let geom = p.cache.geometry;
+        let (i, g) = geom.window_row(row);
+        let at = p.lse_elem(seq, i, kv_head * geom.group_size + g);
+        // SAFETY: as the caller promised.
+        return (
+            unsafe { load::<f32>(p.lse, at) } * core::f32::consts::LOG2_E,
+            1.0,
+        );
+    }
+    let at = p.stats_row(seq, kv_head, row) * 2;
+    // SAFETY: as the caller promised.
+    unsafe { (load::<f32>(p.stats, at), load::<f32>(p.stats, at + 1)) }
+}
+
+/// A pass-2 CTA's keys: the head slot of grid `(key_range, kv_head, seq)`, its window, and the
+/// range of `score_kvs` keys it owns.
+pub(crate) struct ScoreRange {
+    /// `(seq, kv_head)`.
+    pub(crate) head: (u32, u32),
+    /// The sequence's window length, last position and `metric_skip`.
+    pub(crate) window: (u32, i32, i32),
+    pub(crate) head_slot: u64,
+    /// The head slot's live keys.
+    pub(crate) len: u32,
+    /// The owned keys, `owned..owned_end`.
+    pub(crate) owned: (u32, u32),
+}
+
+impl ScoreRange {
+    /// This CTA's, or `None` when it has nothing to do (no window, or a range past the keys).
+    ///
+    /// # Safety
+    /// Launched with `plan_aggregate`'s scores grid and host-validated params.
+    #[inline(always)]
+    pub(crate) unsafe fn new(p: &AggregateParams) -> Option<Self> {
+        let geom = p.cache.geometry;
+        let (range, kv_head, seq) = (block_idx_x(), block_idx_y(), block_idx_z());
+        // SAFETY: seq < num_seqs (grid).
+        let (window_len, last, skip) = unsafe { seq_info(p, seq) };
+        let head_slot = geom.head_slot(seq, p.layer_idx, kv_head);
+        // SAFETY: head_slot is in range.
+        let len = unsafe { load::<i32>(p.cache.context_lens, head_slot) } as u32;
+        let owned = range * p.score_kvs;
+        if window_len == 0 || owned >= len {
+            return None;
+        }
+        Some(Self {
+            head: (seq, kv_head),
+            window: (window_len, last, skip),
+            head_slot,
+            len,
+            owned: (owned, len.min(owned + p.score_kvs)),
+        })
     }
 }
 
@@ -1443,17 +1504,17 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
     // chunk's copies run under the launch before.
     let geom = p.cache.geometry;
     let group = geom.group_size.max(1);
-    let (range, kv_head, seq) = (block_idx_x(), block_idx_y(), block_idx_z());
-    // SAFETY: seq < num_seqs (grid).
-    let (window_len, last, skip) = unsafe { seq_info(p, seq) };
-    let head_slot = geom.head_slot(seq, p.layer_idx, kv_head);
-    // SAFETY: head_slot is in range.
-    let len = unsafe { load::<i32>(p.cache.context_lens, head_slot) } as u32;
-    let owned = range * p.score_kvs;
-    if window_len == 0 || owned >= len {
+    // SAFETY: the scores grid.
+    let Some(ScoreRange {
+        head: (seq, kv_head),
+        window: (window_len, last, skip),
+        head_slot,
+        len,
+        owned: (owned, owned_end),
+    }) = (unsafe { ScoreRange::new(p) })
+    else {
         return; // uniform over the CTA
-    }
-    let owned_end = len.min(owned + p.score_kvs);
+    };
     let kstart = owned.saturating_sub(SCORE_HALO);
     let scores = Scores {
         p,
@@ -1508,35 +1569,64 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
     // SAFETY: all threads reach it; the columns are complete after it.
     unsafe { sync_threads() };
 
-    // Owned keys `run + i` of this thread: all their metric loads first (one round trip),
-    // then the pooled group sums added. Their pooling windows read columns `run + j`, `j <
-    // POOL_SPAN`, of each query head (column `SCORE_HALO + k` is owned key `k`).
     let run = thread * OWNED_PER_THREAD as u32;
+    // SAFETY: the columns are complete and hold SCORE_COLUMNS a head; the owned keys' ids
+    // landed (after the first chunk's wait and barrier); the runs of threads are disjoint.
+    unsafe {
+        add_pooled_run(
+            p,
+            (owned, owned_end),
+            run,
+            (
+                smem.columns.wrapping_add(run as usize),
+                SCORE_COLUMNS,
+                group,
+            ),
+            |k| *smem.owned_ids.add(k as usize) as u32,
+        )
+    };
+}
+
+/// Adds to the metric of owned keys `run..run + OWNED_PER_THREAD` (those before `owned_end`
+/// of the range from logical key `owned`) the group sum of their max-pooled columns: all the
+/// run's metric loads first (one round trip), then the sums added. `columns` is where the
+/// pooling windows start, column `run` of the first head (column `SCORE_HALO + k` is owned
+/// key `k`), the heads `stride` apart; `block(k)` is the pool block of owned key `k`.
+///
+/// # Safety
+/// The columns are complete; `block` gives validated pool blocks of the head slot's keys;
+/// no other thread touches the run's keys; `p.pool_half <= SCORE_HALO` (host-validated).
+#[inline(always)]
+pub(crate) unsafe fn add_pooled_run(
+    p: &AggregateParams,
+    (owned, owned_end): (u32, u32),
+    run: u32,
+    (columns, stride, group): (*const f32, u32, u32),
+    block: impl Fn(u32) -> u32,
+) {
+    let geom = p.cache.geometry;
     let mut slots = [0u64; OWNED_PER_THREAD];
     let mut metric = [0.0f32; OWNED_PER_THREAD];
     for i in 0..OWNED_PER_THREAD {
         let k = run + i as u32;
         if owned + k < owned_end {
-            // SAFETY: k < score_kvs ids, landed; the block is a validated pool block.
-            unsafe {
-                let block = *smem.owned_ids.add(k as usize) as u32;
-                slots[i] = geom.pool_slot(block, geom.slot_in_block(owned + k));
-                metric[i] = load::<f32>(p.cache.metric, slots[i]);
-            }
+            slots[i] = geom.pool_slot(block(k), geom.slot_in_block(owned + k));
+            // SAFETY: a validated pool block's slot (caller).
+            metric[i] = unsafe { load::<f32>(p.cache.metric, slots[i]) };
         }
     }
-    let run_keys = owned_end
-        .saturating_sub(owned + run)
-        .min(OWNED_PER_THREAD as u32);
     let out = PooledRun {
-        columns: smem.columns.wrapping_add(run as usize),
+        columns,
+        stride,
         group,
-        keys: run_keys,
+        keys: owned_end
+            .saturating_sub(owned + run)
+            .min(OWNED_PER_THREAD as u32),
         slots: &slots,
         metric: &metric,
         to: p.cache.metric,
     };
-    // SAFETY: as `PooledRun::add`'s; pool_half <= SCORE_HALO (host-validated).
+    // SAFETY: as `PooledRun::add`'s (caller).
     unsafe {
         match p.pool_half {
             0 => out.add::<0>(),
@@ -1850,24 +1940,8 @@ unsafe fn keys_major_chunk<T: CacheElem + Wgmma16, const D: usize>(s: &Scores, r
         } else {
             fold(1, &acc1, true);
         }
-        // Lanes `tig` and `tig ^ m` share query heads for the masks `m` from `G / 2` up to 2;
-        // with G = 1 both parities are head 0.
-        if group == 1 {
-            for sums_r in sums.iter_mut() {
-                sums_r[0] += sums_r[1];
-            }
-        }
-        let sharing = (group / 2).max(1);
-        let mut mask = sharing;
-        while mask < 4 {
-            for sums_r in sums.iter_mut() {
-                for v in sums_r.iter_mut() {
-                    // SAFETY: the whole warp runs these shuffles.
-                    *v += unsafe { shfl_xor(*v, mask) };
-                }
-            }
-            mask *= 2;
-        }
+        // SAFETY: the whole warp is here.
+        let sharing = unsafe { share_heads(&mut sums, group) };
         if tig < sharing {
             for (r, sums_r) in sums.iter().enumerate() {
                 for (e, &sum) in sums_r.iter().enumerate() {
@@ -1885,11 +1959,42 @@ unsafe fn keys_major_chunk<T: CacheElem + Wgmma16, const D: usize>(s: &Scores, r
     unsafe { stream.walk(consume) };
 }
 
+/// Completes a keys-major fold's sums over the lanes of a quad that share query heads:
+/// `sums[r][e]` of lane `tig` (`lane % 4`) holds query head `(2 tig + e) % G` of its key row
+/// `r`. Lanes `tig` and `tig ^ m` share heads for the masks `m` from `G / 2` up to 2; with
+/// `G = 1` both parities are head 0. Returns `sharing`: lanes `tig < sharing` then hold the
+/// whole sums of heads `2 tig + e`, `e < min(G, 2)`.
+///
+/// # Safety
+/// The whole warp calls it.
+#[cfg(kvc_hopper)]
+#[inline(always)]
+pub(crate) unsafe fn share_heads(sums: &mut [[f32; 2]; 2], group: u32) -> u32 {
+    if group == 1 {
+        for sums_r in sums.iter_mut() {
+            sums_r[0] += sums_r[1];
+        }
+    }
+    let sharing = (group / 2).max(1);
+    let mut mask = sharing;
+    while mask < 4 {
+        for sums_r in sums.iter_mut() {
+            for v in sums_r.iter_mut() {
+                // SAFETY: the whole warp runs these shuffles (caller).
+                *v += unsafe { shfl_xor(*v, mask) };
+            }
+        }
+        mask *= 2;
+    }
+    sharing
+}
+
 /// A pass-2 thread's run of owned keys, for the metric update: the run's columns from
-/// `SCORE_HALO` before it (`POOL_SPAN` a query head, heads `SCORE_COLUMNS` apart), its
-/// owned keys (the first `keys` of the run), their pool slots and loaded metrics.
+/// `SCORE_HALO` before it (`POOL_SPAN` a query head, heads `stride` apart), its owned keys
+/// (the first `keys` of the run), their pool slots and loaded metrics.
 struct PooledRun<'a> {
     columns: *const f32,
+    stride: u32,
     group: u32,
     keys: u32,
     slots: &'a [u64; OWNED_PER_THREAD],
@@ -1911,7 +2016,7 @@ impl PooledRun<'_> {
     unsafe fn add<const H: usize>(&self) {
         let mut value = [0.0f32; OWNED_PER_THREAD];
         for g in 0..self.group {
-            let head = self.columns.wrapping_add((g * SCORE_COLUMNS) as usize);
+            let head = self.columns.wrapping_add((g * self.stride) as usize);
             // SAFETY: inside the columns (the caller).
             let span: [f32; POOL_SPAN] = core::array::from_fn(|j| unsafe { *head.add(j) });
             for (i, v) in value.iter_mut().enumerate() {

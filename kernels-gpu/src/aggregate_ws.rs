@@ -16,22 +16,39 @@
 //! in the probe: docs/PERF.md, "v6 probe".)
 //! `setmaxnreg` moves the producer's registers to the consumers (the entries' `.maxntid 384`
 //! comes from build.rs).
+//!
+//! Pass 2 (`window_scores_ws_body`, `agg_ws_scores`: the window's rows are one chunk) has the
+//! same CTA and producer, and `aggregate::window_scores_body`'s contract: grid `(key_range,
+//! kv_head, seq)`, a range of `score_kvs` owned keys walked with `SCORE_HALO` keys on each side
+//! (from the block holding the first of the halo before, since the producer brings whole
+//! blocks). Consumer `c` multiplies keys `64 c..` of each tile by all the rows (`m64n128k16`,
+//! keys as A: `aggregate::keys_major_chunk`'s order), so a key's sums per query head are whole
+//! in one quad and are stored straight into the column sums. Tile `t + 1`'s product runs while
+//! tile `t` is folded (two accumulator sets: 1.4 us of ~38 on an H100), so every tile is
+//! multiplied. At the end the consumers add to each owned key's metric the group sum of its
+//! max-pooled columns.
 
-use kvc_abi::params::AggregateParams;
-use kvc_abi::plan::{ws_smem, PANEL_ROW_BYTES, WS_ROWS, WS_STAGES, WS_TILE_BYTES, WS_TILE_KEYS};
+use kvc_abi::params::{record, AggregateParams};
+use kvc_abi::plan::{
+    ws_smem, WsSmem, PANEL_ROW_BYTES, SCORE_HALO, WS_ROWS, WS_SCORE_COLUMNS, WS_STAGES,
+    WS_TILE_BYTES, WS_TILE_KEYS,
+};
 
-use crate::aggregate::{row_position, stage_queries, RowLayout, StatsCta};
-use crate::gpu::math::{exp2, fma, fmax, CacheElem};
+use crate::aggregate::{
+    add_pooled_run, pairwise, row_position, row_stats, share_heads, stage_queries, RowLayout,
+    ScoreRange, StatsCta, OWNED_PER_THREAD,
+};
+use crate::gpu::math::{exp2, fma, fmax, log2, CacheElem};
 use crate::gpu::mem::load;
 use crate::gpu::mma::shared_addr;
 use crate::gpu::smem::dynamic_f32;
-use crate::gpu::sync::allow_dependent_grid;
+use crate::gpu::sync::{allow_dependent_grid, wait_for_prior_grid};
 use crate::gpu::thread::{lane_id, sync_threads, thread_idx_x, warp_id};
 use crate::gpu::tma::{
     acquire_tensor_map, arrive, arrive_expect_bytes, copy_bulk, copy_tile, init_barrier,
     registers_to_consumer, registers_to_producer, sync_consumers, wait_barrier,
 };
-use crate::gpu::warp::{max_i32, sync_warp};
+use crate::gpu::warp::{ballot, max_i32, sync_warp};
 use crate::gpu::wgmma::{commit, descriptor, fence, wait_all, Wgmma16};
 
 /// Consumer threads: warpgroups 0 and 1.
@@ -56,6 +73,35 @@ struct Ring {
 }
 
 impl Ring {
+    /// The ring of the shared-memory map `map` from its 1024-byte-aligned base `base_ptr`.
+    fn new(map: &WsSmem, base_ptr: *mut u8) -> Self {
+        let base = shared_addr(base_ptr);
+        Self {
+            k_tiles: base + map.k_tiles,
+            positions: base + map.positions,
+            positions_ptr: base_ptr.wrapping_add(map.positions as usize) as *const i32,
+            barriers: base + map.barriers,
+        }
+    }
+
+    /// Thread 0 initialises the barriers; every thread of the CTA then meets.
+    ///
+    /// # Safety
+    /// Every thread of the CTA calls it once, before any use of the ring.
+    unsafe fn init(&self) {
+        if thread_idx_x() == 0 {
+            for stage in 0..WS_STAGES {
+                // SAFETY: the ring's barriers, initialised before the CTA barrier below.
+                unsafe {
+                    init_barrier(self.full(stage), 1);
+                    init_barrier(self.empty(stage), CONSUMER_WARPS);
+                }
+            }
+        }
+        // SAFETY: every thread reaches it (caller).
+        unsafe { sync_threads() };
+    }
+
     fn full(&self, stage: u32) -> u32 {
         self.barriers + 8 * stage
     }
@@ -130,58 +176,21 @@ pub unsafe fn window_stats_ws_body<T: CacheElem + Wgmma16>(p: &AggregateParams) 
     } = cta;
     let ntiles = (key_hi - key_lo).div_ceil(WS_TILE_KEYS);
 
-    let map = ws_smem();
-    let raw = dynamic_f32() as *mut u8;
-    let base_ptr = raw.wrapping_add((shared_addr(raw).wrapping_neg() % 1024) as usize);
+    let map = ws_smem(false);
+    let base_ptr = aligned_base();
     let base = shared_addr(base_ptr);
-    let ring = Ring {
-        k_tiles: base + map.k_tiles,
-        positions: base + map.positions,
-        positions_ptr: base_ptr.wrapping_add(map.positions as usize) as *const i32,
-        barriers: base + map.barriers,
-    };
-    if thread_idx_x() == 0 {
-        for stage in 0..WS_STAGES {
-            // SAFETY: the ring's barriers, initialised before the CTA barrier below.
-            unsafe {
-                init_barrier(ring.full(stage), 1);
-                init_barrier(ring.empty(stage), CONSUMER_WARPS);
-            }
-        }
-    }
-    // SAFETY: every thread reaches it.
-    unsafe { sync_threads() };
-    if warp_id() >= CONSUMERS / 32 {
-        // SAFETY: the whole producer warpgroup; warp 8 then produces.
-        unsafe {
-            registers_to_producer();
-            if warp_id() == CONSUMERS / 32 {
-                produce(p, &ring, head_slot, (key_lo, key_hi), ntiles);
-            }
-        }
+    let ring = Ring::new(&map, base_ptr);
+    // SAFETY: every thread, once.
+    unsafe { ring.init() };
+    // SAFETY: every thread, after the set-up.
+    if !unsafe { consumes(p, &ring, head_slot, (key_lo, key_hi), ntiles) } {
         return;
     }
-    // SAFETY: both consumer warpgroups.
-    unsafe { registers_to_consumer() };
     let q_tile = base + map.q_tile;
-    let layout = RowLayout {
-        stride: PANEL_ROW_BYTES,
-        data: 128 * 2,
-        rows: WS_ROWS,
-        swizzled: true,
-    };
-    // SAFETY: the consumers only, from here on; the query tile holds WS_ROWS rows; then the
-    // copies are fenced for `wgmma` and every consumer meets.
+    // SAFETY: the consumers only, from here on; then every consumer meets.
     unsafe {
-        stage_queries::<T>(
-            p,
-            base_ptr.wrapping_add(map.q_tile as usize),
-            layout,
-            (seq, kv_head),
-            (row_base, WS_ROWS),
-            rows,
-            CONSUMERS,
-        );
+        let q_tile = base_ptr.wrapping_add(map.q_tile as usize);
+        stage_ws_queries::<T>(p, q_tile, (seq, kv_head), row_base, rows);
         sync_consumers();
     }
 
@@ -243,6 +252,75 @@ pub unsafe fn window_stats_ws_body<T: CacheElem + Wgmma16>(p: &AggregateParams) 
         // SAFETY: the whole warp; the workspace holds every row (plan).
         unsafe { cta.write_row(p, row, stats[i], row < rows) };
     }
+}
+
+/// Stages the query rows `row_base..row_base + WS_ROWS` of `(seq, kv_head)` (zero past `rows`)
+/// into the query tile at `q_tile`, in the swizzled panels `wgmma` reads, fenced for it.
+///
+/// # Safety
+/// The consumers together, and nothing else touches the query tile meanwhile; they meet at
+/// a barrier before the rows are read.
+#[inline(always)]
+unsafe fn stage_ws_queries<T: CacheElem>(
+    p: &AggregateParams,
+    q_tile: *mut u8,
+    (seq, kv_head): (u32, u32),
+    row_base: u32,
+    rows: u32,
+) {
+    let layout = RowLayout {
+        stride: PANEL_ROW_BYTES,
+        data: 128 * 2,
+        rows: WS_ROWS,
+        swizzled: true,
+    };
+    // SAFETY: the query tile holds WS_ROWS rows (both maps); forwarded from the caller.
+    unsafe {
+        stage_queries::<T>(
+            p,
+            q_tile,
+            layout,
+            (seq, kv_head),
+            (row_base, WS_ROWS),
+            rows,
+            CONSUMERS,
+        )
+    };
+}
+
+/// Splits the CTA after the ring's set-up: the producer warpgroup gives its registers to the
+/// consumers and its first warp brings the `ntiles` tiles of `keys` (`produce`), then `false`;
+/// the consumers take the registers, then `true`.
+///
+/// # Safety
+/// Every thread of the CTA calls it once, after [`Ring::init`], as `produce`'s caller must.
+#[inline(always)]
+unsafe fn consumes(
+    p: &AggregateParams,
+    ring: &Ring,
+    head_slot: u64,
+    keys: (u32, u32),
+    ntiles: u32,
+) -> bool {
+    if warp_id() >= CONSUMERS / 32 {
+        // SAFETY: the whole producer warpgroup; warp 8 then produces.
+        unsafe {
+            registers_to_producer();
+            if warp_id() == CONSUMERS / 32 {
+                produce(p, ring, head_slot, keys, ntiles);
+            }
+        }
+        return false;
+    }
+    // SAFETY: both consumer warpgroups.
+    unsafe { registers_to_consumer() };
+    true
+}
+
+/// The dynamic shared memory's base aligned up to 1024 bytes (the maps' slack allows it).
+fn aligned_base() -> *mut u8 {
+    let raw = dynamic_f32() as *mut u8;
+    raw.wrapping_add((shared_addr(raw).wrapping_neg() % 1024) as usize)
 }
 
 /// Waits for a tile's product (both halves).
@@ -454,5 +532,289 @@ unsafe fn produce(
             }
         }
         id = next;
+    }
+}
+
+/// Pass 2 body, warp-specialized (module header), for 16-bit cache type `T` at `D = 128`.
+///
+/// # Safety
+/// Launched with `plan_aggregate`'s scores dims (`WS_THREADS` threads, `ws_smem(true)` bytes)
+/// where `agg_ws_scores` holds, after pass 1 (and its merge) wrote `stats` or alone with `lse`;
+/// host-validated params whose `k_map` is the tensor map of the module header.
+#[inline(always)]
+pub unsafe fn window_scores_ws_body<T: CacheElem + Wgmma16>(p: &AggregateParams) {
+    let geom = p.cache.geometry;
+    let group = geom.group_size.max(1);
+    // SAFETY: the scores grid.
+    let Some(range) = (unsafe { ScoreRange::new(p) }) else {
+        return; // uniform over the CTA, before any barrier
+    };
+    let ((seq, kv_head), (window_len, last, skip)) = (range.head, range.window);
+    let (head_slot, len, (owned, owned_end)) = (range.head_slot, range.len, range.owned);
+    // The walk: whole blocks from the one holding the first key of the halo before.
+    let block_keys = geom.block_size.max(1);
+    let walk = (
+        owned.saturating_sub(SCORE_HALO) / block_keys * block_keys,
+        len.min(owned_end + SCORE_HALO),
+    );
+    let ntiles = (walk.1 - walk.0).div_ceil(WS_TILE_KEYS);
+
+    let map = ws_smem(true);
+    let base_ptr = aligned_base();
+    let ring = Ring::new(&map, base_ptr);
+    // SAFETY: every thread, once.
+    unsafe { ring.init() };
+    // SAFETY: every thread, after the set-up.
+    if !unsafe { consumes(p, &ring, head_slot, walk, ntiles) } {
+        return;
+    }
+    let thread = thread_idx_x();
+    let rows = window_len * group;
+    let columns = base_ptr.wrapping_add(map.columns as usize) as *mut f32;
+    let counted = base_ptr.wrapping_add(map.rows as usize) as *mut i32;
+    let subs = counted.wrapping_add(WS_ROWS as usize) as *mut f32;
+    // SAFETY: the consumers only, from here on (`rows <= WS_ROWS`: agg_ws_scores); they meet
+    // below before the rows are read.
+    unsafe {
+        let q_tile = base_ptr.wrapping_add(map.q_tile as usize);
+        stage_ws_queries::<T>(p, q_tile, (seq, kv_head), 0, rows)
+    };
+    let mut item = thread;
+    while item < group * WS_SCORE_COLUMNS {
+        // SAFETY: inside the column sums (group <= WS_MAX_GROUP: agg_ws_scores).
+        unsafe { *columns.add(item as usize) = 0.0 };
+        item += CONSUMERS;
+    }
+    // a^2 = 2^(2 (s - max)) / sum^2 (L2), a = 2^(s - max) / sum (L1): row `r`'s term is
+    // `2^(power scale_log2 s - sub[r])`. The stats come from the launch before (pass 1 or its
+    // merge); rows past the window count nothing and add zero.
+    let power = if p.record == record::L2 { 2.0 } else { 1.0 };
+    wait_for_prior_grid();
+    if thread < WS_ROWS {
+        let row = thread;
+        let (position, sub) = if row < rows {
+            // SAFETY: a row of the window, whose stats the launch before wrote (or `lse`).
+            let (max, inv_sum) = unsafe { row_stats(p, (seq, kv_head), row) };
+            (
+                row_position(row, rows, &geom, window_len, last).saturating_sub(skip),
+                power * (max - log2(inv_sum)),
+            )
+        } else {
+            (i32::MIN, f32::INFINITY)
+        };
+        // SAFETY: inside the rows map.
+        unsafe {
+            *counted.add(row as usize) = position;
+            *subs.add(row as usize) = sub;
+        }
+    }
+    // SAFETY: both consumer warpgroups.
+    unsafe { sync_consumers() };
+
+    let (consumer, warp, lane) = (thread / 128, warp_id() % 4, lane_id());
+    let tig = lane % 4;
+    let c = ScoreConsumer {
+        p,
+        ring: &ring,
+        q_tile: shared_addr(base_ptr) + map.q_tile,
+        consumer,
+        keys: [16 * warp + lane / 4, 16 * warp + lane / 4 + 8],
+        walk,
+        owned,
+        columns,
+        counted,
+        // SAFETY: written before the barrier above; a row's counted position grows with it.
+        least: unsafe { *counted },
+        mul: power * p.scale_log2,
+        // `sub` of this lane's query columns `64 h + 8 j + 2 tig + e`, as `[h][j][e]`.
+        sub: core::array::from_fn(|h| {
+            core::array::from_fn(|j| {
+                // SAFETY: written before the barrier above.
+                core::array::from_fn(|e| unsafe {
+                    *subs.add(64 * h + 8 * j + 2 * tig as usize + e)
+                })
+            })
+        }),
+    };
+    // Two accumulator sets: tile t + 1's product runs while tile t is folded. Every tile is
+    // multiplied (a window at the end of its prompt counts nearly every key), and the issues
+    // sit on no branch (so that ptxas keeps the products asynchronous): after the pairs, a
+    // last product is issued again on the last tile when there is no next one, and dropped.
+    let (mut a0, mut a1) = ([[0.0f32; 16]; 2], [[0.0f32; 16]; 2]);
+    let (mut b0, mut b1) = ([[0.0f32; 16]; 2], [[0.0f32; 16]; 2]);
+    // SAFETY: the producer brings every tile in order; a product is waited for before its
+    // fold, and each warp releases a tile after its fold and after every product on it.
+    unsafe {
+        if ntiles > 0 {
+            ring.land(0);
+            c.start::<T>((&mut a0, &mut a1), 0);
+            wait((&mut a0, &mut a1));
+            let mut t = 0;
+            while t + 2 < ntiles {
+                ring.land(t + 1);
+                c.start::<T>((&mut b0, &mut b1), t + 1);
+                c.scores((&a0, &a1), t);
+                ring.done(t);
+                wait((&mut b0, &mut b1));
+                ring.land(t + 2);
+                c.start::<T>((&mut a0, &mut a1), t + 2);
+                c.scores((&b0, &b1), t + 1);
+                ring.done(t + 1);
+                wait((&mut a0, &mut a1));
+                t += 2;
+            }
+            let last = (t + 1).min(ntiles - 1);
+            if last > t {
+                ring.land(last);
+            }
+            c.start::<T>((&mut b0, &mut b1), last);
+            c.scores((&a0, &a1), t);
+            wait((&mut b0, &mut b1));
+            ring.done(t);
+            if last > t {
+                c.scores((&b0, &b1), last);
+                ring.done(last);
+            }
+        }
+    }
+    // SAFETY: both consumer warpgroups; the column sums are complete after it.
+    unsafe { sync_consumers() };
+    // Runs of OWNED_PER_THREAD owned keys a thread, in turn: a run is one block's keys (the
+    // range starts at a block, blocks are at least 8 keys), so its block id is one load.
+    let table = p.cache.block_tables + geom.block_table_at(head_slot, 0) * 4;
+    let mut run = thread * OWNED_PER_THREAD as u32;
+    while owned + run < owned_end {
+        // SAFETY: owned + run < len is in the head slot's table.
+        let block = unsafe { load::<i32>(table, geom.logical_block(owned + run) as u64) } as u32;
+        // SAFETY: the columns are complete and hold WS_SCORE_COLUMNS a head; the block is a
+        // validated pool block; the runs of threads are disjoint.
+        unsafe {
+            add_pooled_run(
+                p,
+                (owned, owned_end),
+                run,
+                (columns.wrapping_add(run as usize), WS_SCORE_COLUMNS, group),
+                |_| block,
+            )
+        };
+        run += CONSUMERS * OWNED_PER_THREAD as u32;
+    }
+}
+
+/// What a pass-2 consumer warp needs per tile.
+struct ScoreConsumer<'a> {
+    p: &'a AggregateParams,
+    ring: &'a Ring,
+    q_tile: u32,
+    consumer: u32,
+    /// This lane's two keys among the consumer's 64 of a tile (its rows of the product).
+    keys: [u32; 2],
+    /// The walk's keys.
+    walk: (u32, u32),
+    /// The first owned key: key `k` sums into column `k + SCORE_HALO - owned`.
+    owned: u32,
+    columns: *mut f32,
+    /// Each row's counted position.
+    counted: *const i32,
+    /// The least position a row counts (the first row's).
+    least: i32,
+    /// `power * scale_log2`.
+    mul: f32,
+    sub: [[[f32; 2]; 8]; 2],
+}
+
+impl ScoreConsumer<'_> {
+    /// Starts tile `t`'s product, the consumer's 64 keys by all the rows (`m64n128k16`, half
+    /// `h` the rows `64 h..`).
+    ///
+    /// # Safety
+    /// The warpgroup together; tile `t` landed and this warp has not released it; the query
+    /// rows are staged and fenced; nothing touches the accumulators until [`wait`].
+    #[inline(always)]
+    unsafe fn start<T: Wgmma16>(&self, (h0, h1): (&mut Half, &mut Half), t: u32) {
+        let tile = self.ring.tile(t) + 64 * self.consumer * PANEL_ROW_BYTES;
+        // SAFETY: the warpgroup together on the landed tile and the staged rows (caller).
+        unsafe {
+            fence();
+            T::first_panel_n128(h0, h1, descriptor(tile), descriptor(self.q_tile));
+            T::panel_n128(
+                h0,
+                h1,
+                descriptor(tile + WS_TILE_KEYS * PANEL_ROW_BYTES),
+                descriptor(self.q_tile + WS_ROWS * PANEL_ROW_BYTES),
+            );
+            commit();
+        }
+    }
+
+    /// Tile `t`'s product (waited for): each key's terms summed per query head and stored into
+    /// its column. Register `r` of half `h` holds key row `keys[r % 4 / 2]` and query row `64 h
+    /// + 8 (r / 4) + 2 tig + r % 2` (`gpu::wgmma`).
+    ///
+    /// # Safety
+    /// The warp is converged; tile `t` landed and this warp has not released it.
+    #[inline(always)]
+    unsafe fn scores(&self, (h0, h1): (&Half, &Half), t: u32) {
+        let (lane, mine) = (lane_id(), 64 * self.consumer);
+        let tig = lane % 4;
+        let (least, walk_hi) = (self.least, self.walk.1);
+        let key0 = self.walk.0 + t * WS_TILE_KEYS + mine;
+        // SAFETY: keys of the held tile (caller).
+        let position = |k: u32| unsafe { self.ring.position(t, mine + k) };
+        let pos = self.keys.map(position);
+        // Whether every row counts the warp's keys: no masks.
+        // SAFETY: the warp is converged.
+        let all = unsafe { ballot(pos[0] <= least && pos[1] <= least) } == u32::MAX;
+        let mut sums = [[0.0f32; 2]; 2];
+        let mut fold = |h: usize, acc: &Half, masked: bool| {
+            for (r, sums_r) in sums.iter_mut().enumerate() {
+                for (e, sum) in sums_r.iter_mut().enumerate() {
+                    let term = |j: usize| {
+                        let at = 4 * j + 2 * r + e;
+                        let x = exp2(fma(acc[at / 16][at % 16], self.mul, -self.sub[h][j][e]));
+                        let row = 64 * h + 8 * j + 2 * tig as usize + e;
+                        // SAFETY: inside the rows map.
+                        if masked && pos[r] > unsafe { *self.counted.add(row) } {
+                            0.0
+                        } else {
+                            x
+                        }
+                    };
+                    *sum += pairwise(term, |a, b| a + b);
+                }
+            }
+        };
+        if all {
+            fold(0, h0, false);
+            fold(1, h1, false);
+        } else {
+            fold(0, h0, true);
+            fold(1, h1, true);
+        }
+        let group = self.p.cache.geometry.group_size;
+        // SAFETY: the whole warp is here.
+        let sharing = unsafe { share_heads(&mut sums, group) };
+        if tig < sharing {
+            for (r, sums_r) in sums.iter().enumerate() {
+                let key = key0 + self.keys[r];
+                // Keys past the walk, and before the halo, have no column; the others' lie
+                // within WS_SCORE_COLUMNS (score_kvs <= WS_SCORE_KEYS, plan).
+                if key < walk_hi && key + SCORE_HALO >= self.owned {
+                    let column = key + SCORE_HALO - self.owned;
+                    for (e, &sum) in sums_r.iter().enumerate() {
+                        if (e as u32) < group.min(2) {
+                            let head = 2 * tig + e as u32;
+                            // SAFETY: inside the column sums; this lane alone writes this key
+                            // and head, once.
+                            unsafe {
+                                *self
+                                    .columns
+                                    .add((head * WS_SCORE_COLUMNS + column) as usize) = sum
+                            };
+                        }
+                    }
+                }
+            }
+        }
     }
 }

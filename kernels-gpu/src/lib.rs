@@ -171,6 +171,13 @@ entries! { AggregateParams =>
     abi_echo_aggregate = echo::echo_body::<AggregateParams>;
 }
 
+// Pass 2 warp-specialized, where the window's rows are one chunk (`agg_ws_scores`).
+#[cfg(kvc_hopper)]
+entries! { AggregateParams =>
+    window_scores_ws_f16_d128 = aggregate_ws::window_scores_ws_body::<F16>;
+    window_scores_ws_bf16_d128 = aggregate_ws::window_scores_ws_body::<Bf16>;
+}
+
 entries! { CompressParams =>
     sched_hist0 = schedule::sched_hist_body::<0>;
     sched_hist1 = schedule::sched_hist_body::<1>;

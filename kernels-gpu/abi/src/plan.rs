@@ -763,15 +763,40 @@ mod tests {
         let p = plan_aggregate(&g, DType::F32, 24, 300, (264, 264), true);
         assert_eq!(p.score_kvs, agg_tile_keys(128, 4) - 2 * SCORE_HALO);
         assert!(p.scores.grid[0] * p.score_kvs >= 300);
-        // Every range's walk, its halo included, is whole tiles within MAX_SCORE_KEYS.
+        // The warp-specialized pass 2 there: one CTA an SM, 17 tiles walked a CTA, 2144 keys
+        // owned, 16 CTAs a head, 128 in all (one wave).
+        let p = plan_aggregate(&g, DType::F16, 32, 32768, (132, 132), true);
+        assert_eq!((p.score_kvs, p.scores.grid), (2144, [16, 8, 1]));
+        assert_eq!(p.scores.block, [WS_THREADS, 1, 1]);
+        assert_eq!(p.scores.smem_bytes, ws_smem(true).bytes);
+        let ws = ws_smem(true);
+        assert!(ws.bytes <= most && ws.rows % 16 == 0 && ws.columns % 16 == 0);
+        assert!(ws_smem(false).bytes < ws.bytes);
+        // Every range's walk, its halo included, is whole tiles within the most keys a CTA
+        // owns (the warp-specialized walk: a block or the halo before, the halo after, less
+        // than a block short of whole tiles).
         for dtype in DType::ALL {
             for head_dim in [64, 128, 256] {
-                let g = Geometry { head_dim, ..g };
-                for (len, resident) in [(32768, 264), (4096, 132), (100, 1000), (1 << 20, 8)] {
-                    let p = plan_aggregate(&g, dtype, 32, len, (264, resident), true);
-                    let walk = p.score_kvs + 2 * SCORE_HALO;
-                    assert_eq!(walk % agg_tile_keys(head_dim, dtype.elem_bytes()), 0);
-                    assert!(walk <= MAX_SCORE_KEYS && p.scores.grid[0] * p.score_kvs >= len);
+                for block_size in [8, 16, 32] {
+                    let g = Geometry {
+                        head_dim,
+                        block_size,
+                        ..g
+                    };
+                    for (len, resident) in [(32768, 264), (4096, 132), (100, 1000), (1 << 20, 8)] {
+                        let p = plan_aggregate(&g, dtype, 32, len, (264, resident), true);
+                        assert!(p.scores.grid[0] * p.score_kvs >= len);
+                        if agg_ws_scores(head_dim, dtype.elem_bytes(), g.group_size, 32, true) {
+                            let walk = block_size.max(SCORE_HALO) + p.score_kvs + SCORE_HALO;
+                            assert_eq!(p.score_kvs % block_size, 0);
+                            assert!(p.score_kvs <= WS_SCORE_KEYS);
+                            assert!(walk.next_multiple_of(WS_TILE_KEYS) - walk < block_size);
+                        } else {
+                            let walk = p.score_kvs + 2 * SCORE_HALO;
+                            assert_eq!(walk % agg_tile_keys(head_dim, dtype.elem_bytes()), 0);
+                            assert!(walk <= MAX_SCORE_KEYS);
+                        }
+                    }
                 }
             }
         }
@@ -1090,8 +1115,31 @@ pub const fn agg_wgmma(elem_bytes: u32, hopper: bool) -> bool {
 pub const fn agg_ws_stats(head_dim: u32, elem_bytes: u32, hopper: bool) -> bool {
     agg_wgmma(elem_bytes, hopper) && head_dim == 128
 }
-/// Threads of the warp-specialized pass 1: warps 0-7 consume, warpgroup 2 produces.
+/// Whether pass 2 is the warp-specialized kernel too: as [`agg_ws_stats`], where the window's
+/// rows are one chunk ([`WS_ROWS`]) and a group at most [`WS_MAX_GROUP`] heads. Its CTA is the
+/// same three warpgroups; consumer `c` multiplies keys `64 c..` of each key tile (keys-major,
+/// as `agg_keys_major`) by all the rows, and owns a key range of at most [`WS_SCORE_KEYS`].
+pub const fn agg_ws_scores(
+    head_dim: u32,
+    elem_bytes: u32,
+    group_size: u32,
+    window: u32,
+    hopper: bool,
+) -> bool {
+    agg_ws_stats(head_dim, elem_bytes, hopper)
+        && group_size <= WS_MAX_GROUP
+        && window * group_size <= WS_ROWS
+}
+/// Threads of the warp-specialized passes: warps 0-7 consume, warpgroup 2 produces.
 pub const WS_THREADS: u32 = 384;
+/// Most query heads a group of the warp-specialized pass 2 (its column sums are sized for them).
+pub const WS_MAX_GROUP: u32 = 4;
+/// Most keys a warp-specialized pass-2 CTA owns: one wave of CTAs covers a 32768-key prompt of
+/// 8 KV heads on 132 SMs (2144 keys a CTA) with room to spare.
+pub const WS_SCORE_KEYS: u32 = 3072;
+/// Column sums per query head of a warp-specialized pass-2 CTA: its owned keys and the halo
+/// on each side.
+pub const WS_SCORE_COLUMNS: u32 = WS_SCORE_KEYS + 2 * SCORE_HALO;
 /// Query rows of a warp-specialized pass-1 CTA (`agg_rows` at `D = 128`, 16-bit).
 pub const WS_ROWS: u32 = 128;
 /// Keys of one key tile of the warp-specialized pass 1.
@@ -1112,6 +1160,11 @@ pub struct WsSmem {
     /// `[WS_STAGES]` `full` mbarriers (a tile's bytes landed), then `[WS_STAGES]` `empty` ones
     /// (the 8 consumer warps are done with it).
     pub barriers: u32,
+    /// Pass 2: `[WS_ROWS]` i32 counted positions, then `[WS_ROWS]` f32 exponent offsets of
+    /// the rows.
+    pub rows: u32,
+    /// Pass 2: `[WS_MAX_GROUP, WS_SCORE_COLUMNS]` f32 column sums.
+    pub columns: u32,
     /// Bytes to reserve.
     pub bytes: u32,
 }
@@ -1119,17 +1172,26 @@ pub struct WsSmem {
 /// Bytes of one key tile of the warp-specialized pass 1.
 pub const WS_TILE_BYTES: u32 = WS_TILE_KEYS * 128 * 2;
 
-/// The warp-specialized pass 1's shared memory ([`WsSmem`]).
-pub const fn ws_smem() -> WsSmem {
+/// The shared memory of the warp-specialized pass 1, or pass 2 (`columns`) ([`WsSmem`]).
+pub const fn ws_smem(columns: bool) -> WsSmem {
     let k_tiles = WS_ROWS * 128 * 2;
     let positions = k_tiles + WS_STAGES * WS_TILE_BYTES;
     let barriers = positions + WS_STAGES * WS_TILE_KEYS * 4;
+    let rows = barriers + 2 * WS_STAGES * 8;
+    let columns_at = rows + 2 * WS_ROWS * 4;
+    let end = if columns {
+        columns_at + WS_MAX_GROUP * WS_SCORE_COLUMNS * 4
+    } else {
+        rows
+    };
     WsSmem {
         q_tile: 0,
         k_tiles,
         positions,
         barriers,
-        bytes: 1024 + barriers + 2 * WS_STAGES * 8,
+        rows,
+        columns: columns_at,
+        bytes: 1024 + end,
     }
 }
 
@@ -1138,12 +1200,17 @@ pub const fn ws_smem() -> WsSmem {
 pub const fn agg_cta(
     head_dim: u32,
     elem_bytes: u32,
-    group_size: u32,
+    (group_size, window): (u32, u32),
     columns: bool,
     hopper: bool,
 ) -> (u32, u32) {
-    if !columns && agg_ws_stats(head_dim, elem_bytes, hopper) {
-        (WS_THREADS, ws_smem().bytes)
+    let ws = if columns {
+        agg_ws_scores(head_dim, elem_bytes, group_size, window, hopper)
+    } else {
+        agg_ws_stats(head_dim, elem_bytes, hopper)
+    };
+    if ws {
+        (WS_THREADS, ws_smem(columns).bytes)
     } else {
         (
             AGG_WARPS * WARP_SIZE,
@@ -1281,7 +1348,7 @@ pub fn plan_aggregate(
     } else {
         agg_tile_keys(head_dim, elem_bytes)
     };
-    let tile_keys = agg_tile_keys(head_dim, elem_bytes);
+    let ws_scores = agg_ws_scores(head_dim, elem_bytes, geometry.group_size, window, hopper);
     let key_tiles = max_context_len.div_ceil(stats_tile_keys).max(1);
     let stats_words = heads as u64 * rows as u64 * 2;
     let by_memory = (MAX_PARTIAL_WORDS / stats_words.max(1)).max(1) as u32;
@@ -1293,17 +1360,45 @@ pub fn plan_aggregate(
     let key_splits = max_context_len.div_ceil(split_kvs).max(1);
     // A pass-2 CTA walks its keys and SCORE_HALO on each side in whole key tiles: owning `t`
     // tiles less the halo, its walk is `t` tiles, not `t + 1` with the last one mostly halo.
-    // `t` is the fewest (at most MAX_SCORE_KEYS / tile_keys) whose CTAs fit the resident ones.
-    let owns = |tiles: u32| tiles * tile_keys - 2 * SCORE_HALO;
+    // `t` is the fewest (at most the most keys a CTA owns) whose CTAs fit the resident ones.
+    // The warp-specialized walk starts at a block (its tiles are whole blocks), so its owned
+    // keys are whole blocks and the halo before them is a block at least.
+    let (tile_keys, most_keys) = if ws_scores {
+        (WS_TILE_KEYS, WS_SCORE_KEYS)
+    } else {
+        (agg_tile_keys(head_dim, elem_bytes), MAX_SCORE_KEYS)
+    };
+    let block = geometry.block_size.max(1);
+    let owns = |tiles: u32| {
+        if ws_scores {
+            let before = if block > SCORE_HALO {
+                block
+            } else {
+                SCORE_HALO
+            };
+            (tiles * tile_keys - before - SCORE_HALO) / block * block
+        } else {
+            tiles * tile_keys - 2 * SCORE_HALO
+        }
+    };
     let mut score_tiles = 1;
-    while score_tiles < MAX_SCORE_KEYS / tile_keys
+    while owns(score_tiles + 1) <= most_keys
         && max_context_len.div_ceil(owns(score_tiles)) * heads > scores_resident
     {
         score_tiles += 1;
     }
     let score_kvs = owns(score_tiles);
-    let cta = |columns| agg_cta(head_dim, elem_bytes, geometry.group_size, columns, hopper);
+    let cta = |columns| {
+        agg_cta(
+            head_dim,
+            elem_bytes,
+            (geometry.group_size, window),
+            columns,
+            hopper,
+        )
+    };
     let (stats_threads, stats_smem) = cta(false);
+    let (scores_threads, scores_smem) = cta(true);
     let stats = LaunchDims {
         grid: [
             row_chunks * key_splits,
@@ -1328,8 +1423,8 @@ pub fn plan_aggregate(
             geometry.num_kv_heads,
             geometry.num_seqs,
         ],
-        block: threads,
-        smem_bytes: cta(true).1,
+        block: [scores_threads, 1, 1],
+        smem_bytes: scores_smem,
     };
     AggregatePlan {
         stats,
