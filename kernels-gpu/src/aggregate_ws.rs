@@ -637,9 +637,10 @@ pub unsafe fn window_scores_ws_body<T: CacheElem + Wgmma16>(p: &AggregateParams)
         }),
     };
     // Two accumulator sets: tile t + 1's product runs while tile t is folded. Every tile is
-    // multiplied (a window at the end of its prompt counts nearly every key), and the issues
-    // sit on no branch (so that ptxas keeps the products asynchronous): after the pairs, a
-    // last product is issued again on the last tile when there is no next one, and dropped.
+    // multiplied (a window at the end of its prompt counts nearly every key), and no issue
+    // depends on a tile's data (with one that did, ptxas serialised the products: C7518):
+    // after the pairs, a last product is issued again on the last tile when there is no next
+    // one, and dropped.
     let (mut a0, mut a1) = ([[0.0f32; 16]; 2], [[0.0f32; 16]; 2]);
     let (mut b0, mut b1) = ([[0.0f32; 16]; 2], [[0.0f32; 16]; 2]);
     // SAFETY: the producer brings every tile in order; a product is waited for before its
