@@ -1405,17 +1405,6 @@ impl Scores<'_> {
         (self.counted(row_base), self.counted(end - 1))
     }
 
-    /// Row `row`'s (max, 1/sum) in the log2 domain: from pass 1, or (log2 of the sum, 1) from
-    /// the caller's log-sum-exp.
-    ///
-    /// # Safety
-    /// `row < rows`; pass 1 wrote stats for every row of the window, or `lse` holds the window.
-    #[inline(always)]
-    unsafe fn stats(&self, row: u32) -> (f32, f32) {
-        // SAFETY: as the caller promised.
-        unsafe { row_stats(self.p, (self.seq, self.kv_head), row) }
-    }
-
     /// The column of key `key` of tile `t` for query head `g`.
     #[inline(always)]
     fn column(&self, g: u32, t: u32, key: u32) -> usize {
@@ -1692,7 +1681,7 @@ unsafe fn rows_major_chunk<T: CacheElem + QkTile, const D: usize>(s: &Scores, ro
                 counted[m][i] = s.counted(row);
                 bounds = (bounds.0.min(counted[m][i]), bounds.1.max(counted[m][i]));
                 // SAFETY: row < rows.
-                let (max, inv_sum) = unsafe { s.stats(row) };
+                let (max, inv_sum) = unsafe { row_stats(p, (s.seq, s.kv_head), row) };
                 sub[m][i] = power * max;
                 inv[m][i] = if l2 { inv_sum * inv_sum } else { inv_sum };
             }
@@ -1814,7 +1803,7 @@ unsafe fn keys_major_chunk<T: CacheElem + Wgmma16, const D: usize>(s: &Scores, r
             let row = row_base + thread;
             let sub = if row < rows {
                 // SAFETY: row < rows; the caller waited for the stats.
-                let (max, inv_sum) = unsafe { s.stats(row) };
+                let (max, inv_sum) = unsafe { row_stats(p, (s.seq, s.kv_head), row) };
                 s.power * (max - log2(inv_sum))
             } else {
                 f32::INFINITY

@@ -163,17 +163,9 @@ pub unsafe fn window_stats_ws_body<T: CacheElem + Wgmma16>(p: &AggregateParams) 
     let Some(cta) = (unsafe { StatsCta::new(p, WS_ROWS) }) else {
         return; // uniform over the CTA, before any barrier
     };
-    let StatsCta {
-        seq,
-        kv_head,
-        window_len,
-        last,
-        rows,
-        row_base,
-        head_slot,
-        keys: (key_lo, key_hi),
-        ..
-    } = cta;
+    let ((seq, kv_head), (window_len, last)) = ((cta.seq, cta.kv_head), (cta.window_len, cta.last));
+    let (rows, row_base, head_slot, (key_lo, key_hi)) =
+        (cta.rows, cta.row_base, cta.head_slot, cta.keys);
     let ntiles = (key_hi - key_lo).div_ceil(WS_TILE_KEYS);
 
     let map = ws_smem(false);

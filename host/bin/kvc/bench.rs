@@ -389,10 +389,10 @@ pub fn bench_aggregate(
         let window_lens = [w];
         let args = AggregateArgs::for_head_dim(model.head_dim, &[0], &window_lens);
         let reps = if w > 4096 { 3 } else { opts.reps };
-        for stats in ["2 passes", "given lse"] {
+        for (given_lse, stats) in [(false, "2 passes"), (true, "given lse")] {
             let timing = time_gpu(&gpu, 2, reps, |i| {
                 let layer = i as u32 % layers;
-                if stats == "given lse" {
+                if given_lse {
                     cache.aggregate_with_lse(layer, &q, &lse, &args)
                 } else {
                     cache.aggregate(layer, &q, &args)

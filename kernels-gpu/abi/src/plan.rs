@@ -1371,12 +1371,7 @@ pub fn plan_aggregate(
     let block = geometry.block_size.max(1);
     let owns = |tiles: u32| {
         if ws_scores {
-            let before = if block > SCORE_HALO {
-                block
-            } else {
-                SCORE_HALO
-            };
-            (tiles * tile_keys - before - SCORE_HALO) / block * block
+            (tiles * tile_keys - block.max(SCORE_HALO) - SCORE_HALO) / block * block
         } else {
             tiles * tile_keys - 2 * SCORE_HALO
         }
