@@ -98,7 +98,7 @@ pub(crate) struct DeviceArrays {
     /// position, metric_skip), copied once per prefill, not once per layer: a copy before
     /// the first kernel cost each call a few microseconds of the stream.
     pub(crate) windows: HeldArray,
-    /// The TMA tensor map over `k_pool` that the warp-specialized pass 1 reads its key tiles
+    /// The TMA tensor map over `k_pool` that the warp-specialized passes read their key tiles
     /// through (`kvc_abi::plan::agg_ws_stats`), encoded and copied on first use: it depends on
     /// the pool alone.
     k_map: Option<CudaSlice<u8>>,

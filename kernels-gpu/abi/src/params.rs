@@ -202,8 +202,8 @@ pub struct AggregateParams {
     pub seq_info: u64,
     /// A tensor map (`CUtensorMap`, 128 bytes, 64-byte aligned) over the K pool as a 2-D
     /// tensor `[slots, D]` of 16-bit elements, boxes of 64 elements by `B` rows, 128-byte
-    /// swizzle: the warp-specialized pass 1 (`agg_ws_stats`) reads its key tiles through it;
-    /// 0 elsewhere.
+    /// swizzle: the warp-specialized passes (`agg_ws_stats`, `agg_ws_scores`) read their key
+    /// tiles through it; 0 elsewhere.
     pub k_map: u64,
     /// `[num_seqs, window, Hq]` f32: each window query's natural log-sum-exp of `scale * q . k`
     /// over the keys it sees, supplied by the caller (pass 2 reads it in place of `stats`); 0

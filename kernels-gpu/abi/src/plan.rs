@@ -1140,14 +1140,15 @@ pub const WS_SCORE_KEYS: u32 = 3072;
 /// Column sums per query head of a warp-specialized pass-2 CTA: its owned keys and the halo
 /// on each side.
 pub const WS_SCORE_COLUMNS: u32 = WS_SCORE_KEYS + 2 * SCORE_HALO;
-/// Query rows of a warp-specialized pass-1 CTA (`agg_rows` at `D = 128`, 16-bit).
+/// Query rows of a warp-specialized CTA (`agg_rows` at `D = 128`, 16-bit): pass 1's chunk, or
+/// pass 2's whole window.
 pub const WS_ROWS: u32 = 128;
-/// Keys of one key tile of the warp-specialized pass 1.
+/// Keys of one key tile of the warp-specialized passes.
 pub const WS_TILE_KEYS: u32 = 128;
-/// Key tiles in the warp-specialized pass 1's ring.
+/// Key tiles in the warp-specialized passes' ring.
 pub const WS_STAGES: u32 = 4;
 
-/// The shared-memory map of the warp-specialized pass 1, in bytes from a 1024-byte-aligned
+/// The shared-memory map of the warp-specialized passes, in bytes from a 1024-byte-aligned
 /// base (the kernel aligns the dynamic base up; [`WsSmem::bytes`] counts the slack).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WsSmem {
@@ -1169,7 +1170,7 @@ pub struct WsSmem {
     pub bytes: u32,
 }
 
-/// Bytes of one key tile of the warp-specialized pass 1.
+/// Bytes of one key tile of the warp-specialized passes.
 pub const WS_TILE_BYTES: u32 = WS_TILE_KEYS * 128 * 2;
 
 /// The shared memory of the warp-specialized pass 1, or pass 2 (`columns`) ([`WsSmem`]).
