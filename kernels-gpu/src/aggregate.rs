@@ -86,12 +86,33 @@ const THREADS: u32 = AGG_WARPS * WARP_SIZE;
 const NO_KEY: i32 = i32::MAX;
 /// 8-key MMA tiles in a group.
 const GROUP_NTILES: usize = (AGG_GROUP_KEYS / 8) as usize;
+/// `$object.$add::<H>()` with the pooling's half width `$half` as the constant `H` (`$half` past
+/// `SCORE_HALO` taken as `SCORE_HALO`; host-validated not to be), so that the pooling windows
+/// unroll over registers.
+macro_rules! with_pool_half {
+    ($half:expr, $object:ident . $add:ident) => {
+        match $half {
+            0 => $object.$add::<0>(),
+            1 => $object.$add::<1>(),
+            2 => $object.$add::<2>(),
+            3 => $object.$add::<3>(),
+            4 => $object.$add::<4>(),
+            5 => $object.$add::<5>(),
+            6 => $object.$add::<6>(),
+            7 => $object.$add::<7>(),
+            _ => $object.$add::<8>(),
+        }
+    };
+}
+#[cfg(kvc_hopper)]
+pub(crate) use with_pool_half;
+
 /// Owned keys of a pass-2 CTA per thread, at most: a run of consecutive keys.
-pub(crate) const OWNED_PER_THREAD: usize = (MAX_SCORE_KEYS / THREADS) as usize;
+const OWNED_PER_THREAD: usize = (MAX_SCORE_KEYS / THREADS) as usize;
 const _: () = assert!(MAX_SCORE_KEYS.is_multiple_of(THREADS));
 /// Columns the pooling windows of a thread's run read: the run and `SCORE_HALO` on each side.
 const POOL_SPAN: usize = OWNED_PER_THREAD + 2 * SCORE_HALO as usize;
-// `pooled_run` has an arm for every half width up to `SCORE_HALO`.
+// `with_pool_half` has an arm for every half width up to `SCORE_HALO`.
 const _: () = assert!(SCORE_HALO == 8);
 /// Most 8-key MMA tiles in a key tile (64 keys).
 const MAX_TILE_NTILES: usize = 8;
@@ -1586,7 +1607,7 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
 /// The columns are complete; `block` gives validated pool blocks of the head slot's keys;
 /// no other thread touches the run's keys; `p.pool_half <= SCORE_HALO` (host-validated).
 #[inline(always)]
-pub(crate) unsafe fn add_pooled_run(
+unsafe fn add_pooled_run(
     p: &AggregateParams,
     (owned, owned_end): (u32, u32),
     run: u32,
@@ -1616,19 +1637,7 @@ pub(crate) unsafe fn add_pooled_run(
         to: p.cache.metric,
     };
     // SAFETY: as `PooledRun::add`'s (caller).
-    unsafe {
-        match p.pool_half {
-            0 => out.add::<0>(),
-            1 => out.add::<1>(),
-            2 => out.add::<2>(),
-            3 => out.add::<3>(),
-            4 => out.add::<4>(),
-            5 => out.add::<5>(),
-            6 => out.add::<6>(),
-            7 => out.add::<7>(),
-            _ => out.add::<8>(),
-        }
-    }
+    unsafe { with_pool_half!(p.pool_half, out.add) }
 }
 
 /// One row chunk of pass 2 with the rows as the product's rows (`Q K^T`): each warp's column

@@ -25,9 +25,14 @@
 //! keys as A: `aggregate::keys_major_chunk`'s order), so a key's sums per query head are whole
 //! in one quad and are stored straight into the column sums. Tile `t + 1`'s product runs while
 //! tile `t` is folded (two accumulator sets: 1.4 us of ~38 on an H100), so every tile is
-//! multiplied. At the end the consumers add to each owned key's metric the group sum of its
-//! max-pooled columns.
+//! multiplied. Warps 9-11 (`stage_owned`) copy the owned keys' block ids and metrics into
+//! shared memory while the consumers walk, so that at the end the consumers add to each owned
+//! key's metric the group sum of its max-pooled columns from shared memory alone, consecutive
+//! keys on consecutive threads (conflict-free column reads, stores covering whole blocks):
+//! ~3 us after the walk where global loads and runs of 8 keys a thread took ~5 (docs/PERF.md,
+//! "v9").
 
+use kvc_abi::geometry::Geometry;
 use kvc_abi::params::{record, AggregateParams};
 use kvc_abi::plan::{
     ws_smem, WsSmem, PANEL_ROW_BYTES, SCORE_HALO, WS_ROWS, WS_SCORE_COLUMNS, WS_STAGES,
@@ -35,18 +40,19 @@ use kvc_abi::plan::{
 };
 
 use crate::aggregate::{
-    add_pooled_run, pairwise, row_position, row_stats, share_heads, stage_queries, RowLayout,
-    ScoreRange, StatsCta, OWNED_PER_THREAD,
+    pairwise, row_position, row_stats, share_heads, stage_queries, with_pool_half, RowLayout,
+    ScoreRange, StatsCta,
 };
 use crate::gpu::math::{exp2, fma, fmax, log2, CacheElem};
-use crate::gpu::mem::load;
-use crate::gpu::mma::shared_addr;
+use crate::gpu::mem::{load, store};
+use crate::gpu::mma::{copy_async_chunk, shared_addr, wait_async_copies};
 use crate::gpu::smem::dynamic_f32;
 use crate::gpu::sync::{allow_dependent_grid, wait_for_prior_grid};
 use crate::gpu::thread::{lane_id, sync_threads, thread_idx_x, warp_id};
 use crate::gpu::tma::{
     acquire_tensor_map, arrive, arrive_expect_bytes, copy_bulk, copy_tile, init_barrier,
-    registers_to_consumer, registers_to_producer, sync_consumers, wait_barrier,
+    named_arrive, named_sync, registers_to_consumer, registers_to_producer, sync_consumers,
+    wait_barrier,
 };
 use crate::gpu::warp::{ballot, max_i32, sync_warp};
 use crate::gpu::wgmma::{commit, descriptor, fence, wait_all, Wgmma16};
@@ -55,6 +61,15 @@ use crate::gpu::wgmma::{commit, descriptor, fence, wait_all, Wgmma16};
 const CONSUMERS: u32 = 256;
 /// Consumer warps, the arrivals a stage's `empty` barrier waits for.
 const CONSUMER_WARPS: u32 = 8;
+/// Warps 9-11, which stage pass 2's owned metrics (`stage_owned`).
+const STAGER_WARPS: u32 = 3;
+/// Pass 2's named barriers (0 is the CTA's, 1 the consumers'): the stagers wait at
+/// `PROLOGUE` until the consumers have staged their rows, and the consumers wait at `STAGED`
+/// until the stagers' copies have landed.
+const PROLOGUE: u32 = 2;
+const STAGED: u32 = 3;
+/// The threads of those barriers: the consumers and the stagers.
+const STAGED_THREADS: u32 = CONSUMERS + 32 * STAGER_WARPS;
 /// Bytes of one 64-dim panel of a key tile, and of the query rows.
 const PANEL_TILE: u32 = WS_TILE_KEYS * PANEL_ROW_BYTES;
 const PANEL_Q: u32 = WS_ROWS * PANEL_ROW_BYTES;
@@ -309,6 +324,84 @@ unsafe fn consumes(
     true
 }
 
+/// Warps 9-11 of pass 2 (idle otherwise): the pool block ids of the CTA's owned keys' blocks
+/// into `WsSmem::ids`, and each block's metrics into `WsSmem::metrics` (block `b`'s at `b *
+/// B`), by `cp.async` while the consumers walk; then they arrive at the barrier the consumers
+/// meet before the metric update (`STAGED`), so that the update reads no
+/// global memory before its stores. The metrics are read after the launch before has
+/// completed (it, or one before it, may have written them). Where the blocks are comes
+/// through `WsSmem::owned` (thread 0 writes it before the CTA's first barrier): a value
+/// carried in registers from before the split into these warps' 24 made ptxas spill it for
+/// the whole kernel.
+///
+/// # Safety
+/// Called once by every thread of warps 9-11 of a pass-2 CTA (`ws_smem(true)`), after the
+/// CTA barrier that follows [`keep_owned`].
+#[inline(always)]
+unsafe fn stage_owned(p: &AggregateParams) {
+    let map = ws_smem(true);
+    let base_ptr = aligned_base();
+    let ids = base_ptr.wrapping_add(map.ids as usize) as *mut i32;
+    let metrics = base_ptr.wrapping_add(map.metrics as usize) as *mut f32;
+    // SAFETY: written by `keep_owned` before the CTA barrier (caller).
+    let (first, blocks) = unsafe {
+        let owned = base_ptr.wrapping_add(map.owned as usize);
+        (
+            *(owned as *const u64),
+            *(owned.wrapping_add(8) as *const u32),
+        )
+    };
+    let geom = p.cache.geometry;
+    let block_keys = geom.block_size.max(1);
+    let stager = thread_idx_x() - (CONSUMERS + 32);
+    // SAFETY: the consumers arrive once, after their prologue.
+    unsafe { named_sync::<PROLOGUE, STAGED_THREADS>() };
+    wait_for_prior_grid();
+    let mut b = stager;
+    while b < blocks {
+        // SAFETY: an owned key's block, in the head slot's table.
+        let id = unsafe { load::<i32>(p.cache.block_tables, first + b as u64) };
+        let src = p.cache.metric + geom.pool_slot(id as u32, 0) * 4;
+        // SAFETY: b < WS_OWNED_BLOCKS ids and `b * B + B <= WS_SCORE_KEYS` metrics (the range
+        // starts at a block); a block's metrics are `B * 4` bytes from a 16-byte-aligned slot
+        // (B >= 8), which no thread writes during the kernel but the metric update, after
+        // the barrier these copies are waited for before.
+        unsafe {
+            *ids.add(b as usize) = id;
+            let dst = shared_addr(metrics.wrapping_add((b * block_keys) as usize) as *mut u8);
+            let mut chunk = 0;
+            while chunk < block_keys * 4 {
+                copy_async_chunk(dst + chunk, Some(src), chunk as u64);
+                chunk += 16;
+            }
+        }
+        b += 32 * STAGER_WARPS;
+    }
+    // SAFETY: this thread's copies; the consumers sync at the barrier once.
+    unsafe {
+        wait_async_copies();
+        named_arrive::<STAGED, STAGED_THREADS>();
+    }
+}
+
+/// Thread 0 of a pass-2 CTA keeps where its owned keys' blocks are for [`stage_owned`]: the
+/// block-table word of the first, and how many (the range starts at a block).
+///
+/// # Safety
+/// Thread 0 alone, before the CTA barrier of [`Ring::init`]; `ws_smem(true)`'s map.
+#[inline(always)]
+unsafe fn keep_owned(geom: &Geometry, head_slot: u64, (owned, owned_end): (u32, u32)) {
+    let map = ws_smem(true);
+    let at = aligned_base().wrapping_add(map.owned as usize);
+    let block_keys = geom.block_size.max(1);
+    let first = owned / block_keys;
+    // SAFETY: the 16 bytes of `WsSmem::owned` (caller).
+    unsafe {
+        *(at as *mut u64) = geom.block_table_at(head_slot, first);
+        *(at.wrapping_add(8) as *mut u32) = (owned_end - 1) / block_keys - first + 1;
+    }
+}
+
 /// The dynamic shared memory's base aligned up to 1024 bytes (the maps' slack allows it).
 fn aligned_base() -> *mut u8 {
     let raw = dynamic_f32() as *mut u8;
@@ -554,10 +647,18 @@ pub unsafe fn window_scores_ws_body<T: CacheElem + Wgmma16>(p: &AggregateParams)
     let map = ws_smem(true);
     let base_ptr = aligned_base();
     let ring = Ring::new(&map, base_ptr);
+    if thread_idx_x() == 0 {
+        // SAFETY: thread 0, before the barrier of the ring's set-up.
+        unsafe { keep_owned(&geom, head_slot, (owned, owned_end)) };
+    }
     // SAFETY: every thread, once.
     unsafe { ring.init() };
     // SAFETY: every thread, after the set-up.
     if !unsafe { consumes(p, &ring, head_slot, walk, ntiles) } {
+        if warp_id() > CONSUMERS / 32 {
+            // SAFETY: warps 9-11, once.
+            unsafe { stage_owned(p) };
+        }
         return;
     }
     let thread = thread_idx_x();
@@ -600,8 +701,11 @@ pub unsafe fn window_scores_ws_body<T: CacheElem + Wgmma16>(p: &AggregateParams)
             *subs.add(row as usize) = sub;
         }
     }
-    // SAFETY: both consumer warpgroups.
-    unsafe { sync_consumers() };
+    // SAFETY: both consumer warpgroups; then the stagers may start (`stage_owned`).
+    unsafe {
+        sync_consumers();
+        named_arrive::<PROLOGUE, STAGED_THREADS>();
+    }
 
     let (consumer, warp, lane) = (thread / 128, warp_id() % 4, lane_id());
     let tig = lane % 4;
@@ -670,27 +774,73 @@ pub unsafe fn window_scores_ws_body<T: CacheElem + Wgmma16>(p: &AggregateParams)
             }
         }
     }
-    // SAFETY: both consumer warpgroups; the column sums are complete after it.
-    unsafe { sync_consumers() };
-    // Runs of OWNED_PER_THREAD owned keys a thread, in turn: a run is one block's keys (the
-    // range starts at a block, blocks are at least 8 keys), so its block id is one load.
-    let table = p.cache.block_tables + geom.block_table_at(head_slot, 0) * 4;
-    let mut run = thread * OWNED_PER_THREAD as u32;
-    while owned + run < owned_end {
-        // SAFETY: owned + run < len is in the head slot's table.
-        let block = unsafe { load::<i32>(table, geom.logical_block(owned + run) as u64) } as u32;
-        // SAFETY: the columns are complete and hold WS_SCORE_COLUMNS a head; the block is a
-        // validated pool block; the runs of threads are disjoint.
-        unsafe {
-            add_pooled_run(
-                p,
-                (owned, owned_end),
-                run,
-                (columns.wrapping_add(run as usize), WS_SCORE_COLUMNS, group),
-                |_| block,
-            )
-        };
-        run += CONSUMERS * OWNED_PER_THREAD as u32;
+    // SAFETY: both consumer warpgroups, and warps 9-11 arrive; the column sums, and the
+    // owned keys' block ids and metrics (`stage_owned`), are complete after it.
+    unsafe { named_sync::<STAGED, STAGED_THREADS>() };
+    let update = OwnedUpdate {
+        p,
+        owned: (owned, owned_end),
+        columns,
+        ids: base_ptr.wrapping_add(map.ids as usize) as *const i32,
+        metrics: base_ptr.wrapping_add(map.metrics as usize) as *const f32,
+    };
+    // SAFETY: the column sums, ids and metrics are complete (the barrier above).
+    unsafe { with_pool_half!(p.pool_half, update.add) }
+}
+
+/// Pass 2's metric update, from shared memory alone: the column sums, the owned keys' block
+/// ids and metrics (`stage_owned`).
+struct OwnedUpdate<'a> {
+    p: &'a AggregateParams,
+    owned: (u32, u32),
+    columns: *const f32,
+    ids: *const i32,
+    metrics: *const f32,
+}
+
+impl OwnedUpdate<'_> {
+    /// Adds to each owned key's metric the group sum of its max-pooled columns (half width `H`,
+    /// so that the window unrolls): key `k` gets, per query head, the greatest of columns `k +
+    /// SCORE_HALO - H ..= k + SCORE_HALO + H` (zero past the head slot's keys: the contract's
+    /// zero padding). Consecutive keys go to consecutive threads, so that a warp's column reads
+    /// are conflict-free and its stores cover whole blocks of slots.
+    ///
+    /// # Safety
+    /// The consumer threads, after the barrier that completes the columns, ids and metrics;
+    /// `H <= SCORE_HALO`.
+    #[inline(always)]
+    unsafe fn add<const H: usize>(&self) {
+        let geom = self.p.cache.geometry;
+        let (owned, owned_end) = self.owned;
+        let block_keys = geom.block_size.max(1);
+        let group = geom.group_size.max(1);
+        let mut k = thread_idx_x();
+        while owned + k < owned_end {
+            let mut total = 0.0f32;
+            for g in 0..group {
+                let first = (g * WS_SCORE_COLUMNS + SCORE_HALO + k) as usize - H;
+                // SAFETY: inside the group's columns (k < score_kvs <= WS_SCORE_KEYS, H <=
+                // SCORE_HALO).
+                let column = |d: usize| unsafe { *self.columns.add(first + d) };
+                let mut pooled = column(0);
+                for d in 1..2 * H + 1 {
+                    pooled = fmax(pooled, column(d));
+                }
+                total += pooled;
+            }
+            // SAFETY: k < score_kvs: inside the staged ids and metrics; the id is a validated
+            // pool block; this thread alone writes key k.
+            unsafe {
+                let block = *self.ids.add((k / block_keys) as usize) as u32;
+                let slot = geom.pool_slot(block, geom.slot_in_block(owned + k));
+                store::<f32>(
+                    self.p.cache.metric,
+                    slot,
+                    *self.metrics.add(k as usize) + total,
+                );
+            }
+            k += CONSUMERS;
+        }
     }
 }
 

@@ -771,6 +771,8 @@ mod tests {
         assert_eq!(p.scores.smem_bytes, ws_smem(true).bytes);
         let ws = ws_smem(true);
         assert!(ws.bytes <= most && ws.rows % 16 == 0 && ws.columns % 16 == 0);
+        // The owned keys' metrics land by 16-byte copies; the table word is a u64.
+        assert!(ws.metrics % 16 == 0 && ws.owned % 8 == 0);
         assert!(ws_smem(false).bytes < ws.bytes);
         // Every range's walk, its halo included, is whole tiles within the most keys a CTA
         // owns (the warp-specialized walk: a block or the halo before, the halo after, less
@@ -1147,6 +1149,9 @@ pub const WS_ROWS: u32 = 128;
 pub const WS_TILE_KEYS: u32 = 128;
 /// Key tiles in the warp-specialized passes' ring.
 pub const WS_STAGES: u32 = 4;
+/// Most pool blocks a warp-specialized pass-2 CTA's owned keys lie in: its range starts at a
+/// block (`score_kvs` is a multiple of the block size), at the least block size (8).
+pub const WS_OWNED_BLOCKS: u32 = WS_SCORE_KEYS / 8;
 
 /// The shared-memory map of the warp-specialized passes, in bytes from a 1024-byte-aligned
 /// base (the kernel aligns the dynamic base up; [`WsSmem::bytes`] counts the slack).
@@ -1166,6 +1171,15 @@ pub struct WsSmem {
     pub rows: u32,
     /// Pass 2: `[WS_MAX_GROUP, WS_SCORE_COLUMNS]` f32 column sums.
     pub columns: u32,
+    /// Pass 2: `[WS_OWNED_BLOCKS]` i32 pool block ids of the owned keys' blocks, in order, and
+    /// `[WS_SCORE_KEYS]` f32 metrics of those blocks' slots (the owned keys' first), for the
+    /// metric update.
+    pub ids: u32,
+    /// Pass 2: see `ids`.
+    pub metrics: u32,
+    /// Pass 2: the block-table word of the first owned key's block (u64), then the owned
+    /// keys' blocks (u32), for the warps that stage `ids` and `metrics`.
+    pub owned: u32,
     /// Bytes to reserve.
     pub bytes: u32,
 }
@@ -1180,11 +1194,10 @@ pub const fn ws_smem(columns: bool) -> WsSmem {
     let barriers = positions + WS_STAGES * WS_TILE_KEYS * 4;
     let rows = barriers + 2 * WS_STAGES * 8;
     let columns_at = rows + 2 * WS_ROWS * 4;
-    let end = if columns {
-        columns_at + WS_MAX_GROUP * WS_SCORE_COLUMNS * 4
-    } else {
-        rows
-    };
+    let ids = columns_at + WS_MAX_GROUP * WS_SCORE_COLUMNS * 4;
+    let metrics = ids + WS_OWNED_BLOCKS * 4;
+    let owned = metrics + WS_SCORE_KEYS * 4;
+    let end = if columns { owned + 16 } else { rows };
     WsSmem {
         q_tile: 0,
         k_tiles,
@@ -1192,6 +1205,9 @@ pub const fn ws_smem(columns: bool) -> WsSmem {
         barriers,
         rows,
         columns: columns_at,
+        ids,
+        metrics,
+        owned,
         bytes: 1024 + end,
     }
 }

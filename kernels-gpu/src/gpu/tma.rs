@@ -194,3 +194,30 @@ pub unsafe fn sync_consumers() {
     // SAFETY: forwarded from the caller.
     unsafe { asm!("bar.sync 1, 256;", options(nostack)) };
 }
+
+/// `bar.sync ID, COUNT`: waits until `COUNT` threads (a multiple of 32) have arrived at named
+/// barrier `ID`, this one included; what the arriving threads wrote to shared memory before is
+/// then visible to this one.
+///
+/// # Safety
+/// Barrier `ID` is used by exactly `COUNT` threads per phase, each syncing or arriving
+/// ([`named_arrive`]) once; the CTA's other barriers have other ids.
+#[inline(always)]
+pub unsafe fn named_sync<const ID: u32, const COUNT: u32>() {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        asm!("bar.sync {id}, {count};", id = const ID, count = const COUNT, options(nostack))
+    };
+}
+
+/// `bar.arrive ID, COUNT`: arrives at named barrier `ID` without waiting ([`named_sync`]).
+///
+/// # Safety
+/// As [`named_sync`].
+#[inline(always)]
+pub unsafe fn named_arrive<const ID: u32, const COUNT: u32>() {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        asm!("bar.arrive {id}, {count};", id = const ID, count = const COUNT, options(nostack))
+    };
+}
