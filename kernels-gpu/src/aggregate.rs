@@ -29,7 +29,8 @@
 //!   CTA's column sums. The Hopper module's 16-bit types with 64-key tiles multiply the other
 //!   way round (`keys_major_chunk`: keys are the product's rows, so a key's sums per head are
 //!   whole in one warp and go straight into the column sums). At the end each thread adds to
-//!   the metric of a run of 8 owned keys the group sum of their max-pooled columns. Given the
+//!   the metrics of quads of 4 owned keys the group sum of their max-pooled columns
+//!   (`OwnedUpdate`, shared with the warp-specialized pass 2). Given the
 //!   window's log-sum-exp from the caller's prefill attention (`lse`), pass 2 runs alone: a
 //!   row's stats are then (`lse * log2(e)`, 1), and `a = 2^(log2(e) (scale q.k - lse))`.
 //!
@@ -55,10 +56,10 @@ use kvc_abi::Geometry;
 #[cfg(kvc_hopper)]
 use crate::gpu::math::log2;
 use crate::gpu::math::{exp2, fma, fmax, opaque, CacheElem, F32};
-use crate::gpu::mem::{load, store};
+use crate::gpu::mem::{load, load_chunk, store, store_chunk, Chunk};
 use crate::gpu::mma::{
-    commit_async_copies, copy_async_chunk, copy_async_word, shared_addr, wait_async_copies,
-    wait_async_copies_but_last,
+    commit_async_copies, copy_async_chunk, copy_async_word, load_shared_chunk, shared_addr,
+    wait_async_copies, wait_async_copies_but_last,
 };
 #[cfg(not(kvc_hopper))]
 use crate::gpu::mma::{ldmatrix_x4, Mma16};
@@ -107,11 +108,8 @@ macro_rules! with_pool_half {
 #[cfg(kvc_hopper)]
 pub(crate) use with_pool_half;
 
-/// Owned keys of a pass-2 CTA per thread, at most: a run of consecutive keys.
-const OWNED_PER_THREAD: usize = (MAX_SCORE_KEYS / THREADS) as usize;
-const _: () = assert!(MAX_SCORE_KEYS.is_multiple_of(THREADS));
-/// Columns the pooling windows of a thread's run read: the run and `SCORE_HALO` on each side.
-const POOL_SPAN: usize = OWNED_PER_THREAD + 2 * SCORE_HALO as usize;
+/// Quads of owned keys a pass-2 thread updates, at most (`OwnedUpdate`).
+const OWNED_QUADS: usize = MAX_SCORE_KEYS.div_ceil(4 * THREADS) as usize;
 // `with_pool_half` has an arm for every half width up to `SCORE_HALO`.
 const _: () = assert!(SCORE_HALO == 8);
 /// Most 8-key MMA tiles in a key tile (64 keys).
@@ -1579,65 +1577,118 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
     // SAFETY: all threads reach it; the columns are complete after it.
     unsafe { sync_threads() };
 
-    let run = thread * OWNED_PER_THREAD as u32;
-    // SAFETY: the columns are complete and hold SCORE_COLUMNS a head; the owned keys' ids
-    // landed (after the first chunk's wait and barrier); the runs of threads are disjoint.
-    unsafe {
-        add_pooled_run(
-            p,
-            (owned, owned_end),
-            run,
-            (
-                smem.columns.wrapping_add(run as usize),
-                SCORE_COLUMNS,
-                group,
-            ),
-            |k| *smem.owned_ids.add(k as usize) as u32,
-        )
+    let update = OwnedUpdate::<_, OWNED_QUADS> {
+        p,
+        owned: (owned, owned_end),
+        columns: (shared_addr(smem.columns), SCORE_COLUMNS),
+        threads: THREADS,
+        // SAFETY: k < score_kvs <= MAX_SCORE_KEYS ids, landed (after the first chunk's wait
+        // and barrier), each a validated pool block; its quad's 4 slots lie in that block,
+        // 16-byte aligned (`OwnedUpdate`).
+        quad: |k: u32| unsafe {
+            let block = *smem.owned_ids.add(k as usize) as u32;
+            let slot = geom.pool_slot(block, geom.slot_in_block(owned + k));
+            (slot, load_chunk(p.cache.metric + slot * 4))
+        },
     };
+    // SAFETY: every thread, after the barrier that completes the columns.
+    unsafe { with_pool_half!(p.pool_half, update.add) }
 }
 
-/// Adds to the metric of owned keys `run..run + OWNED_PER_THREAD` (those before `owned_end`
-/// of the range from logical key `owned`) the group sum of their max-pooled columns: all the
-/// run's metric loads first (one round trip), then the sums added. `columns` is where the
-/// pooling windows start, column `run` of the first head (column `SCORE_HALO + k` is owned
-/// key `k`), the heads `stride` apart; `block(k)` is the pool block of owned key `k`.
-///
-/// # Safety
-/// The columns are complete; `block` gives validated pool blocks of the head slot's keys;
-/// no other thread touches the run's keys; `p.pool_half <= SCORE_HALO` (host-validated).
-#[inline(always)]
-unsafe fn add_pooled_run(
-    p: &AggregateParams,
-    (owned, owned_end): (u32, u32),
-    run: u32,
-    (columns, stride, group): (*const f32, u32, u32),
-    block: impl Fn(u32) -> u32,
-) {
-    let geom = p.cache.geometry;
-    let mut slots = [0u64; OWNED_PER_THREAD];
-    let mut metric = [0.0f32; OWNED_PER_THREAD];
-    for i in 0..OWNED_PER_THREAD {
-        let k = run + i as u32;
-        if owned + k < owned_end {
-            slots[i] = geom.pool_slot(block(k), geom.slot_in_block(owned + k));
-            // SAFETY: a validated pool block's slot (caller).
-            metric[i] = unsafe { load::<f32>(p.cache.metric, slots[i]) };
+/// Pass 2's metric update of a CTA's owned keys `owned.0..owned.1`, `QUADS` quads of 4
+/// consecutive keys a thread at most, consecutive quads on consecutive threads (of
+/// `threads`): the quad's pooling windows lie in `SPAN_CHUNKS` aligned 16-byte chunks of a
+/// query head's columns, read conflict-free across the warp, and its 4 metrics come in and go
+/// out as 16 bytes (a quad lies in one block: it starts at a multiple of 4 from a range
+/// start that is one too, and blocks hold a multiple of 4 keys). Every quad's slot and
+/// metrics are fetched before any is added, so that global metrics cost one round trip.
+pub(crate) struct OwnedUpdate<'a, Q, const QUADS: usize> {
+    pub(crate) p: &'a AggregateParams,
+    pub(crate) owned: (u32, u32),
+    /// Shared address of the first query head's column 0 (16-byte aligned; column
+    /// `SCORE_HALO + k` is owned key `k`'s), and the words between heads (a multiple of 4).
+    pub(crate) columns: (u32, u32),
+    pub(crate) threads: u32,
+    /// `quad(k)`, `k` a multiple of 4 below the range's keys: owned key `k`'s pool slot (its
+    /// quad's first) and the quad's 4 metrics.
+    pub(crate) quad: Q,
+}
+
+/// 16-byte chunks of columns from a quad's first key's: its keys and `SCORE_HALO` after.
+const SPAN_CHUNKS: usize = (2 * SCORE_HALO as usize + 4) / 4;
+
+impl<Q: Fn(u32) -> (u64, Chunk), const QUADS: usize> OwnedUpdate<'_, Q, QUADS> {
+    /// Adds to each owned key's metric the group sum of its max-pooled columns (half width
+    /// `H`, so that the windows unroll over registers): key `k` gets, per query head, the
+    /// greatest of columns `k + SCORE_HALO - H ..= k + SCORE_HALO + H` (zero past the head
+    /// slot's keys: the contract's zero padding); a last partial quad stores word by word.
+    ///
+    /// # Safety
+    /// Threads `0..threads`, after the barrier that completes the columns (a head holds the
+    /// owned keys' and `2 SCORE_HALO` more); the range holds at most `QUADS * threads`
+    /// quads; `quad` gives validated, 16-byte-aligned slots; `H <= SCORE_HALO`.
+    #[inline(always)]
+    pub(crate) unsafe fn add<const H: usize>(&self) {
+        const HALO: usize = SCORE_HALO as usize;
+        // Quad q's windows lie in chunks `first..=last` of its SPAN_CHUNKS from column 4 q.
+        let (first, last) = ((HALO - H) / 4, (HALO + 3 + H) / 4);
+        let geom = self.p.cache.geometry;
+        let (owned, owned_end) = self.owned;
+        let keys = owned_end - owned;
+        let group = geom.group_size.max(1);
+        let (columns, stride) = self.columns;
+        let firsts: [u32; QUADS] =
+            core::array::from_fn(|i| 4 * (thread_idx_x() + i as u32 * self.threads));
+        let quads = firsts.map(|k| {
+            if k < keys {
+                (self.quad)(k)
+            } else {
+                (0, [0; 4])
+            }
+        });
+        for (&k, &(slot, metric)) in firsts.iter().zip(&quads) {
+            if k >= keys {
+                continue;
+            }
+            let mut total = [0.0f32; 4];
+            for g in 0..group {
+                let head = columns + (g * stride + k) * 4;
+                let chunks: [Chunk; SPAN_CHUNKS] = core::array::from_fn(|c| {
+                    if (first..=last).contains(&c) {
+                        // SAFETY: inside the head's columns (k + 4 <= the owned keys, so the
+                        // span ends 2 SCORE_HALO past them), 16-byte aligned (caller).
+                        unsafe { load_shared_chunk(head + 16 * c as u32) }
+                    } else {
+                        [0; 4]
+                    }
+                });
+                let column = |j: usize| f32::from_bits(chunks[j / 4][j % 4]);
+                for (i, sum) in total.iter_mut().enumerate() {
+                    let lo = HALO + i - H;
+                    let mut pooled = column(lo);
+                    for d in 1..2 * H + 1 {
+                        pooled = fmax(pooled, column(lo + d));
+                    }
+                    *sum += pooled;
+                }
+            }
+            let value: Chunk =
+                core::array::from_fn(|i| (f32::from_bits(metric[i]) + total[i]).to_bits());
+            // SAFETY: the quad's slots (caller), which this thread alone writes, and only
+            // those of keys before the range's end.
+            unsafe {
+                if k + 4 <= keys {
+                    store_chunk(self.p.cache.metric + slot * 4, value);
+                } else {
+                    for (i, &word) in value.iter().enumerate() {
+                        if k + (i as u32) < keys {
+                            store::<u32>(self.p.cache.metric, slot + i as u64, word);
+                        }
+                    }
+                }
+            }
         }
     }
-    let out = PooledRun {
-        columns,
-        stride,
-        group,
-        keys: owned_end
-            .saturating_sub(owned + run)
-            .min(OWNED_PER_THREAD as u32),
-        slots: &slots,
-        metric: &metric,
-        to: p.cache.metric,
-    };
-    // SAFETY: as `PooledRun::add`'s (caller).
-    unsafe { with_pool_half!(p.pool_half, out.add) }
 }
 
 /// One row chunk of pass 2 with the rows as the product's rows (`Q K^T`): each warp's column
@@ -1985,52 +2036,4 @@ pub(crate) unsafe fn share_heads(sums: &mut [[f32; 2]; 2], group: u32) -> u32 {
         mask *= 2;
     }
     sharing
-}
-
-/// A pass-2 thread's run of owned keys, for the metric update: the run's columns from
-/// `SCORE_HALO` before it (`POOL_SPAN` a query head, heads `stride` apart), its owned keys
-/// (the first `keys` of the run), their pool slots and loaded metrics.
-struct PooledRun<'a> {
-    columns: *const f32,
-    stride: u32,
-    group: u32,
-    keys: u32,
-    slots: &'a [u64; OWNED_PER_THREAD],
-    metric: &'a [f32; OWNED_PER_THREAD],
-    to: u64,
-}
-
-impl PooledRun<'_> {
-    /// Adds to each key's metric the group sum of its max-pooled columns, half width `H`
-    /// known at compile time so that the windows are unrolled over registers: key `i` of the
-    /// run gets, per query head, the greatest of columns `SCORE_HALO + i - H ..= SCORE_HALO +
-    /// i + H` of the span. Columns are sums of squares or probabilities, never negative, and
-    /// zero past the head slot's keys: the contract's zero padding.
-    ///
-    /// # Safety
-    /// The columns are complete and hold `group` heads of `POOL_SPAN` from `columns`; the
-    /// first `keys` slots are this thread's keys', which no other thread touches.
-    #[inline(always)]
-    unsafe fn add<const H: usize>(&self) {
-        let mut value = [0.0f32; OWNED_PER_THREAD];
-        for g in 0..self.group {
-            let head = self.columns.wrapping_add((g * self.stride) as usize);
-            // SAFETY: inside the columns (the caller).
-            let span: [f32; POOL_SPAN] = core::array::from_fn(|j| unsafe { *head.add(j) });
-            for (i, v) in value.iter_mut().enumerate() {
-                let first = SCORE_HALO as usize + i - H;
-                let mut pooled = span[first];
-                for d in 1..2 * H + 1 {
-                    pooled = fmax(pooled, span[first + d]);
-                }
-                *v += pooled;
-            }
-        }
-        for (i, &slot) in self.slots.iter().enumerate() {
-            if (i as u32) < self.keys {
-                // SAFETY: this thread's KV (the caller).
-                unsafe { store::<f32>(self.to, slot, self.metric[i] + value[i]) };
-            }
-        }
-    }
 }

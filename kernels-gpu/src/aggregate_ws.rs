@@ -35,16 +35,16 @@
 use kvc_abi::geometry::Geometry;
 use kvc_abi::params::{record, AggregateParams};
 use kvc_abi::plan::{
-    ws_smem, WsSmem, PANEL_ROW_BYTES, SCORE_HALO, WS_ROWS, WS_SCORE_COLUMNS, WS_STAGES,
-    WS_TILE_BYTES, WS_TILE_KEYS,
+    ws_smem, WsSmem, PANEL_ROW_BYTES, SCORE_HALO, WS_ROWS, WS_SCORE_COLUMNS, WS_SCORE_KEYS,
+    WS_STAGES, WS_TILE_BYTES, WS_TILE_KEYS,
 };
 
 use crate::aggregate::{
-    pairwise, row_position, row_stats, share_heads, stage_queries, with_pool_half, RowLayout,
-    ScoreRange, StatsCta,
+    pairwise, row_position, row_stats, share_heads, stage_queries, with_pool_half, OwnedUpdate,
+    RowLayout, ScoreRange, StatsCta,
 };
 use crate::gpu::math::{exp2, fma, fmax, log2, CacheElem};
-use crate::gpu::mem::{load, store, store_chunk, Chunk};
+use crate::gpu::mem::load;
 use crate::gpu::mma::{copy_async_chunk, load_shared_chunk, shared_addr, wait_async_copies};
 use crate::gpu::smem::dynamic_f32;
 use crate::gpu::sync::{allow_dependent_grid, wait_for_prior_grid};
@@ -63,6 +63,8 @@ const CONSUMERS: u32 = 256;
 const CONSUMER_WARPS: u32 = 8;
 /// Warps 9-11, which stage pass 2's owned metrics (`stage_owned`).
 const STAGER_WARPS: u32 = 3;
+/// Quads of owned keys a pass-2 consumer thread updates, at most (`OwnedUpdate`).
+const OWNED_QUADS: usize = WS_SCORE_KEYS.div_ceil(4 * CONSUMERS) as usize;
 /// Pass 2's named barriers (0 is the CTA's, 1 the consumers'): the stagers wait at
 /// `PROLOGUE` until the consumers have staged their rows, and the consumers wait at `STAGED`
 /// until the stagers' copies have landed.
@@ -777,101 +779,28 @@ pub unsafe fn window_scores_ws_body<T: CacheElem + Wgmma16>(p: &AggregateParams)
     // SAFETY: both consumer warpgroups, and warps 9-11 arrive; the column sums, and the
     // owned keys' block ids and metrics (`stage_owned`), are complete after it.
     unsafe { named_sync::<STAGED, STAGED_THREADS>() };
-    let update = OwnedUpdate {
+    let (ids, metrics) = (
+        base_ptr.wrapping_add(map.ids as usize) as *const i32,
+        shared_addr(base_ptr) + map.metrics,
+    );
+    let update = OwnedUpdate::<_, OWNED_QUADS> {
         p,
         owned: (owned, owned_end),
-        columns: shared_addr(base_ptr) + map.columns,
-        ids: base_ptr.wrapping_add(map.ids as usize) as *const i32,
-        metrics: shared_addr(base_ptr) + map.metrics,
+        columns: (shared_addr(base_ptr) + map.columns, WS_SCORE_COLUMNS),
+        threads: CONSUMERS,
+        // SAFETY: k < score_kvs: inside the staged ids and metrics (16-byte aligned); the id
+        // is a validated pool block, whose slots hold the quad (`OwnedUpdate`).
+        quad: |k: u32| unsafe {
+            let block = *ids.add((k / block_keys) as usize) as u32;
+            (
+                geom.pool_slot(block, geom.slot_in_block(owned + k)),
+                load_shared_chunk(metrics + 4 * k),
+            )
+        },
     };
-    // SAFETY: the column sums, ids and metrics are complete (the barrier above).
+    // SAFETY: the consumers, after the barrier that completes the column sums, ids and
+    // metrics; at most OWNED_QUADS quads a thread (score_kvs <= WS_SCORE_KEYS).
     unsafe { with_pool_half!(p.pool_half, update.add) }
-}
-
-/// Pass 2's metric update, from shared memory alone: the column sums, the owned keys' block
-/// ids and metrics (`stage_owned`); `columns` and `metrics` are shared addresses.
-struct OwnedUpdate<'a> {
-    p: &'a AggregateParams,
-    owned: (u32, u32),
-    columns: u32,
-    ids: *const i32,
-    metrics: u32,
-}
-
-impl OwnedUpdate<'_> {
-    /// Adds to each owned key's metric the group sum of its max-pooled columns (half width `H`,
-    /// so that the windows unroll over registers): key `k` gets, per query head, the greatest
-    /// of columns `k + SCORE_HALO - H ..= k + SCORE_HALO + H` (zero past the head slot's keys:
-    /// the contract's zero padding). A thread takes 4 consecutive keys, consecutive quads go to
-    /// consecutive threads: their columns come in 16-byte reads (3 a head at `H = 3`, where
-    /// one key a thread read 7 words), conflict-free, and their metrics go out in one 16-byte
-    /// store (a quad lies in one block: `B` is a multiple of 4 and the range starts at a
-    /// block).
-    ///
-    /// # Safety
-    /// The consumer threads, after the barrier that completes the columns, ids and metrics;
-    /// `H <= SCORE_HALO`.
-    #[inline(always)]
-    unsafe fn add<const H: usize>(&self) {
-        const HALO: usize = SCORE_HALO as usize;
-        /// 16-byte chunks of columns from a quad's first key's: its keys and the halo after.
-        const SPAN_CHUNKS: usize = (2 * HALO + 4) / 4;
-        // Quad q's windows lie in its SPAN_CHUNKS chunks from column 4 q, in chunks
-        // `first..=last`.
-        let (first, last) = ((HALO - H) / 4, (HALO + 3 + H) / 4);
-        let geom = self.p.cache.geometry;
-        let (owned, owned_end) = self.owned;
-        let keys = owned_end - owned;
-        let block_keys = geom.block_size.max(1);
-        let group = geom.group_size.max(1);
-        let mut quad = thread_idx_x();
-        while 4 * quad < keys {
-            let k = 4 * quad;
-            let mut total = [0.0f32; 4];
-            for g in 0..group {
-                let head = self.columns + (g * WS_SCORE_COLUMNS + k) * 4;
-                let chunks: [Chunk; SPAN_CHUNKS] = core::array::from_fn(|c| {
-                    if (first..=last).contains(&c) {
-                        // SAFETY: inside the group's columns (k + 4 <= score_kvs, a multiple of
-                        // 4, so k + 4 SPAN_CHUNKS <= score_kvs + 2 SCORE_HALO <=
-                        // WS_SCORE_COLUMNS), 16-byte aligned.
-                        unsafe { load_shared_chunk(head + 16 * c as u32) }
-                    } else {
-                        [0; 4]
-                    }
-                });
-                let column = |j: usize| f32::from_bits(chunks[j / 4][j % 4]);
-                for (i, sum) in total.iter_mut().enumerate() {
-                    let lo = HALO + i - H;
-                    let mut pooled = column(lo);
-                    for d in 1..2 * H + 1 {
-                        pooled = fmax(pooled, column(lo + d));
-                    }
-                    *sum += pooled;
-                }
-            }
-            // SAFETY: k < score_kvs: inside the staged ids and metrics (16-byte aligned); the
-            // id is a validated pool block; this thread alone writes the quad's keys, and only
-            // those before the range's end.
-            unsafe {
-                let block = *self.ids.add((k / block_keys) as usize) as u32;
-                let slot = geom.pool_slot(block, geom.slot_in_block(owned + k));
-                let metric = load_shared_chunk(self.metrics + 4 * k);
-                let value: Chunk =
-                    core::array::from_fn(|i| (f32::from_bits(metric[i]) + total[i]).to_bits());
-                if k + 4 <= keys {
-                    store_chunk(self.p.cache.metric + slot * 4, value);
-                } else {
-                    for (i, &word) in value.iter().enumerate() {
-                        if k + (i as u32) < keys {
-                            store::<u32>(self.p.cache.metric, slot + i as u64, word);
-                        }
-                    }
-                }
-            }
-            quad += CONSUMERS;
-        }
-    }
 }
 
 /// What a pass-2 consumer warp needs per tile.

@@ -724,7 +724,12 @@ mod tests {
                         let scores = aggregate_smem(head_dim, bytes, group, true, hopper);
                         assert!(stats.bytes <= scores.bytes && scores.bytes <= most);
                         assert!(hopper || scores.bytes <= 163 * 1024 || head_dim * bytes > 256);
-                        for offset in [scores.k_tiles, scores.positions, scores.parts] {
+                        for offset in [
+                            scores.k_tiles,
+                            scores.positions,
+                            scores.parts,
+                            scores.columns,
+                        ] {
                             assert_eq!(offset % 16, 0);
                         }
                         if agg_wgmma(bytes, hopper) {
