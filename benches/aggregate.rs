@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use kvcompress::bench::{filled_cache, filled_snapshot, rotation_layers, time_gpu};
+use kvcompress::bench::{filled_cache, filled_snapshot, rotation_layers, time_gpu, window_inputs};
 use kvcompress::{AggregateArgs, Backend, CacheConfig, DType, PagedKvCache, Tensor};
 
 const HEADS: u32 = 8;
@@ -30,17 +30,15 @@ fn config(heads: u32, prompt: u32, layers: u32) -> CacheConfig {
     }
 }
 
-/// The window queries `[1, WINDOW, heads * GROUP, HEAD_DIM]` and a log-sum-exp for each (a
-/// uniform softmax's: the time does not depend on the values).
+/// The window queries `[1, WINDOW, heads * GROUP, HEAD_DIM]` and their log-sum-exp.
 fn inputs(backend: &Backend, heads: u32, prompt: u32) -> (Tensor, Tensor) {
-    let hq = (heads * GROUP) as usize;
-    let shape = [1, WINDOW as usize, hq, HEAD_DIM as usize];
-    let q: Vec<f32> = (0..shape.iter().product::<usize>())
-        .map(|i| ((i * 7919) % 200) as f32 / 50.0 - 2.0)
-        .collect();
-    let q = Tensor::from_f32(backend, DType::F16, &shape, &q).unwrap();
-    let lse = Tensor::full(backend, DType::F32, &shape[..3], (prompt as f32).ln()).unwrap();
-    (q, lse)
+    let shape = [
+        1,
+        WINDOW as usize,
+        (heads * GROUP) as usize,
+        HEAD_DIM as usize,
+    ];
+    window_inputs(backend, DType::F16, shape, prompt).unwrap()
 }
 
 fn reference(c: &mut Criterion) {

@@ -14,6 +14,7 @@ use crate::cache::{CacheConfig, CacheSnapshot, PagedKvCache};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::tensor::Tensor;
 
 /// Milliseconds of repeated runs of one thing.
 #[derive(Clone, Debug)]
@@ -168,6 +169,28 @@ fn random_pool(dtype: DType, elems: usize, rng: &mut SmallRng) -> Vec<u8> {
         chunk.copy_from_slice(&word[..chunk.len()]);
     }
     bytes
+}
+
+/// A benchmark's observation window `[1, w, Hq, D]` of `dtype` on `backend` (`shape`): cheap
+/// deterministic queries in [-2, 2), and each query's log-sum-exp as a uniform softmax over
+/// `prompt` keys would give (the time does not depend on the values).
+pub fn window_inputs(
+    backend: &Backend,
+    dtype: DType,
+    shape: [usize; 4],
+    prompt: u32,
+) -> Result<(Tensor, Tensor)> {
+    let q: Vec<f32> = (0..shape.iter().product::<usize>())
+        .map(|i| ((i * 7919) % 200) as f32 / 50.0 - 2.0)
+        .collect();
+    let q = Tensor::from_f32(backend, dtype, &shape, &q)?;
+    let lse = Tensor::full(
+        backend,
+        DType::F32,
+        &shape[..3],
+        (prompt as f64).ln() as f32,
+    )?;
+    Ok((q, lse))
 }
 
 /// Layers a benchmark cache needs so that rotating through them touches at least five times

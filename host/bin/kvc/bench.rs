@@ -1,7 +1,9 @@
 //! `kvc bench`: kernels at standard shapes, CUDA-event medians, GB/s, and the fraction of a
 //! device-to-device copy measured in the same run.
 
-use kvcompress::bench::{copy_bandwidth, decode_kv_bytes, filled_cache, rotation_layers, time_gpu};
+use kvcompress::bench::{
+    copy_bandwidth, decode_kv_bytes, filled_cache, rotation_layers, time_gpu, window_inputs,
+};
 use kvcompress::{
     AggregateArgs, Backend, Budget, CacheConfig, DType, DecodeArgs, Metric, PagedKvCache,
     Recording, Tensor,
@@ -368,24 +370,13 @@ pub fn bench_aggregate(
         };
         let layers = rotation_layers(&gpu, model.layer_k_bytes(1, prompt), 8);
         let mut cache = filled_cache(&gpu, model.config(1, prompt, layers), prompt, 1)?;
-        let backend = cache.backend();
         let q_shape = [
             1,
             w as usize,
             (model.kv_heads * model.group_size) as usize,
             model.head_dim as usize,
         ];
-        let q: Vec<f32> = (0..q_shape.iter().product::<usize>())
-            .map(|i| ((i * 7919) % 200) as f32 / 50.0 - 2.0)
-            .collect();
-        let q = Tensor::from_f32(&backend, model.dtype.into(), &q_shape, &q)?;
-        // The time does not depend on the values; ln(prompt) is a uniform softmax's.
-        let lse = Tensor::full(
-            &backend,
-            DType::F32,
-            &q_shape[..3],
-            (prompt as f64).ln() as f32,
-        )?;
+        let (q, lse) = window_inputs(&cache.backend(), model.dtype.into(), q_shape, prompt)?;
         let window_lens = [w];
         let args = AggregateArgs::for_head_dim(model.head_dim, &[0], &window_lens);
         let reps = if w > 4096 { 3 } else { opts.reps };

@@ -191,8 +191,8 @@ set_registers! {
 /// Exactly the 256 consumer threads call it, each the same number of times.
 #[inline(always)]
 pub unsafe fn sync_consumers() {
-    // SAFETY: forwarded from the caller.
-    unsafe { asm!("bar.sync 1, 256;", options(nostack)) };
+    // SAFETY: barrier 1 is the consumers' alone (caller).
+    unsafe { named_sync::<1, 256>() };
 }
 
 /// `bar.sync ID, COUNT`: waits until `COUNT` threads (a multiple of 32) have arrived at named
