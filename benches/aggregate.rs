@@ -65,6 +65,8 @@ fn cuda(c: &mut Criterion) {
         eprintln!("SKIPPED aggregate_cuda benches: no CUDA device");
         return;
     };
+    // As in `kvc bench`: no release of freed memory to the driver while a loop is timed.
+    gpu.hold_freed_memory().unwrap();
     let prompt = 32768;
     let k_bytes = (HEADS * prompt * HEAD_DIM * 2) as u64;
     let layers = rotation_layers(&gpu, k_bytes, 8);

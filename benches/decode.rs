@@ -64,6 +64,8 @@ fn cuda(c: &mut Criterion) {
         eprintln!("SKIPPED decode_cuda benches: no CUDA device");
         return;
     };
+    // As in `kvc bench`: no release of freed memory to the driver while a loop is timed.
+    gpu.hold_freed_memory().unwrap();
     let mut group = c.benchmark_group("decode_cuda");
     group
         .measurement_time(Duration::from_secs(3))

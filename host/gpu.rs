@@ -490,6 +490,31 @@ impl Gpu {
         &self.ctx
     }
 
+    /// Keeps device memory this process frees in the device's default memory pool (where
+    /// every kvcompress buffer comes from) instead of returning it to the driver at the next
+    /// synchronize; later allocations reuse it. For benchmarks: while the driver takes back a
+    /// large release (a cache, the copy roofline's buffers), kernels that stream from DRAM run
+    /// ~8% slower for a few milliseconds, whichever timed loop comes next (docs/PERF.md, window
+    /// aggregation "v10").
+    pub fn hold_freed_memory(&self) -> Result<()> {
+        let mut pool = std::ptr::null_mut();
+        let mut threshold = u64::MAX;
+        // SAFETY: `pool` and `threshold` are live locals of the types the driver writes and
+        // reads (a pool handle; the release threshold is a u64); the device is this context's.
+        unsafe {
+            sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device())
+                .result()
+                .map_err(Error::driver("getting the default memory pool"))?;
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+            .result()
+            .map_err(Error::driver("setting the memory pool's release threshold"))
+        }
+    }
+
     /// Waits for everything queued on the stream.
     pub fn synchronize(&self) -> Result<()> {
         self.stream

@@ -82,6 +82,7 @@ fn bench_device() -> Result<(std::sync::Arc<kvcompress::gpu::Gpu>, f64), Box<dyn
     let Backend::Cuda(gpu) = Backend::cuda(0)? else {
         unreachable!("Backend::cuda returns CUDA")
     };
+    gpu.hold_freed_memory()?;
     let (_, copy_gbps) = copy_bandwidth(&gpu, 1 << 30)?;
     Ok((gpu, copy_gbps))
 }
