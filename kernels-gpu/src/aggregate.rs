@@ -1550,15 +1550,22 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
         unsafe { *smem.columns.add(item as usize) = 0.0 };
         item += THREADS;
     }
-    // The block ids of the owned keys, for the metric update at the end: copied now, landed
-    // (and visible) after the first query staging's wait and barrier.
-    let table = p.cache.block_tables + geom.block_table_at(head_slot, 0) * 4;
-    let mut k = thread;
-    while owned + k < owned_end {
-        let entry = table + geom.logical_block(owned + k) as u64 * 4;
-        // SAFETY: k < score_kvs <= MAX_SCORE_KEYS ids; owned + k < len is in the table.
-        unsafe { copy_async_word(shared_addr(smem.owned_ids.wrapping_add(k as usize)), entry) };
-        k += THREADS;
+    // The pool block ids of the blocks the owned keys lie in, for the metric update at the
+    // end: copied now, landed (and visible) after the first query staging's wait and barrier.
+    let first_block = geom.logical_block(owned);
+    let blocks = geom.logical_block(owned_end - 1) + 1 - first_block;
+    let table = p.cache.block_tables + geom.block_table_at(head_slot, first_block) * 4;
+    let mut b = thread;
+    while b < blocks {
+        // SAFETY: b < blocks <= OWNED_BLOCKS ids; the blocks of keys owned..owned_end (below
+        // len) are in the table.
+        unsafe {
+            copy_async_word(
+                shared_addr(smem.owned_ids.wrapping_add(b as usize)),
+                table + b as u64 * 4,
+            )
+        };
+        b += THREADS;
     }
     // SAFETY: closes this thread's group.
     unsafe { commit_async_copies() };
@@ -1582,11 +1589,14 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
         owned: (owned, owned_end),
         columns: (shared_addr(smem.columns), SCORE_COLUMNS),
         threads: THREADS,
-        // SAFETY: k < score_kvs <= MAX_SCORE_KEYS ids, landed (after the first chunk's wait
+        // SAFETY: owned key k's block is among the ids, landed (after the first chunk's wait
         // and barrier), each a validated pool block; its quad's 4 slots lie in that block,
         // 16-byte aligned (`OwnedUpdate`).
         quad: |k: u32| unsafe {
-            let block = *smem.owned_ids.add(k as usize) as u32;
+            let block = *smem
+                .owned_ids
+                .add((geom.logical_block(owned + k) - first_block) as usize)
+                as u32;
             let slot = geom.pool_slot(block, geom.slot_in_block(owned + k));
             (slot, load_chunk(p.cache.metric + slot * 4))
         },

@@ -1020,6 +1020,10 @@ pub const AGG_ID_SLOTS: u32 = 4;
 pub const AGG_GROUP_KEYS: u32 = 32;
 /// Most keys pass 2 owns per CTA (it adds their metric); sizes its column sums.
 pub const MAX_SCORE_KEYS: u32 = 1024;
+/// Most pool blocks a pass-2 CTA's owned keys lie in: at most `MAX_SCORE_KEYS - 2 SCORE_HALO`
+/// keys from any key (the range need not start at a block) span at most
+/// `(MAX_SCORE_KEYS - 2 SCORE_HALO) / 8 + 1` blocks of the least block size (8).
+pub const OWNED_BLOCKS: u32 = MAX_SCORE_KEYS / 8;
 /// Keys on each side of a pass-2 range whose scores it also sums, for max-pooling.
 pub const SCORE_HALO: u32 = 8;
 /// Column sums per query head of a pass-2 CTA: its owned keys, the halo on each side and the
@@ -1086,7 +1090,8 @@ pub struct AggregateSmem {
     pub parts: u32,
     /// Pass 2: `[G, SCORE_COLUMNS]` f32 column sums of the CTA's keys.
     pub columns: u32,
-    /// Pass 2: `[MAX_SCORE_KEYS]` i32 block ids of the CTA's owned keys.
+    /// Pass 2: `[OWNED_BLOCKS]` i32 pool block ids of the blocks the CTA's owned keys lie in,
+    /// in order from the first owned key's.
     pub owned_ids: u32,
     /// `[AGG_WARPS]` i32: the most position any row of each warp sees, for the skip of key
     /// groups no row of the CTA sees (with `wgmma`, whose warps multiply together).
@@ -1286,11 +1291,7 @@ pub const fn aggregate_smem(
         2 * AGG_WARPS * group_size * agg_tile_keys(head_dim, elem_bytes) * 4
     };
     let (part_bytes, column_bytes, id_bytes) = if columns {
-        (
-            part_bytes,
-            group_size * SCORE_COLUMNS * 4,
-            MAX_SCORE_KEYS * 4,
-        )
+        (part_bytes, group_size * SCORE_COLUMNS * 4, OWNED_BLOCKS * 4)
     } else {
         (0, 0, 0)
     };
