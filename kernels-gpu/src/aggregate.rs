@@ -1552,8 +1552,7 @@ pub unsafe fn window_scores_body<T: CacheElem + QkTile, const D: usize>(p: &Aggr
     }
     // The pool block ids of the blocks the owned keys lie in, for the metric update at the
     // end: copied now, landed (and visible) after the first query staging's wait and barrier.
-    let first_block = geom.logical_block(owned);
-    let blocks = geom.logical_block(owned_end - 1) + 1 - first_block;
+    let (first_block, blocks) = geom.block_span(owned, owned_end);
     let table = p.cache.block_tables + geom.block_table_at(head_slot, first_block) * 4;
     let mut b = thread;
     while b < blocks {

@@ -395,12 +395,11 @@ unsafe fn stage_owned(p: &AggregateParams) {
 unsafe fn keep_owned(geom: &Geometry, head_slot: u64, (owned, owned_end): (u32, u32)) {
     let map = ws_smem(true);
     let at = aligned_base().wrapping_add(map.owned as usize);
-    let block_keys = geom.block_size.max(1);
-    let first = owned / block_keys;
+    let (first, blocks) = geom.block_span(owned, owned_end);
     // SAFETY: the 16 bytes of `WsSmem::owned` (caller).
     unsafe {
         *(at as *mut u64) = geom.block_table_at(head_slot, first);
-        *(at.wrapping_add(8) as *mut u32) = (owned_end - 1) / block_keys - first + 1;
+        *(at.wrapping_add(8) as *mut u32) = blocks;
     }
 }
 

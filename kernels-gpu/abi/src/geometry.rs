@@ -82,6 +82,14 @@ impl Geometry {
         logical_idx & (self.block_size - 1)
     }
 
+    /// The logical blocks holding logical KVs `start..end` of a head slot (`start < end`): the
+    /// first, and how many.
+    #[inline(always)]
+    pub const fn block_span(&self, start: u32, end: u32) -> (u32, u32) {
+        let first = self.logical_block(start);
+        (first, self.logical_block(end - 1) + 1 - first)
+    }
+
     /// Blocks needed to hold `len` KVs (`block_size` is a power of two).
     #[inline(always)]
     pub const fn blocks_for(&self, len: u32) -> u32 {
@@ -187,6 +195,10 @@ mod tests {
         assert_eq!(G.blocks_for(1), 1);
         assert_eq!(G.blocks_for(16), 1);
         assert_eq!(G.blocks_for(17), 2);
+        assert_eq!(G.block_span(0, 1), (0, 1));
+        assert_eq!(G.block_span(0, 16), (0, 1));
+        assert_eq!(G.block_span(15, 17), (0, 2));
+        assert_eq!(G.block_span(24, 1032), (1, 64));
     }
 
     #[test]
